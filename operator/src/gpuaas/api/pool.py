@@ -1,0 +1,34 @@
+"""The GpuPool kind: one node pool of one GPU model."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from gpuaas.api.common import ApiModel, Condition
+
+POOL_KIND = "GpuPool"
+POOL_PLURAL = "gpupools"
+POOL_LABEL = "gpuaas.io/pool"
+"""Label on nodes naming their pool; also the key of the pool taint and toleration."""
+
+
+class GpuPoolSpec(ApiModel):
+    gpu_model: str = Field(min_length=1)
+    provider: str = Field(min_length=1)
+    node_selector: dict[str, str] = Field(min_length=1)
+    gpus_per_node: int = Field(default=8, ge=1, le=64)
+    program_gpus: int | None = Field(default=None, ge=0, alias="programGPUs")
+    taint: bool = True
+
+
+class GpuPoolStatus(ApiModel):
+    nodes: int = 0
+    ready_nodes: int = 0
+    capacity_gpus: int = Field(default=0, alias="capacityGPUs")
+    program_gpus: int = Field(default=0, alias="programGPUs")
+    granted_gpus: int = Field(default=0, alias="grantedGPUs")
+    available_gpus: int = Field(default=0, alias="availableGPUs")
+    in_use_gpus: int = Field(default=0, alias="inUseGPUs")
+    queued: int = 0
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
