@@ -7,7 +7,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=/dev/null
 source "$here/versions.env"
 cache_root=${GPUAAS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/gpuaas}
-export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
+export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS="-mod=mod -buildvcs=false"
 
 log() { printf '[build %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
@@ -44,8 +44,9 @@ build_kubernetes() {
   local dir="$cache_root/kubernetes/$KUBERNETES_VERSION"
   local bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
   if ! is_cached "$dir" "${bins[@]}"; then
-    grep -q "require k8s.io/kubernetes $KUBERNETES_VERSION\|k8s.io/kubernetes $KUBERNETES_VERSION$" "$here/kubernetes/go.mod" ||
-      { log "tools/kubernetes/go.mod is not for $KUBERNETES_VERSION: run tools/gen-kubernetes-mod.sh"; return 1; }
+    local pinned; pinned=$(cd "$here/kubernetes" && go list -m -f '{{.Version}}' k8s.io/kubernetes)
+    [ "$pinned" = "$KUBERNETES_VERSION" ] ||
+      { log "tools/kubernetes/go.mod pins $pinned, not $KUBERNETES_VERSION: run tools/gen-kubernetes-mod.sh"; return 1; }
     local minor=${KUBERNETES_VERSION#v1.}; minor=${minor%%.*}
     local ldflags="-s -w"
     local pkg

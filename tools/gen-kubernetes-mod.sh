@@ -6,7 +6,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=/dev/null
 source "$here/versions.env"
-export GOTOOLCHAIN=local GOFLAGS=-mod=mod
+export GOTOOLCHAIN=local GOFLAGS="-mod=mod -buildvcs=false"
 version=${1:-$KUBERNETES_VERSION}
 staging_version="v0.${version#v1.}"
 published_mod=$(cd "$here" && go mod download -json "k8s.io/kubernetes@$version" |

@@ -28,3 +28,41 @@ class NodeInfo:
 def matches_selector(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
     """Equality-based label selection, as Pod.spec.nodeSelector does it."""
     return all(labels.get(key) == value for key, value in selector.items())
+
+
+def _quantity_to_int(quantity: object) -> int:
+    """Whole-device quantities such as "8"; anything else counts as no GPUs."""
+    try:
+        return int(str(quantity))
+    except ValueError:
+        return 0
+
+
+def _section(obj: Mapping[str, object], key: str) -> Mapping[str, object]:
+    value = obj.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def node_info_from_manifest(node: Mapping[str, object], fence_taint_key: str) -> NodeInfo:
+    """Reduce a Node object (Kubernetes JSON) to NodeInfo."""
+    metadata = _section(node, "metadata")
+    spec = _section(node, "spec")
+    status = _section(node, "status")
+    conditions = status.get("conditions") or []
+    ready = any(isinstance(c, Mapping) and c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    allocatable = status.get("allocatable") or {}
+    gpus = _quantity_to_int(allocatable.get("nvidia.com/gpu", 0)) if isinstance(allocatable, Mapping) else 0
+    taints = [
+        f"{t.get('key')}={t.get('value', '')}:{t.get('effect')}"
+        for t in (spec.get("taints") or [])
+        if isinstance(t, Mapping) and t.get("key") != fence_taint_key
+    ]
+    labels = metadata.get("labels") or {}
+    return NodeInfo(
+        name=str(metadata.get("name", "")),
+        labels=dict(labels) if isinstance(labels, Mapping) else {},
+        ready=ready,
+        unschedulable=bool(spec.get("unschedulable", False)),
+        allocatable_gpus=gpus,
+        foreign_taints=tuple(taints),
+    )

@@ -1,0 +1,3 @@
+from gpuaas.cli import main
+
+main()

@@ -1,0 +1,148 @@
+"""The `gpuaas` command: run the operator, manage the local cluster, produce reports."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from gpuaas.domain.scenarios import SCENARIOS, pool_manifest
+from gpuaas.handlers.runner import OperatorOptions, run_operator
+from gpuaas.k8s import localcluster
+from gpuaas.k8s.client import new_api_client
+from gpuaas.k8s.manifests import load_manifests, server_side_apply
+from gpuaas.k8s.resources import list_pools, wait_for_pool_status
+
+app = typer.Typer(help="gpuaas: GPU-as-a-Service control plane for Kubernetes.", no_args_is_help=True)
+cluster_app = typer.Typer(help="The local control plane: real Kubernetes binaries plus KWOK GPU nodes.")
+app.add_typer(cluster_app, name="cluster")
+console = Console(stderr=True)
+
+ClusterName = Annotated[str, typer.Option("--name", help="kwokctl cluster name.")]
+KubeconfigOption = Annotated[
+    Path | None, typer.Option("--kubeconfig", help="Where to write the kubeconfig (default .cluster/NAME.kubeconfig).")
+]
+
+
+@app.command()
+def run(
+    kubeconfig: Annotated[str | None, typer.Option(help="Kubeconfig; default in-cluster or $KUBECONFIG.")] = None,
+    metrics_port: Annotated[int, typer.Option(help="Port of /metrics; 0 disables.")] = 8080,
+    health_port: Annotated[int, typer.Option(help="Port of /healthz (kopf liveness); 0 disables.")] = 8081,
+    pool_resync_seconds: Annotated[float, typer.Option(help="How often pool status is re-derived.")] = 2.0,
+    peering: Annotated[str | None, typer.Option(help="ClusterKopfPeering name; unset runs standalone.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the operator until interrupted."""
+    run_operator(
+        OperatorOptions(
+            kubeconfig=kubeconfig,
+            metrics_port=metrics_port,
+            health_port=health_port,
+            pool_resync_seconds=pool_resync_seconds,
+            peering=peering,
+            verbose=verbose,
+        )
+    )
+
+
+def crd_paths() -> list[Path]:
+    return sorted((localcluster.repo_root() / "crds").glob("*.yaml"))
+
+
+@cluster_app.command("up")
+def cluster_up(
+    scenario: Annotated[str, typer.Option(help=f"Node scenario: {', '.join(SCENARIOS)}.")] = "program",
+    name: ClusterName = "gpuaas",
+    kubeconfig: KubeconfigOption = None,
+    pools: Annotated[bool, typer.Option(help="Also apply the CRDs and the scenario's GpuPools.")] = True,
+) -> None:
+    """Start the local cluster (building pinned binaries on first use) and create fake GPU nodes."""
+    if scenario not in SCENARIOS:
+        raise typer.BadParameter(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
+    chosen = SCENARIOS[scenario]
+    kubeconfig = kubeconfig or localcluster.default_kubeconfig(name)
+    started = time.monotonic()
+    binaries = localcluster.ensure_binaries()
+    if localcluster.cluster_exists(binaries, name) and kubeconfig.exists():
+        console.print(f"cluster [bold]{name}[/] exists; reusing it")
+    else:
+        console.print(f"starting cluster [bold]{name}[/] (kwokctl --runtime binary)")
+        localcluster.create_cluster(binaries, name, kubeconfig)
+    version = localcluster.wait_for_apiserver(kubeconfig)
+    console.print(f"kube-apiserver {version} is up after {time.monotonic() - started:.1f}s")
+    with Progress(
+        TextColumn("creating nodes"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        task = progress.add_task("nodes", total=chosen.node_count)
+        created = localcluster.create_nodes(kubeconfig, chosen, lambda n: progress.advance(task, n))
+    console.print(f"{created} nodes created, {chosen.node_count - created} already present")
+    if pools:
+        with new_api_client(str(kubeconfig)) as api:
+            for manifest in load_manifests(crd_paths()):
+                server_side_apply(api, manifest)
+            localcluster.wait_for_crds(api, [m["metadata"]["name"] for m in load_manifests(crd_paths())])
+            for pool in chosen.pools:
+                server_side_apply(api, pool_manifest(pool))
+    totals = ", ".join(f"{model} x {gpus:,}" for model, gpus in chosen.gpus_by_model().items())
+    console.print(f"scenario [bold]{chosen.name}[/]: {chosen.node_count:,} nodes, {totals}")
+    console.print(f"ready in {time.monotonic() - started:.1f}s")
+    typer.echo(f"export KUBECONFIG={kubeconfig}")
+    typer.echo(f"export PATH={binaries.kubectl.parent}:$PATH  # kubectl matching the server")
+
+
+@cluster_app.command("down")
+def cluster_down(name: ClusterName = "gpuaas", kubeconfig: KubeconfigOption = None) -> None:
+    """Stop the local cluster and delete its state."""
+    binaries = localcluster.ensure_binaries()
+    localcluster.delete_cluster(binaries, name, kubeconfig or localcluster.default_kubeconfig(name))
+    console.print(f"cluster {name} deleted")
+
+
+@cluster_app.command("status")
+def cluster_status(name: ClusterName = "gpuaas", kubeconfig: KubeconfigOption = None) -> None:
+    """Say whether the local cluster runs, and how many nodes it has."""
+    kubeconfig = kubeconfig or localcluster.default_kubeconfig(name)
+    binaries = localcluster.ensure_binaries()
+    if not localcluster.cluster_exists(binaries, name) or not kubeconfig.exists():
+        typer.echo(f"cluster {name}: not created")
+        raise typer.Exit(1)
+    try:
+        version = localcluster.wait_for_apiserver(kubeconfig, timeout=5)
+    except TimeoutError as error:
+        typer.echo(f"cluster {name}: created but not answering ({error})")
+        raise typer.Exit(1) from error
+    summary = localcluster.node_summary(kubeconfig)
+    typer.echo(f"cluster {name}: running, kube-apiserver {version}, kubeconfig {kubeconfig}")
+    typer.echo(f"nodes: {summary.nodes} ({summary.ready} Ready), GPUs allocatable: {summary.gpus:,}")
+
+
+@app.command()
+def pools(
+    kubeconfig: Annotated[str | None, typer.Option(help="Kubeconfig; default $KUBECONFIG.")] = None,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for every pool to report status.")] = 0,
+) -> None:
+    """Print GPU totals by model from the pools' status."""
+    with new_api_client(kubeconfig) as api:
+        items = wait_for_pool_status(api, timeout=wait) if wait else list_pools(api)
+    totals: dict[str, dict[str, int]] = {}
+    for pool in items:
+        status = pool.get("status") or {}
+        model = totals.setdefault(pool["spec"]["gpuModel"], {"pools": 0, "nodes": 0, "capacity": 0, "program": 0})
+        model["pools"] += 1
+        model["nodes"] += status.get("nodes", 0)
+        model["capacity"] += status.get("capacityGPUs", 0)
+        model["program"] += status.get("programGPUs", 0)
+    for model_name, row in sorted(totals.items()):
+        typer.echo(
+            f"{model_name}: {row['capacity']:,} GPUs healthy in {row['nodes']:,} nodes across {row['pools']} pools "
+            f"({row['program']:,} grantable)"
+        )
+
+
+def main() -> None:
+    app()

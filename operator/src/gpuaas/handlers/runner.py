@@ -1,0 +1,41 @@
+"""Starts kopf with gpuaas's settings and handlers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import kopf
+
+from gpuaas.k8s.client import load_config
+
+
+@dataclass(frozen=True)
+class OperatorOptions:
+    kubeconfig: str | None = None
+    metrics_port: int = 8080
+    health_port: int = 8081
+    pool_resync_seconds: float = 2.0
+    peering: str | None = None
+    verbose: bool = False
+
+
+def run_operator(options: OperatorOptions) -> None:
+    if options.kubeconfig:
+        os.environ["KUBECONFIG"] = options.kubeconfig
+    load_config(options.kubeconfig)
+    logging.basicConfig(
+        level=logging.DEBUG if options.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # Importing the handler modules registers them with kopf's default registry.
+    from gpuaas.handlers import operator_settings, pools  # noqa: F401
+
+    kopf.run(
+        clusterwide=True,
+        standalone=options.peering is None,
+        peering_name=options.peering,
+        liveness_endpoint=f"http://0.0.0.0:{options.health_port}/healthz" if options.health_port else None,
+        memo=kopf.Memo(options=options),
+    )

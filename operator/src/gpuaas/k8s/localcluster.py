@@ -1,0 +1,180 @@
+"""The local control plane: pinned Kubernetes binaries run by kwokctl as processes, with fake GPU nodes.
+
+Binaries are built by tools/build.sh (cached by version outside the repo). Nothing is downloaded here:
+every binary path handed to kwokctl is a local file.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from gpuaas.domain.scenarios import Scenario, node_manifest
+from gpuaas.k8s.client import new_api_client
+
+
+def repo_root() -> Path:
+    """The checkout that holds tools/: $GPUAAS_REPO, else the nearest parent of this file or the cwd."""
+    explicit = os.environ.get("GPUAAS_REPO")
+    candidates = [Path(explicit)] if explicit else [Path(__file__).resolve(), Path.cwd().resolve()]
+    for start in candidates:
+        for directory in [start, *start.parents]:
+            if (directory / "tools" / "build.sh").is_file():
+                return directory
+    raise RuntimeError("cannot find the gpuaas checkout (tools/build.sh); set GPUAAS_REPO")
+
+
+@dataclass(frozen=True)
+class Binaries:
+    kube_apiserver: Path
+    kube_controller_manager: Path
+    kube_scheduler: Path
+    kubectl: Path
+    etcd: Path
+    kwok: Path
+    kwokctl: Path
+    helm: Path
+
+
+def ensure_binaries(components: tuple[str, ...] = ("kubernetes", "etcd", "kwok", "helm")) -> Binaries:
+    """Build (or find in the cache) the pinned binaries; the build prints progress on stderr."""
+    script = repo_root() / "tools" / "build.sh"
+    result = subprocess.run(["bash", str(script), *components], check=True, stdout=subprocess.PIPE, text=True)
+    dirs = [Path(line) for line in result.stdout.split()]
+    by_name = {path.parent.name: path for path in dirs}
+    kube, etcd, kwok, helm = by_name["kubernetes"], by_name["etcd"], by_name["kwok"], by_name["helm"]
+    return Binaries(
+        kube_apiserver=kube / "kube-apiserver",
+        kube_controller_manager=kube / "kube-controller-manager",
+        kube_scheduler=kube / "kube-scheduler",
+        kubectl=kube / "kubectl",
+        etcd=etcd / "etcd",
+        kwok=kwok / "kwok",
+        kwokctl=kwok / "kwokctl",
+        helm=helm / "helm",
+    )
+
+
+def default_kubeconfig(name: str) -> Path:
+    return repo_root() / ".cluster" / f"{name}.kubeconfig"
+
+
+def kwokctl(binaries: Binaries, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KWOK_RUNTIME": "binary"}
+    return subprocess.run(
+        [str(binaries.kwokctl), *args],
+        check=check,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def cluster_exists(binaries: Binaries, name: str) -> bool:
+    clusters = kwokctl(binaries, "get", "clusters").stdout.split()
+    return name in clusters
+
+
+def create_cluster(binaries: Binaries, name: str, kubeconfig: Path, apiserver_port: int | None = None) -> None:
+    kubeconfig.parent.mkdir(parents=True, exist_ok=True)
+    args = [
+        "create", "cluster", "--name", name, "--runtime", "binary",
+        "--kubeconfig", str(kubeconfig),
+        "--kube-apiserver-binary", str(binaries.kube_apiserver),
+        "--kube-controller-manager-binary", str(binaries.kube_controller_manager),
+        "--kube-scheduler-binary", str(binaries.kube_scheduler),
+        "--kwok-controller-binary", str(binaries.kwok),
+        "--etcd-binary", str(binaries.etcd),
+        "--disable-qps-limits",
+        "--wait", "120s",
+    ]  # fmt: skip
+    if apiserver_port:
+        args += ["--kube-apiserver-port", str(apiserver_port)]
+    result = kwokctl(binaries, *args, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"kwokctl create cluster failed:\n{result.stdout}")
+
+
+def delete_cluster(binaries: Binaries, name: str, kubeconfig: Path) -> None:
+    kwokctl(binaries, "delete", "cluster", "--name", name, "--kubeconfig", str(kubeconfig), check=False)
+    kubeconfig.unlink(missing_ok=True)
+
+
+def wait_for_apiserver(kubeconfig: Path, timeout: float = 120.0) -> str:
+    """Block until /version answers; returns the server's gitVersion."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with new_api_client(str(kubeconfig)) as api:
+                version: str = client.VersionApi(api).get_code().git_version
+                client.CoreV1Api(api).list_namespace(limit=1)
+                return version
+        except Exception as error:  # any failure means "not up yet"
+            last_error = error
+            time.sleep(0.5)
+    raise TimeoutError(f"kube-apiserver did not answer within {timeout:.0f}s: {last_error}")
+
+
+def create_nodes(kubeconfig: Path, scenario: Scenario, on_progress: Callable[[int], None], workers: int = 32) -> int:
+    """Create the scenario's nodes in parallel; existing nodes are left alone. Returns how many were created."""
+    manifests = [node_manifest(pool, index) for pool in scenario.pools for index in range(pool.nodes)]
+    with new_api_client(str(kubeconfig), pool_size=workers) as api:
+        core = client.CoreV1Api(api)
+
+        def create(manifest: dict[str, object]) -> int:
+            try:
+                core.create_node(manifest)
+            except ApiException as error:
+                if error.status != 409:
+                    raise
+                return 0
+            finally:
+                on_progress(1)
+            return 1
+
+        with ThreadPoolExecutor(max_workers=workers) as executor:
+            return sum(executor.map(create, manifests))
+
+
+def wait_for_crds(api: client.ApiClient, names: list[str], timeout: float = 60.0) -> None:
+    """CRDs are usable once their Established condition is True."""
+    extensions = client.ApiextensionsV1Api(api)
+    deadline = time.monotonic() + timeout
+    pending = set(names)
+    while pending and time.monotonic() < deadline:
+        for name in list(pending):
+            crd = extensions.read_custom_resource_definition(name)
+            conditions = crd.status.conditions or []
+            if any(c.type == "Established" and c.status == "True" for c in conditions):
+                pending.discard(name)
+        if pending:
+            time.sleep(0.2)
+    if pending:
+        raise TimeoutError(f"CRDs not established within {timeout:.0f}s: {sorted(pending)}")
+
+
+@dataclass(frozen=True)
+class NodeSummary:
+    nodes: int
+    ready: int
+    gpus: int
+
+
+def node_summary(kubeconfig: Path) -> NodeSummary:
+    with new_api_client(str(kubeconfig)) as api:
+        nodes = client.CoreV1Api(api).list_node().items
+    ready = sum(
+        1 for node in nodes if any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
+    )
+    gpus = sum(int((node.status.allocatable or {}).get("nvidia.com/gpu", "0")) for node in nodes)
+    return NodeSummary(nodes=len(nodes), ready=ready, gpus=gpus)

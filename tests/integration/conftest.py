@@ -1,0 +1,150 @@
+"""The integration tier: one real local control plane per test run, and the operator as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from gpuaas.domain.scenarios import SCENARIOS, pool_manifest
+from gpuaas.k8s import localcluster
+from gpuaas.k8s.client import new_api_client
+from gpuaas.k8s.manifests import load_manifests, server_side_apply
+
+CLUSTER_NAME = "gpuaas-test"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class LocalCluster:
+    name: str
+    kubeconfig: Path
+    binaries: localcluster.Binaries
+    api: client.ApiClient
+
+    def kwokctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return localcluster.kwokctl(self.binaries, *args, "--name", self.name)
+
+    def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.binaries.kubectl), "--kubeconfig", str(self.kubeconfig), *args],
+            check=check,
+            text=True,
+            capture_output=True,
+        )
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[LocalCluster]:
+    binaries = localcluster.ensure_binaries()
+    kubeconfig = REPO / ".cluster" / f"{CLUSTER_NAME}.kubeconfig"
+    localcluster.delete_cluster(binaries, CLUSTER_NAME, kubeconfig)
+    localcluster.create_cluster(binaries, CLUSTER_NAME, kubeconfig)
+    try:
+        localcluster.wait_for_apiserver(kubeconfig)
+        scenario = SCENARIOS["small"]
+        localcluster.create_nodes(kubeconfig, scenario, lambda _: None)
+        api = new_api_client(str(kubeconfig))
+        crds = load_manifests((REPO / "crds").glob("*.yaml"))
+        for manifest in crds:
+            server_side_apply(api, manifest)
+        localcluster.wait_for_crds(api, [m["metadata"]["name"] for m in crds])
+        for pool in scenario.pools:
+            server_side_apply(api, pool_manifest(pool))
+        yield LocalCluster(CLUSTER_NAME, kubeconfig, binaries, api)
+        api.close()
+    finally:
+        if not os.environ.get("GPUAAS_KEEP_CLUSTER"):
+            localcluster.delete_cluster(binaries, CLUSTER_NAME, kubeconfig)
+
+
+class OperatorProcess:
+    """`gpuaas run` as a real subprocess, so tests can kill and restart it like a crashed pod."""
+
+    def __init__(self, kubeconfig: Path, log_path: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.log_path = log_path
+        self.metrics_port = free_port()
+        self.health_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "gpuaas", "run",
+                "--kubeconfig", str(self.kubeconfig),
+                "--metrics-port", str(self.metrics_port),
+                "--health-port", str(self.health_port),
+                "--pool-resync-seconds", "0.5",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"operator exited with {self.process.returncode}; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError(f"operator not healthy within {timeout}s; see {self.log_path}")
+
+    def kill(self) -> None:
+        """SIGKILL: no graceful shutdown, as when a node dies under the operator."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
+    process.start()
+    yield process
+    process.stop()
+
+
+def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.2, message: str = "condition") -> Any:
+    """Poll until predicate() returns a truthy value; return it."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}; last value: {last!r}")
