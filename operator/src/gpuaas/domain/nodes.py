@@ -43,18 +43,23 @@ def _section(obj: Mapping[str, object], key: str) -> Mapping[str, object]:
     return value if isinstance(value, Mapping) else {}
 
 
+def _items(obj: Mapping[str, object], key: str) -> list[object]:
+    value = obj.get(key)
+    return list(value) if isinstance(value, list) else []
+
+
 def node_info_from_manifest(node: Mapping[str, object], fence_taint_key: str) -> NodeInfo:
     """Reduce a Node object (Kubernetes JSON) to NodeInfo."""
     metadata = _section(node, "metadata")
     spec = _section(node, "spec")
     status = _section(node, "status")
-    conditions = status.get("conditions") or []
+    conditions = _items(status, "conditions")
     ready = any(isinstance(c, Mapping) and c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
     allocatable = status.get("allocatable") or {}
     gpus = _quantity_to_int(allocatable.get("nvidia.com/gpu", 0)) if isinstance(allocatable, Mapping) else 0
     taints = [
         f"{t.get('key')}={t.get('value', '')}:{t.get('effect')}"
-        for t in (spec.get("taints") or [])
+        for t in _items(spec, "taints")
         if isinstance(t, Mapping) and t.get("key") != fence_taint_key
     ]
     labels = metadata.get("labels") or {}

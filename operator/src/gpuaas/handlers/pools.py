@@ -8,6 +8,7 @@ from typing import Any
 
 import kopf
 
+from gpuaas import metrics
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.pool import POOL_LABEL, POOL_PLURAL, GpuPoolSpec, GpuPoolStatus
 from gpuaas.domain.nodes import NodeInfo, node_info_from_manifest
@@ -16,7 +17,7 @@ from gpuaas.k8s.resources import patch_cluster_status
 
 
 @kopf.index("", "v1", "nodes")
-def nodes_by_name(name: str, body: kopf.Body, **_: Any) -> dict[str, NodeInfo]:
+def nodes_by_name(*, name: str, body: kopf.Body, **_: Any) -> dict[str, NodeInfo]:
     return {name: node_info_from_manifest(body, POOL_LABEL)}
 
 
@@ -24,8 +25,10 @@ def all_nodes(index: kopf.Index[str, NodeInfo]) -> list[NodeInfo]:
     return [info for store in index.values() for info in store]
 
 
-@kopf.daemon(GROUP, VERSION, POOL_PLURAL, cancellation_timeout=5.0)
+# kopf injects indexes as extra keyword arguments, which its handler Protocol cannot express.
+@kopf.daemon(GROUP, VERSION, POOL_PLURAL, cancellation_timeout=5.0)  # type: ignore[arg-type]
 async def keep_pool_status(
+    *,
     name: str,
     spec: kopf.Spec,
     meta: kopf.Meta,
@@ -42,6 +45,7 @@ async def keep_pool_status(
         pool = GpuPoolSpec.model_validate(dict(spec))
         capacity = measure_capacity(pool, all_nodes(nodes_by_name))
         desired = pool_status(pool, written, capacity, meta.get("generation"), datetime.now(UTC))
+        metrics.record_pool(name, pool, desired)
         if desired != written:
             await asyncio.to_thread(patch_cluster_status, POOL_PLURAL, name, desired.to_wire())
             logger.info(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import kopf
 
+from gpuaas import metrics
 from gpuaas.k8s.client import load_config
 
 
@@ -29,6 +30,8 @@ def run_operator(options: OperatorOptions) -> None:
         level=logging.DEBUG if options.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if options.metrics_port:
+        metrics.serve(options.metrics_port)
     # Importing the handler modules registers them with kopf's default registry.
     from gpuaas.handlers import operator_settings, pools  # noqa: F401
 

@@ -14,6 +14,10 @@ def load_config(kubeconfig: str | None = None) -> None:
     if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
         config.load_incluster_config()
         return
+    if kubeconfig:
+        # Libraries that load "the default kubeconfig" (kopf's login among them) read this module global,
+        # which the client computed from $KUBECONFIG at import time.
+        config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = kubeconfig
     config.load_kube_config(config_file=kubeconfig)
 
 

@@ -13,11 +13,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from gpuaas.domain.scenarios import Scenario, node_manifest
+from gpuaas.domain.scenarios import KWOK_NODE_ANNOTATION, Scenario, node_manifest
 from gpuaas.k8s.client import new_api_client
 
 
@@ -95,6 +96,9 @@ def create_cluster(binaries: Binaries, name: str, kubeconfig: Path, apiserver_po
         "--kwok-controller-binary", str(binaries.kwok),
         "--etcd-binary", str(binaries.etcd),
         "--disable-qps-limits",
+        # Only nodes annotated as fake are KWOK's; tests drive other nodes' status by hand.
+        "--extra-args", "kwok-controller=manage-all-nodes=false",
+        "--extra-args", f"kwok-controller=manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
         "--wait", "120s",
     ]  # fmt: skip
     if apiserver_port:
@@ -131,9 +135,9 @@ def create_nodes(kubeconfig: Path, scenario: Scenario, on_progress: Callable[[in
     with new_api_client(str(kubeconfig), pool_size=workers) as api:
         core = client.CoreV1Api(api)
 
-        def create(manifest: dict[str, object]) -> int:
+        def create(manifest: dict[str, Any]) -> int:
             try:
-                core.create_node(manifest)
+                core.create_node(manifest)  # type: ignore[arg-type]  # the client accepts plain dicts
             except ApiException as error:
                 if error.status != 409:
                     raise
@@ -154,7 +158,7 @@ def wait_for_crds(api: client.ApiClient, names: list[str], timeout: float = 60.0
     while pending and time.monotonic() < deadline:
         for name in list(pending):
             crd = extensions.read_custom_resource_definition(name)
-            conditions = crd.status.conditions or []
+            conditions = (crd.status.conditions if crd.status else None) or []
             if any(c.type == "Established" and c.status == "True" for c in conditions):
                 pending.discard(name)
         if pending:
@@ -173,8 +177,7 @@ class NodeSummary:
 def node_summary(kubeconfig: Path) -> NodeSummary:
     with new_api_client(str(kubeconfig)) as api:
         nodes = client.CoreV1Api(api).list_node().items
-    ready = sum(
-        1 for node in nodes if any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
-    )
-    gpus = sum(int((node.status.allocatable or {}).get("nvidia.com/gpu", "0")) for node in nodes)
+    statuses = [node.status for node in nodes if node.status]
+    ready = sum(1 for s in statuses if any(c.type == "Ready" and c.status == "True" for c in s.conditions or []))
+    gpus = sum(int((s.allocatable or {}).get("nvidia.com/gpu", "0")) for s in statuses)
     return NodeSummary(nodes=len(nodes), ready=ready, gpus=gpus)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client
 
@@ -20,9 +20,8 @@ def patch_cluster_status(plural: str, name: str, status: Mapping[str, Any]) -> N
 
 
 def list_pools(api: client.ApiClient) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = client.CustomObjectsApi(api).list_cluster_custom_object(GROUP, VERSION, "gpupools")[
-        "items"
-    ]
+    listing = cast(dict[str, Any], client.CustomObjectsApi(api).list_cluster_custom_object(GROUP, VERSION, "gpupools"))
+    items: list[dict[str, Any]] = listing["items"]
     return items
 
 
