@@ -1,0 +1,491 @@
+"""Exact, idempotent booking of GPU usage into monthly ledger records.
+
+All instants are whole seconds since the epoch inside this module: Kubernetes timestamps have
+second precision, and integer arithmetic makes sums exact. Month boundaries are local midnights of
+the first day in the ledger's time zone, converted to UTC instants, so DST never bends a sum.
+
+Every month record carries its own watermarks (one per pod, one for the allocation), so booking the
+same interval twice books it once, and a crash between writing two month records is repaired by
+simply flushing again.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from functools import lru_cache
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from gpuaas.api.usage import MONTH_PATTERN, GpuUsageStatus, PodWatermark
+
+GPU_RESOURCE = "nvidia.com/gpu"
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_SECOND = timedelta(seconds=1)
+_HOURS_QUANTUM = Decimal("0.001")
+
+TimeZoneLike = str | ZoneInfo
+
+
+# --- instants and months ---------------------------------------------------------------------------
+
+
+def to_epoch(instant: datetime) -> int:
+    """Whole seconds since the epoch, flooring any fraction. Naive datetimes are refused."""
+    if instant.tzinfo is None or instant.utcoffset() is None:
+        raise ValueError(f"naive datetime {instant!r}: ledger instants must be timezone-aware")
+    return (instant - _EPOCH) // _ONE_SECOND
+
+
+def from_epoch(seconds: int) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+@lru_cache(maxsize=64)
+def _zone_named(name: str) -> ZoneInfo:
+    return ZoneInfo(name)
+
+
+def _zone(tz: TimeZoneLike) -> ZoneInfo:
+    return tz if isinstance(tz, ZoneInfo) else _zone_named(tz)
+
+
+def parse_month(month: str) -> tuple[int, int]:
+    """("2026-10") -> (2026, 10); anything else is a ValueError."""
+    if not re.fullmatch(MONTH_PATTERN, month):
+        raise ValueError(f"month {month!r} is not YYYY-MM")
+    return int(month[:4]), int(month[5:7])
+
+
+def _format_month(year: int, month: int) -> str:
+    return f"{year:04d}-{month:02d}"
+
+
+def _next_month(year: int, month: int) -> tuple[int, int]:
+    return (year + 1, 1) if month == 12 else (year, month + 1)
+
+
+def _previous_month(year: int, month: int) -> tuple[int, int]:
+    return (year - 1, 12) if month == 1 else (year, month - 1)
+
+
+def _month_start(year: int, month: int, zone: ZoneInfo) -> int:
+    return to_epoch(datetime(year, month, 1, tzinfo=zone))
+
+
+def _month_of_epoch(seconds: int, zone: ZoneInfo) -> tuple[int, int]:
+    local = from_epoch(seconds).astimezone(zone)
+    year, month = local.year, local.month
+    # Guard zones whose month starts fall into a DST gap: the bounds, not the wall clock, decide.
+    if seconds < _month_start(year, month, zone):
+        return _previous_month(year, month)
+    following = _next_month(year, month)
+    if seconds >= _month_start(*following, zone):
+        return following
+    return year, month
+
+
+def month_of(instant: datetime, tz: TimeZoneLike) -> str:
+    """The calendar month, "YYYY-MM", that holds `instant` in time zone `tz`."""
+    return _format_month(*_month_of_epoch(to_epoch(instant), _zone(tz)))
+
+
+def month_bounds(month: str, tz: TimeZoneLike) -> tuple[datetime, datetime]:
+    """The half-open span [start, end) of `month` in `tz`, as UTC datetimes (safe to subtract)."""
+    zone = _zone(tz)
+    year, number = parse_month(month)
+    return from_epoch(_month_start(year, number, zone)), from_epoch(_month_start(*_next_month(year, number), zone))
+
+
+def _months_spanning(start: int, end: int, zone: ZoneInfo) -> list[tuple[str, int, int]]:
+    """(month, month_start, month_end) for every month overlapping [start, end); empty if end <= start."""
+    if end <= start:
+        return []
+    year, month = _month_of_epoch(start, zone)
+    spans: list[tuple[str, int, int]] = []
+    month_start = _month_start(year, month, zone)
+    while month_start < end:
+        following = _next_month(year, month)
+        month_end = _month_start(*following, zone)
+        spans.append((_format_month(year, month), month_start, month_end))
+        (year, month), month_start = following, month_end
+    return spans
+
+
+def split_by_month(start: datetime, end: datetime, tz: TimeZoneLike) -> list[tuple[str, int]]:
+    """Seconds of [start, end) in each month it touches; they sum to exactly end - start (whole seconds)."""
+    first, last = to_epoch(start), to_epoch(end)
+    return [
+        (month, min(last, month_end) - max(first, month_start))
+        for month, month_start, month_end in _months_spanning(first, last, _zone(tz))
+    ]
+
+
+def seconds_to_hours(seconds: int) -> Decimal:
+    """Hours with 3 decimals, rounded half up: the one rounding rule of the ledger and the report."""
+    return (Decimal(seconds) / 3600).quantize(_HOURS_QUANTUM, rounding=ROUND_HALF_UP)
+
+
+# --- inputs and outputs of flush -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PodInterval:
+    """One GPU pod: `gpus` held from `start` until `end` (None while it still runs)."""
+
+    uid: str
+    gpus: int
+    start: datetime
+    end: datetime | None = None
+
+
+@dataclass(frozen=True)
+class GrantState:
+    """The allocation's grant: `gpus` granted from `active_from` until `active_until` (None: still active).
+
+    A grant that changes (resize, suspend, expiry) is booked by flushing the old state up to the moment
+    of change, then flushing the new state from then on; the watermarks make the seam exact. A
+    suspended grant is GrantState(0, ...): it books no granted and no idle time.
+    """
+
+    gpus: int
+    active_from: datetime
+    active_until: datetime | None = None
+
+
+@dataclass(frozen=True)
+class FlushResult:
+    records: dict[str, GpuUsageStatus]
+    """The month records that changed, by month; write each one back (they are independent)."""
+    created: frozenset[str]
+    """Months in `records` that had no record yet: create them rather than update."""
+    released: tuple[str, ...]
+    """Uids of ended pods whose whole interval is booked in every month it touches.
+
+    Remove their finalizers only after every record in `records` is written: until then the booking
+    exists only in memory.
+    """
+
+
+@dataclass(frozen=True)
+class _Span:
+    uid: str
+    gpus: int
+    start: int
+    end: int | None
+    booked_to: int
+    """End of what may be booked now: the pod's end, or now while it runs (never past now)."""
+
+
+def _spans(pods: Iterable[PodInterval], now: int) -> list[_Span]:
+    spans = []
+    for pod in pods:
+        start = to_epoch(pod.start)
+        end = None if pod.end is None else max(start, to_epoch(pod.end))
+        booked_to = now if end is None else min(end, now)
+        spans.append(_Span(pod.uid, pod.gpus, start, end, max(start, booked_to)))
+    return spans
+
+
+def _grant_span(grant: GrantState | None, now: int) -> tuple[int, int] | None:
+    if grant is None:
+        return None
+    start = to_epoch(grant.active_from)
+    end = now if grant.active_until is None else min(now, to_epoch(grant.active_until))
+    return (start, end) if end > start else None
+
+
+def months_touched(pods: Sequence[PodInterval], grant: GrantState | None, now: datetime, tz: TimeZoneLike) -> list[str]:
+    """The months `flush` may book into: pass every existing record of these months to it."""
+    zone = _zone(tz)
+    now_epoch = to_epoch(now)
+    months: set[str] = set()
+    grant_span = _grant_span(grant, now_epoch)
+    if grant_span is not None:
+        months.update(month for month, _, _ in _months_spanning(*grant_span, zone))
+    for span in _spans(pods, now_epoch):
+        if span.gpus > 0:
+            months.update(month for month, _, _ in _months_spanning(span.start, span.booked_to, zone))
+    return sorted(months)
+
+
+# --- sweeps ----------------------------------------------------------------------------------------
+
+
+def _clip(intervals: Iterable[tuple[int, int]], low: int, high: int) -> list[tuple[int, int]]:
+    return [(max(start, low), min(end, high)) for start, end in intervals if min(end, high) > max(start, low)]
+
+
+def _covered_seconds(intervals: Iterable[tuple[int, int]], low: int, high: int) -> int:
+    """Length of the union of `intervals` inside [low, high)."""
+    covered = 0
+    reach = low
+    for start, end in sorted(_clip(intervals, low, high)):
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    return covered
+
+
+def _peak(weighted: Iterable[tuple[int, int, int]], low: int, high: int) -> int:
+    """Largest sum of weights of half-open intervals open at one instant inside [low, high)."""
+    events: list[tuple[int, int]] = []
+    for start, end, weight in weighted:
+        clipped_start, clipped_end = max(start, low), min(end, high)
+        if clipped_end > clipped_start:
+            events.append((clipped_start, weight))
+            events.append((clipped_end, -weight))
+    # At equal instants closings sort first (negative weights), so [a, b) and [b, c) never overlap.
+    events.sort()
+    peak = running = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+# --- booking ---------------------------------------------------------------------------------------
+
+
+def _book_month(
+    previous: GpuUsageStatus | None,
+    month_start: int,
+    month_end: int,
+    spans: Sequence[_Span],
+    grant: GrantState | None,
+    grant_span: tuple[int, int] | None,
+    now: int,
+) -> GpuUsageStatus:
+    status = previous.model_copy(deep=True) if previous is not None else GpuUsageStatus()
+    window_end = min(now, month_end)
+
+    # (a) and (e): each pod from its own watermark in this month.
+    for span in spans:
+        start, end = max(span.start, month_start), min(span.booked_to, month_end)
+        if end <= start:
+            continue
+        watermark = status.pods.get(span.uid)
+        if watermark is None:
+            status.pod_count += 1
+            booked_from = start
+        else:
+            booked_from = max(start, to_epoch(watermark.booked_until))
+        if end > booked_from:
+            status.used_gpu_seconds += span.gpus * (end - booked_from)
+            status.pods[span.uid] = PodWatermark(gpus=span.gpus, booked_until=from_epoch(end))
+
+    # (b) and (c): granted and idle time from the allocation's watermark in this month.
+    booked_until = month_start if status.booked_until is None else max(month_start, to_epoch(status.booked_until))
+    if window_end > booked_until:
+        if grant is not None and grant_span is not None:
+            active_start, active_end = max(booked_until, grant_span[0]), min(window_end, grant_span[1])
+            if active_end > active_start:
+                active = active_end - active_start
+                status.granted_gpu_seconds += grant.gpus * active
+                status.granted_gpus = grant.gpus
+                if grant.gpus > 0:  # a grant of nothing (suspended) cannot sit idle
+                    busy = _covered_seconds(((span.start, span.booked_to) for span in spans), active_start, active_end)
+                    status.idle_seconds += active - busy
+        status.booked_until = from_epoch(window_end)
+
+    # (d): a maximum, so re-sweeping time already seen is harmless.
+    status.peak_gpus_in_use = max(
+        status.peak_gpus_in_use,
+        _peak(((span.start, span.booked_to, span.gpus) for span in spans), month_start, window_end),
+    )
+    status.used_gpu_hours = str(seconds_to_hours(status.used_gpu_seconds))
+    status.granted_gpu_hours = str(seconds_to_hours(status.granted_gpu_seconds))
+    return status
+
+
+def _fully_booked(span: _Span, final: Mapping[str, GpuUsageStatus], zone: ZoneInfo) -> bool:
+    if span.end is None or span.booked_to < span.end:
+        return False
+    for month, _, month_end in _months_spanning(span.start, span.end, zone):
+        record = final.get(month)
+        if record is None:
+            return False
+        owed_until = min(span.end, month_end)
+        watermark = record.pods.get(span.uid)
+        if watermark is None or to_epoch(watermark.booked_until) < owed_until:
+            return False
+        if record.booked_until is None or to_epoch(record.booked_until) < owed_until:
+            return False
+    return True
+
+
+def flush(
+    records: Mapping[str, GpuUsageStatus],
+    pods: Sequence[PodInterval],
+    grant: GrantState | None,
+    now: datetime,
+    tz: TimeZoneLike,
+) -> FlushResult:
+    """Book everything owed up to `now` into the month records of one allocation.
+
+    `records` must hold every existing record of the allocation for the months `months_touched`
+    names; a month missing from it is taken as never booked. `pods` are the allocation's pods that
+    still exist; `grant` is None once the allocation is gone. Per month it books (a) each pod's
+    GPU-seconds past its watermark, (b) granted GPU-seconds and (c) idle seconds past the
+    allocation's watermark, (d) the peak of GPUs in use and (e) the count of pods seen. Flushing again
+    with the returned records books nothing more.
+    """
+    zone = _zone(tz)
+    now_epoch = to_epoch(now)
+    spans = [span for span in _spans(pods, now_epoch) if span.gpus > 0]
+    grant_span = _grant_span(grant, now_epoch)
+
+    changed: dict[str, GpuUsageStatus] = {}
+    created: set[str] = set()
+    final: dict[str, GpuUsageStatus] = dict(records)
+    for month in months_touched(pods, grant, now, zone):
+        year, number = parse_month(month)
+        month_start, month_end = _month_start(year, number, zone), _month_start(*_next_month(year, number), zone)
+        previous = records.get(month)
+        booked = _book_month(previous, month_start, month_end, spans, grant, grant_span, now_epoch)
+        final[month] = booked
+        if previous is None:
+            created.add(month)
+            changed[month] = booked
+        elif booked != previous:
+            changed[month] = booked
+
+    released = []
+    for span in _spans(pods, now_epoch):
+        ended = span.end is not None and span.booked_to >= span.end
+        if (span.gpus <= 0 and ended) or (span.gpus > 0 and _fully_booked(span, final, zone)):
+            released.append(span.uid)
+    return FlushResult(records=changed, created=frozenset(created), released=tuple(sorted(released)))
+
+
+def prune(record: GpuUsageStatus, live_uids: Iterable[str]) -> GpuUsageStatus:
+    """The record without watermarks of pods that no longer exist (their intervals are fully booked).
+
+    Call it only with uids from a fresh read of the API: a pod pruned while it still exists would be
+    booked again from its start.
+    """
+    live = set(live_uids)
+    kept = {uid: watermark for uid, watermark in record.pods.items() if uid in live}
+    if len(kept) == len(record.pods):
+        return record
+    return record.model_copy(update={"pods": kept})
+
+
+# --- pods ------------------------------------------------------------------------------------------
+
+
+def _timestamp(value: object) -> datetime | None:
+    if isinstance(value, datetime):
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    if isinstance(value, str) and value:
+        parsed = datetime.fromisoformat(value)
+        return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    return None
+
+
+def _count(value: object) -> int:
+    """An extended-resource quantity ("2", 2); extended resources are whole numbers."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(Decimal(value))
+        except (InvalidOperation, ValueError):
+            return 0
+    return 0
+
+
+def container_gpus(container: Mapping[str, Any]) -> int:
+    """The container's GPU request; for extended resources an unset request defaults to the limit."""
+    resources = container.get("resources") or {}
+    requests = resources.get("requests") or {}
+    if GPU_RESOURCE in requests:
+        return _count(requests[GPU_RESOURCE])
+    return _count((resources.get("limits") or {}).get(GPU_RESOURCE))
+
+
+def pod_gpus(spec: Mapping[str, Any]) -> int:
+    """Effective GPU request of a pod, as the scheduler computes it (sidecar init containers included)."""
+    regular = sum(container_gpus(container) for container in spec.get("containers") or [])
+    sidecars = 0
+    init_peak = 0
+    for container in spec.get("initContainers") or []:
+        request = container_gpus(container)
+        if container.get("restartPolicy") == "Always":
+            sidecars += request
+            init_peak = max(init_peak, sidecars)
+        else:
+            init_peak = max(init_peak, request + sidecars)
+    return max(regular + sidecars, init_peak)
+
+
+def _container_statuses(status: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
+
+
+def _states(container_status: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [container_status.get("state") or {}, container_status.get("lastState") or {}]
+
+
+def _pod_start(status: Mapping[str, Any]) -> datetime | None:
+    starts = []
+    for container_status in _container_statuses(status):
+        for state in _states(container_status):
+            for kind in ("running", "terminated"):
+                started = _timestamp((state.get(kind) or {}).get("startedAt"))
+                if started is not None:
+                    starts.append(started)
+    if starts:
+        return min(starts, key=to_epoch)
+    if status.get("phase") == "Running":
+        return _timestamp(status.get("startTime"))
+    return None
+
+
+def _pod_finish(status: Mapping[str, Any]) -> datetime | None:
+    finishes = []
+    for container_status in _container_statuses(status):
+        for state in _states(container_status):
+            finished = _timestamp((state.get("terminated") or {}).get("finishedAt"))
+            if finished is not None:
+                finishes.append(finished)
+    if finishes:
+        return max(finishes, key=to_epoch)
+    transitions = [_timestamp(condition.get("lastTransitionTime")) for condition in status.get("conditions") or []]
+    known = [moment for moment in transitions if moment is not None]
+    return max(known, key=to_epoch) if known else None
+
+
+def pod_interval_from_pod(pod: Mapping[str, Any]) -> PodInterval | None:
+    """The pod's GPU interval, or None if it never started.
+
+    start: the earliest container start (falling back to status.startTime for a Running pod).
+    end: for a terminal pod, its last container finish; for a pod being deleted, the moment deletion
+    was requested (deletionTimestamp - deletionGracePeriodSeconds). When both exist the earlier wins,
+    so the end does not depend on whether gpuaas saw the pod before or after the kubelet reported
+    its termination.
+    """
+    metadata = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    status = pod.get("status") or {}
+    start = _pod_start(status)
+    if start is None:
+        return None
+
+    ends: list[datetime] = []
+    if status.get("phase") in TERMINAL_PHASES:
+        ends.append(_pod_finish(status) or start)
+    deletion = _timestamp(metadata.get("deletionTimestamp"))
+    if deletion is not None:
+        grace = int(metadata.get("deletionGracePeriodSeconds") or 0)
+        ends.append(from_epoch(to_epoch(deletion) - grace))
+    end = None
+    if ends:
+        end = from_epoch(max(to_epoch(start), min(to_epoch(moment) for moment in ends)))
+    return PodInterval(uid=str(metadata.get("uid", "")), gpus=pod_gpus(spec), start=start, end=end)

@@ -1,0 +1,530 @@
+"""The usage ledger: month splitting, exact booking, idempotent replay, release of booked pods."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+from pathlib import Path
+from random import Random
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gpuaas.api.usage import GpuUsage, GpuUsageSpec, GpuUsageStatus, PodWatermark, UsageTenant, usage_name
+from gpuaas.domain.ledger import (
+    FlushResult,
+    GrantState,
+    PodInterval,
+    flush,
+    from_epoch,
+    month_bounds,
+    month_of,
+    months_touched,
+    pod_gpus,
+    pod_interval_from_pod,
+    prune,
+    seconds_to_hours,
+    split_by_month,
+    to_epoch,
+)
+
+ZONES = ["Asia/Seoul", "UTC", "America/New_York", "Australia/Lord_Howe"]
+CRD = Path(__file__).resolve().parents[2] / "crds" / "gpuusages.gpuaas.io.yaml"
+
+# 2025-10-15 .. 2026-03-20 (UTC): crosses New York's DST end and start, and a year boundary.
+DOMAIN_START = to_epoch(datetime(2025, 10, 15, tzinfo=UTC))
+DOMAIN_END = to_epoch(datetime(2026, 3, 20, tzinfo=UTC))
+MONTHS = ["2025-10", "2025-11", "2025-12", "2026-01", "2026-02", "2026-03"]
+
+
+def _interesting_instants() -> list[int]:
+    """Month starts in every zone and New York's DST switches: where off-by-one bugs live."""
+    instants = {to_epoch(month_bounds(month, zone)[0]) for month in MONTHS for zone in ZONES}
+    instants |= {to_epoch(datetime(2025, 11, 2, 6, tzinfo=UTC)), to_epoch(datetime(2026, 3, 8, 7, tzinfo=UTC))}
+    return sorted(instant for instant in instants if DOMAIN_START <= instant <= DOMAIN_END)
+
+
+INTERESTING = _interesting_instants()
+
+instants = st.one_of(
+    st.integers(DOMAIN_START, DOMAIN_END),
+    st.builds(lambda base, delta: base + delta, st.sampled_from(INTERESTING), st.integers(-7200, 7200)),
+).map(lambda seconds: min(max(seconds, DOMAIN_START), DOMAIN_END))
+zones = st.sampled_from(ZONES)
+
+
+def at(seconds: int) -> datetime:
+    return from_epoch(seconds)
+
+
+# --- months --------------------------------------------------------------------------------------
+
+
+@given(a=instants, b=instants, zone=zones)
+def test_split_by_month_sums_to_the_whole_interval(a: int, b: int, zone: str) -> None:
+    start, end = min(a, b), max(a, b)
+    parts = split_by_month(at(start), at(end), zone)
+    assert sum(seconds for _, seconds in parts) == end - start
+    assert all(seconds > 0 for _, seconds in parts)
+    months = [month for month, _ in parts]
+    assert months == sorted(set(months))
+    if parts:
+        assert months[0] == month_of(at(start), zone)
+        assert months[-1] == month_of(at(end - 1), zone)
+
+
+@given(instant=instants, zone=zones)
+def test_month_bounds_hold_the_instant_and_follow_each_other(instant: int, zone: str) -> None:
+    month = month_of(at(instant), zone)
+    start, end = month_bounds(month, zone)
+    assert start <= at(instant) < end
+    local = start.astimezone(ZoneInfo(zone))
+    assert (local.day, local.hour, local.minute) == (1, 0, 0)
+    assert month_of(end, zone) != month
+    assert month_bounds(month_of(end, zone), zone)[0] == end
+
+
+def test_months_are_local_calendar_months() -> None:
+    # 2026-09-30T15:00Z is midnight of October 1st in Seoul.
+    assert month_of(datetime(2026, 9, 30, 14, 59, 59, tzinfo=UTC), "Asia/Seoul") == "2026-09"
+    assert month_of(datetime(2026, 9, 30, 15, tzinfo=UTC), "Asia/Seoul") == "2026-10"
+    assert split_by_month(
+        datetime(2026, 9, 30, 14, tzinfo=UTC), datetime(2026, 9, 30, 17, tzinfo=UTC), "Asia/Seoul"
+    ) == [
+        ("2026-09", 3600),
+        ("2026-10", 7200),
+    ]
+    # New York's November 2025 is one hour longer than 30 days: DST ended on the 2nd.
+    start, end = month_bounds("2025-11", "America/New_York")
+    assert (end - start) == timedelta(days=30, hours=1)
+    assert month_bounds("2026-10", "UTC") == (datetime(2026, 10, 1, tzinfo=UTC), datetime(2026, 11, 1, tzinfo=UTC))
+
+
+@pytest.mark.parametrize(
+    ("zone", "month"),
+    [
+        ("America/Asuncion", "2023-10"),
+        ("America/Havana", "2020-11"),
+        ("Africa/Cairo", "2014-08"),
+        ("America/Goose_Bay", "2009-11"),
+    ],
+)
+def test_months_that_start_in_a_dst_switch_still_partition_time(zone: str, month: str) -> None:
+    # In these zones local midnight of the 1st was skipped or repeated.
+    start, end = month_bounds(month, zone)
+    assert all(month_of(start + timedelta(minutes=30 * step), zone) == month for step in range(6))
+    assert month_of(start - timedelta(seconds=1), zone) != month
+    assert month_of(end - timedelta(seconds=1), zone) == month
+    wide = split_by_month(start - timedelta(days=3), end + timedelta(days=3), zone)
+    assert sum(seconds for _, seconds in wide) == int((end - start + timedelta(days=6)).total_seconds())
+    assert dict(wide)[month] == int((end - start).total_seconds())
+
+
+def test_fractions_of_seconds_are_floored_and_naive_instants_refused() -> None:
+    assert to_epoch(datetime(2026, 1, 1, 0, 0, 0, 999999, tzinfo=UTC)) == to_epoch(datetime(2026, 1, 1, tzinfo=UTC))
+    with pytest.raises(ValueError, match="naive"):
+        to_epoch(datetime(2026, 1, 1))
+    with pytest.raises(ValueError, match="YYYY-MM"):
+        month_bounds("2026-13", "UTC")
+
+
+# --- a reference model of the booking ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TruePod:
+    uid: str
+    gpus: int
+    start: int
+    end: int | None
+
+
+@dataclass(frozen=True)
+class Expected:
+    used: int
+    granted: int
+    idle: int
+    peak: int
+    pods: int
+
+
+def visible(pods: list[TruePod], now: int) -> list[PodInterval]:
+    """What the API shows at `now`: started pods, with an end only once they have ended."""
+    shown = []
+    for pod in pods:
+        if pod.start > now:
+            continue
+        ended = pod.end is not None and pod.end <= now
+        shown.append(
+            PodInterval(pod.uid, pod.gpus, at(pod.start), at(pod.end) if ended and pod.end is not None else None)
+        )
+    return shown
+
+
+def reference(pods: list[TruePod], grant: GrantState | None, now: int, zone: str) -> dict[str, Expected]:
+    """Brute force over elementary segments: independent of the sweep in the ledger."""
+    grant_from = to_epoch(grant.active_from) if grant else 0
+    grant_until = (to_epoch(grant.active_until) if grant and grant.active_until else now) if grant else 0
+    expected = {}
+    for month in MONTHS:
+        month_start, month_end = (to_epoch(bound) for bound in month_bounds(month, zone))
+        horizon = min(now, month_end)
+        if horizon <= month_start:
+            continue
+        spans = [
+            (pod.start, min(pod.end if pod.end is not None else now, now), pod.gpus) for pod in pods if pod.gpus > 0
+        ]
+        points = {month_start, horizon, grant_from, grant_until}
+        points |= {edge for start, end, _ in spans for edge in (start, end)}
+        cuts = sorted(point for point in points if month_start <= point <= horizon)
+        used = granted = idle = peak = 0
+        for low, high in pairwise(cuts):
+            open_gpus = sum(gpus for start, end, gpus in spans if start <= low and end >= high)
+            active = grant is not None and grant_from <= low and grant_until >= high
+            used += open_gpus * (high - low)
+            peak = max(peak, open_gpus)
+            if active and grant is not None:
+                granted += grant.gpus * (high - low)
+                idle += (high - low) if open_gpus == 0 and grant.gpus > 0 else 0
+        counted = sum(1 for start, end, _ in spans if min(end, horizon) > max(start, month_start))
+        if (
+            used
+            or granted
+            or idle
+            or counted
+            or (grant is not None and min(grant_until, horizon) > max(grant_from, month_start))
+        ):
+            expected[month] = Expected(used, granted, idle, peak, counted)
+    return expected
+
+
+def observed(records: dict[str, GpuUsageStatus]) -> dict[str, Expected]:
+    return {
+        month: Expected(r.used_gpu_seconds, r.granted_gpu_seconds, r.idle_seconds, r.peak_gpus_in_use, r.pod_count)
+        for month, r in records.items()
+    }
+
+
+def apply(records: dict[str, GpuUsageStatus], result: FlushResult) -> dict[str, GpuUsageStatus]:
+    return {**records, **result.records}
+
+
+@st.composite
+def true_pods(draw: st.DrawFn) -> list[TruePod]:
+    pods = []
+    for index in range(draw(st.integers(0, 6))):
+        a, b = draw(instants), draw(instants)
+        running = draw(st.booleans())
+        gpus = draw(st.sampled_from([0, 1, 2, 4, 8]))
+        pods.append(TruePod(f"pod-{index}", gpus, min(a, b), None if running else max(a, b)))
+    return pods
+
+
+@st.composite
+def grants(draw: st.DrawFn) -> GrantState | None:
+    if draw(st.integers(0, 4)) == 0:
+        return None
+    a, b = draw(instants), draw(instants)
+    until = None if draw(st.booleans()) else at(max(a, b))
+    return GrantState(gpus=draw(st.integers(0, 64)), active_from=at(min(a, b)), active_until=until)
+
+
+PROPERTY_SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPERTY_SETTINGS
+@given(pods=true_pods(), grant=grants(), now=instants, zone=zones)
+def test_one_flush_books_exactly_what_the_reference_says(
+    pods: list[TruePod], grant: GrantState | None, now: int, zone: str
+) -> None:
+    result = flush({}, visible(pods, now), grant, at(now), zone)
+    assert observed(result.records) == reference(pods, grant, now, zone)
+    assert result.created == frozenset(result.records)
+    assert sorted(result.records) == months_touched(visible(pods, now), grant, at(now), zone)
+
+
+@PROPERTY_SETTINGS
+@given(pods=true_pods(), grant=grants(), now=instants, zone=zones)
+def test_flushing_again_books_nothing_more(pods: list[TruePod], grant: GrantState | None, now: int, zone: str) -> None:
+    shown = visible(pods, now)
+    first = flush({}, shown, grant, at(now), zone)
+    second = flush(first.records, shown, grant, at(now), zone)
+    assert second.records == {}
+    assert second.created == frozenset()
+    assert second.released == first.released
+    # Order of pods does not matter either.
+    shuffled = flush({}, list(reversed(shown)), grant, at(now), zone)
+    assert shuffled == first
+
+
+@PROPERTY_SETTINGS
+@given(
+    pods=true_pods(),
+    grant=grants(),
+    nows=st.lists(instants, min_size=1, max_size=6),
+    zone=zones,
+    chooser=st.randoms(use_true_random=False),
+)
+def test_incremental_flushes_with_crashes_add_up_to_the_whole(
+    pods: list[TruePod], grant: GrantState | None, nows: list[int], zone: str, chooser: Random
+) -> None:
+    """Flush at increasing instants; sometimes only some month writes land before a "crash";
+    released pods disappear (their finalizer is removed). The ledger must equal the whole truth."""
+    records: dict[str, GpuUsageStatus] = {}
+    gone: set[str] = set()
+    for now in sorted(nows):
+        alive = [pod for pod in pods if pod.uid not in gone]
+        shown = visible(alive, now)
+        result = flush(records, shown, grant, at(now), zone)
+        if chooser.random() < 0.4 and result.records:
+            # Crash after writing a random subset of the months: nothing is released.
+            landed = chooser.sample(sorted(result.records), chooser.randint(0, len(result.records) - 1))
+            records = {**records, **{month: result.records[month] for month in landed}}
+            result = flush(records, shown, grant, at(now), zone)
+        records = apply(records, result)
+        gone |= set(result.released)
+        live = {pod.uid for pod in alive if pod.uid not in gone}
+        records = {month: prune(record, live) for month, record in records.items()}
+    last = max(nows)
+    # Pods released before the last flush vanished from the API; everything else is still visible.
+    assert observed(records) == reference(pods, grant, last, zone)
+
+
+@PROPERTY_SETTINGS
+@given(pods=true_pods(), grant=grants(), now=instants, zone=zones)
+def test_released_only_when_the_whole_interval_is_booked(
+    pods: list[TruePod], grant: GrantState | None, now: int, zone: str
+) -> None:
+    shown = visible(pods, now)
+    result = flush({}, shown, grant, at(now), zone)
+    records = result.records
+    for pod in shown:
+        if pod.end is None:
+            assert pod.uid not in result.released
+            continue
+        assert pod.uid in result.released
+        for month, seconds in split_by_month(pod.start, pod.end, zone):
+            if pod.gpus == 0:
+                continue
+            watermark = records[month].pods[pod.uid].booked_until
+            month_end = month_bounds(month, zone)[1]
+            assert watermark >= min(pod.end, month_end)
+            assert seconds > 0
+
+
+def test_a_crash_between_month_writes_is_repaired_without_double_counting() -> None:
+    zone = "Asia/Seoul"
+    pod = PodInterval("p", 8, datetime(2026, 9, 30, 12, tzinfo=UTC), datetime(2026, 9, 30, 18, tzinfo=UTC))
+    grant = GrantState(16, datetime(2026, 9, 30, 12, tzinfo=UTC))
+    now = datetime(2026, 9, 30, 20, tzinfo=UTC)
+    result = flush({}, [pod], grant, now, zone)
+    assert sorted(result.records) == ["2026-09", "2026-10"]
+    assert result.released == ("p",)
+    # Only September reached the API server before the crash.
+    partial = {"2026-09": result.records["2026-09"]}
+    replay = flush(partial, [pod], grant, now, zone)
+    assert sorted(replay.records) == ["2026-10"]
+    assert replay.created == frozenset({"2026-10"})
+    assert replay.records["2026-10"] == result.records["2026-10"]
+    assert result.records["2026-09"].used_gpu_seconds == 8 * 3 * 3600
+    assert result.records["2026-10"].used_gpu_seconds == 8 * 3 * 3600
+    assert result.records["2026-10"].granted_gpu_seconds == 16 * 5 * 3600
+    assert result.records["2026-10"].idle_seconds == 2 * 3600
+    # Until October is written, the pod is not fully booked and must keep its finalizer.
+    assert flush(partial, [pod], grant, datetime(2026, 9, 30, 14, 30, tzinfo=UTC), zone).released == ()
+
+
+def test_overlapping_pods_add_up_and_set_the_peak() -> None:
+    day = datetime(2026, 10, 5, tzinfo=UTC)
+    pods = [
+        PodInterval("a", 8, day, day + timedelta(hours=4)),
+        PodInterval("b", 4, day + timedelta(hours=1), day + timedelta(hours=2)),
+        PodInterval("c", 2, day + timedelta(hours=4), None),  # starts as "a" ends: no overlap
+    ]
+    grant = GrantState(16, day - timedelta(hours=1))
+    result = flush({}, pods, grant, day + timedelta(hours=6), "UTC")
+    october = result.records["2026-10"]
+    assert october.used_gpu_seconds == (8 * 4 + 4 * 1 + 2 * 2) * 3600
+    assert october.peak_gpus_in_use == 12
+    assert october.pod_count == 3
+    assert october.idle_seconds == 3600
+    assert october.granted_gpu_seconds == 16 * 7 * 3600
+    assert october.used_gpu_hours == "40.000"
+    assert result.released == ("a", "b")
+
+
+def test_a_grant_change_is_booked_by_flushing_each_state_up_to_the_change() -> None:
+    start = datetime(2026, 10, 5, tzinfo=UTC)
+    change = start + timedelta(hours=2)
+    first = flush({}, [], GrantState(8, start), change, "UTC")
+    second = flush(first.records, [], GrantState(16, change), change + timedelta(hours=1), "UTC")
+    october = second.records["2026-10"]
+    assert october.granted_gpu_seconds == (8 * 2 + 16 * 1) * 3600
+    assert october.granted_gpus == 16
+    assert october.idle_seconds == 3 * 3600
+
+
+def test_a_clock_going_backwards_books_nothing() -> None:
+    now = datetime(2026, 10, 5, tzinfo=UTC)
+    grant = GrantState(8, now - timedelta(days=1))
+    pods = [PodInterval("a", 1, now - timedelta(hours=3), None)]
+    first = flush({}, pods, grant, now, "UTC")
+    assert flush(first.records, pods, grant, now - timedelta(minutes=5), "UTC").records == {}
+
+
+def test_prune_drops_only_pods_that_are_gone() -> None:
+    moment = datetime(2026, 10, 1, tzinfo=UTC)
+    record = GpuUsageStatus(
+        pods={"a": PodWatermark(gpus=1, booked_until=moment), "b": PodWatermark(gpus=2, booked_until=moment)}
+    )
+    assert set(prune(record, ["b", "c"]).pods) == {"b"}
+    assert prune(record, ["a", "b"]) is record
+
+
+# --- pods as the API server shows them -----------------------------------------------------------
+
+
+def pod(
+    phase: str = "Running",
+    containers: list[dict[str, Any]] | None = None,
+    statuses: list[dict[str, Any]] | None = None,
+    **metadata: Any,
+) -> dict[str, Any]:
+    return {
+        "metadata": {"uid": "uid-1", **metadata},
+        "spec": {"containers": containers or [{"resources": {"limits": {"nvidia.com/gpu": "8"}}}]},
+        "status": {"phase": phase, "startTime": "2026-10-01T00:00:00Z", "containerStatuses": statuses or []},
+    }
+
+
+RUNNING = [{"state": {"running": {"startedAt": "2026-10-01T00:00:05Z"}}}]
+FINISHED = [
+    {"state": {"terminated": {"startedAt": "2026-10-01T00:00:05Z", "finishedAt": "2026-10-01T02:00:00Z"}}},
+    {"state": {"terminated": {"startedAt": "2026-10-01T00:00:07Z", "finishedAt": "2026-10-01T03:00:00Z"}}},
+]
+
+
+def test_a_running_pod_is_open_from_its_first_container_start() -> None:
+    interval = pod_interval_from_pod(pod(statuses=RUNNING))
+    assert interval == PodInterval("uid-1", 8, datetime(2026, 10, 1, 0, 0, 5, tzinfo=UTC), None)
+
+
+def test_a_restarted_container_counts_from_its_first_run() -> None:
+    restarted = [
+        {
+            "state": {"running": {"startedAt": "2026-10-01T01:00:00Z"}},
+            "lastState": {"terminated": {"startedAt": "2026-10-01T00:00:02Z", "finishedAt": "2026-10-01T00:59:00Z"}},
+        }
+    ]
+    interval = pod_interval_from_pod(pod(statuses=restarted))
+    assert interval is not None
+    assert interval.start == datetime(2026, 10, 1, 0, 0, 2, tzinfo=UTC)
+    assert interval.end is None
+
+
+def test_a_finished_pod_ends_at_its_last_container_finish() -> None:
+    interval = pod_interval_from_pod(pod("Succeeded", statuses=FINISHED))
+    assert interval is not None
+    assert interval.end == datetime(2026, 10, 1, 3, tzinfo=UTC)
+
+
+def test_a_deleted_pod_ends_when_deletion_was_requested() -> None:
+    deleting = pod(statuses=RUNNING, deletionTimestamp="2026-10-01T05:00:30Z", deletionGracePeriodSeconds=30)
+    interval = pod_interval_from_pod(deleting)
+    assert interval is not None
+    assert interval.end == datetime(2026, 10, 1, 5, tzinfo=UTC)
+    # The kubelet later reports the killed containers as finished: the end must not move.
+    killed = [{"state": {"terminated": {"startedAt": "2026-10-01T00:00:05Z", "finishedAt": "2026-10-01T05:00:20Z"}}}]
+    terminal = pod("Failed", statuses=killed, deletionTimestamp="2026-10-01T05:00:00Z", deletionGracePeriodSeconds=0)
+    assert pod_interval_from_pod(terminal) == interval
+
+
+def test_a_pod_that_never_ran_books_nothing() -> None:
+    assert pod_interval_from_pod(pod("Pending")) is None
+    waiting = [{"state": {"waiting": {"reason": "ContainerCreating"}}}]
+    assert pod_interval_from_pod(pod("Pending", statuses=waiting, deletionTimestamp="2026-10-01T05:00:00Z")) is None
+    never = [{"state": {"terminated": {"reason": "ContainerStatusUnknown", "exitCode": 137}}}]
+    assert pod_interval_from_pod(pod("Failed", statuses=never)) is None
+
+
+def test_a_running_pod_without_container_times_falls_back_to_its_start_time() -> None:
+    interval = pod_interval_from_pod(pod("Running", statuses=[{"state": {"running": {}}}]))
+    assert interval is not None
+    assert interval.start == datetime(2026, 10, 1, tzinfo=UTC)
+
+
+def test_effective_gpu_request_follows_the_scheduler() -> None:
+    def container(gpus: int, key: str = "requests", **extra: Any) -> dict[str, Any]:
+        return {"resources": {key: {"nvidia.com/gpu": str(gpus)}}, **extra}
+
+    assert pod_gpus({"containers": [container(2), container(3, "limits"), {"resources": {}}]}) == 5
+    assert pod_gpus({"containers": [container(2)], "initContainers": [container(8)]}) == 8
+    assert pod_gpus({"containers": [container(2)], "initContainers": [container(1)]}) == 2
+    sidecar = container(1, restartPolicy="Always")
+    assert pod_gpus({"containers": [container(2)], "initContainers": [sidecar, container(4)]}) == 5
+    assert pod_gpus({"containers": [{"name": "cpu-only"}]}) == 0
+
+
+# --- the API model and its CRD -------------------------------------------------------------------
+
+
+def test_status_wire_names_and_round_trip() -> None:
+    status = GpuUsageStatus(
+        used_gpu_seconds=7200,
+        granted_gpu_seconds=14400,
+        granted_gpus=2,
+        peak_gpus_in_use=1,
+        booked_until=datetime(2026, 10, 1, tzinfo=UTC),
+        pods={"u": PodWatermark(gpus=1, booked_until=datetime(2026, 10, 1, tzinfo=UTC))},
+        used_gpu_hours=str(seconds_to_hours(7200)),
+    )
+    wire = status.to_wire()
+    assert {"usedGPUSeconds", "grantedGPUSeconds", "grantedGPUs", "peakGPUsInUse", "usedGPUHours"} <= set(wire)
+    assert wire["bookedUntil"] == "2026-10-01T00:00:00Z"
+    assert GpuUsageStatus.model_validate(wire) == status
+
+
+def test_the_crd_schema_knows_every_field_of_the_model() -> None:
+    crd = yaml.safe_load(CRD.read_text())
+    version = crd["spec"]["versions"][0]
+    schema = version["schema"]["openAPIV3Schema"]["properties"]
+    spec_fields = {field.alias for field in GpuUsageSpec.model_fields.values()}
+    status_fields = {field.alias for field in GpuUsageStatus.model_fields.values()}
+    assert spec_fields == set(schema["spec"]["properties"])
+    assert status_fields == set(schema["status"]["properties"])
+    assert crd["spec"]["names"]["shortNames"] == ["gu"]
+    assert [column["name"] for column in version["additionalPrinterColumns"]] == [
+        "Allocation",
+        "Tenant",
+        "Month",
+        "Used-GPU-h",
+        "Granted-GPU-h",
+        "Peak",
+        "Pods",
+        "Age",
+    ]
+    assert version["subresources"] == {"status": {}}
+
+
+def test_a_record_object_round_trips_with_its_name_and_labels() -> None:
+    spec = GpuUsageSpec(
+        allocation="snu-ai-lab",
+        allocation_uid="1234",
+        tenant=UsageTenant(name="서울대학교 AI연구실", organization="서울대학교"),
+        pool="nhn-b200-a",
+        gpu_model="B200",
+        provider="nhn",
+        month="2026-10",
+    )
+    record = GpuUsage(name=usage_name(spec.allocation, spec.month), spec=spec)
+    body = record.to_object()
+    assert body["metadata"] == {
+        "name": "snu-ai-lab-2026-10",
+        "labels": {"gpuaas.io/allocation": "snu-ai-lab", "gpuaas.io/month": "2026-10", "gpuaas.io/pool": "nhn-b200-a"},
+    }
+    assert GpuUsage.from_object({**body, "status": {}}) == record

@@ -1,0 +1,340 @@
+"""The monthly report: exact numbers, fixed order, and the same numbers in CSV, JSON, XLSX and HTML.
+
+Regenerate the golden files with `UPDATE_GOLDEN=1 .venv/bin/pytest tests/unit/test_report.py`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from decimal import Decimal
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openpyxl import load_workbook
+
+from gpuaas.api.usage import GpuUsage, GpuUsageSpec, GpuUsageStatus, UsageTenant, usage_name
+from gpuaas.domain.report import Report, build_report, utilisation_percent
+from gpuaas.reporting import render, to_csv, to_html, to_json, to_xlsx
+from gpuaas.reporting.formats import ROW_COLUMNS, TOTAL_COLUMNS
+
+GOLDEN = Path(__file__).parent / "golden"
+MONTH = "2026-10"
+OCTOBER_HOURS = 31 * 24
+
+
+def record(
+    allocation: str,
+    tenant: str,
+    organization: str,
+    pool: str,
+    gpus: int,
+    used_gpu_seconds: int,
+    idle_seconds: int = 0,
+    peak: int | None = None,
+    pods: int = 1,
+    month: str = MONTH,
+    contract: str = "",
+) -> GpuUsage:
+    model, provider = {
+        "nhn-b200-a": ("B200", "nhn"),
+        "kakao-b200-a": ("B200", "kakao"),
+        "naver-h200-a": ("H200", "naver"),
+    }[pool]
+    return GpuUsage(
+        name=usage_name(allocation, month),
+        spec=GpuUsageSpec(
+            allocation=allocation,
+            allocation_uid=f"uid-{allocation}",
+            tenant=UsageTenant(name=tenant, organization=organization, contract=contract),
+            pool=pool,
+            gpu_model=model,
+            provider=provider,
+            month=month,
+        ),
+        status=GpuUsageStatus(
+            used_gpu_seconds=used_gpu_seconds,
+            granted_gpu_seconds=gpus * OCTOBER_HOURS * 3600,
+            idle_seconds=idle_seconds,
+            granted_gpus=gpus,
+            peak_gpus_in_use=gpus if peak is None else peak,
+            pod_count=pods,
+        ),
+    )
+
+
+def ledger() -> list[GpuUsage]:
+    """A month of the program: Korean tenant names, a deleted allocation, a zero grant, another month."""
+    return [
+        record(
+            "upstage-fm",
+            "업스테이지 파운데이션 모델팀",
+            "(주)업스테이지",
+            "nhn-b200-a",
+            1024,
+            2_411_234_567,
+            3_601,
+            1016,
+            212,
+            contract="NIPA-2026-001",
+        ),
+        record(
+            "snu-ai-lab",
+            "서울대학교 AI연구실",
+            "서울대학교",
+            "nhn-b200-a",
+            64,
+            123_456_789,
+            86_399,
+            56,
+            37,
+            contract="NIPA-2026-114",
+        ),
+        record("kaist-nlp", "KAIST 자연어처리 연구실", "KAIST", "nhn-b200-a", 16, 9, 2_678_391, 1, 1),
+        # Deleted last week: only its record is left, and it still belongs in the report.
+        record("lg-exaone", "LG AI연구원", "LG", "kakao-b200-a", 512, 1_300_000_001, 0, 512, 64),
+        record("rebellions-beta", "(주)리벨리온 & 파트너스 <베타>", "리벨리온", "kakao-b200-a", 8, 18, 1_800, 8, 3),
+        record("snu-ai-lab-h200", "서울대학교 AI연구실", "서울대학교", "naver-h200-a", 32, 50_000_000, 7_200, 32, 12),
+        record("naver-startup", '스타트업 "지원" 프로그램', "네이버 클라우드", "naver-h200-a", 0, 0, 0, 0, 0),
+        record("snu-ai-lab", "서울대학교 AI연구실", "서울대학교", "nhn-b200-a", 64, 99, month="2026-09"),
+    ]
+
+
+@pytest.fixture
+def report() -> Report:
+    return build_report(ledger(), MONTH)
+
+
+def check_golden(name: str, produced: bytes) -> None:
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(produced)
+    assert path.exists(), f"missing golden file {path}; run with UPDATE_GOLDEN=1"
+    assert produced == path.read_bytes(), f"{name} differs from its golden file; run with UPDATE_GOLDEN=1 if intended"
+
+
+# --- the report itself ---------------------------------------------------------------------------
+
+
+def test_rows_are_one_per_allocation_of_the_month_in_a_fixed_order(report: Report) -> None:
+    assert [(row.pool, row.allocation) for row in report.rows] == [
+        ("kakao-b200-a", "rebellions-beta"),  # "(" sorts before "L": tenants sort by code point
+        ("kakao-b200-a", "lg-exaone"),
+        ("naver-h200-a", "snu-ai-lab-h200"),
+        ("naver-h200-a", "naver-startup"),
+        ("nhn-b200-a", "kaist-nlp"),
+        ("nhn-b200-a", "snu-ai-lab"),
+        ("nhn-b200-a", "upstage-fm"),
+    ]
+    assert report.time_zone == "Asia/Seoul"
+    assert build_report(list(reversed(ledger())), MONTH) == report
+
+
+def test_hours_are_rounded_once_half_up(report: Report) -> None:
+    rows = {row.allocation: row for row in report.rows}
+    assert rows["rebellions-beta"].used_gpu_hours == Decimal("0.005")  # 18 s
+    assert rows["kaist-nlp"].used_gpu_hours == Decimal("0.003")  # 9 s = 0.0025 h
+    assert rows["upstage-fm"].used_gpu_hours == Decimal("669787.380")
+    assert rows["upstage-fm"].utilisation_percent == Decimal("87.9")
+    assert rows["naver-startup"].utilisation_percent is None
+    assert utilisation_percent(1, 2000) == Decimal("0.1")
+
+
+def test_totals_are_summed_from_exact_seconds(report: Report) -> None:
+    by_scope = {(total.scope, total.key): total for total in report.totals}
+    assert [(total.scope, total.key) for total in report.totals] == [
+        ("pool", "kakao-b200-a"),
+        ("pool", "naver-h200-a"),
+        ("pool", "nhn-b200-a"),
+        ("gpuModel", "B200"),
+        ("gpuModel", "H200"),
+        ("provider", "kakao"),
+        ("provider", "naver"),
+        ("provider", "nhn"),
+        ("all", ""),
+    ]
+    everything = by_scope[("all", "")]
+    assert everything.allocations == 7
+    assert everything.used_gpu_seconds == sum(row.used_gpu_seconds for row in report.rows)
+    assert everything.granted_gpus == 1024 + 64 + 16 + 512 + 8 + 32
+    kakao = by_scope[("pool", "kakao-b200-a")]
+    assert kakao.used_gpu_seconds == 1_300_000_019
+    assert by_scope[("gpuModel", "B200")].pod_count == 212 + 37 + 1 + 64 + 3
+
+
+def test_an_empty_month_still_renders() -> None:
+    empty = build_report(ledger(), "2027-01")
+    assert empty.rows == ()
+    assert [total.scope for total in empty.totals] == ["all"]
+    for name in ("csv", "json", "xlsx", "html"):
+        assert render(empty, name)
+    with pytest.raises(ValueError, match="unknown report format"):
+        render(empty, "pdf")
+
+
+# --- reproducible bytes --------------------------------------------------------------------------
+
+
+def test_csv_and_json_are_reproducible_and_match_their_golden_files(report: Report) -> None:
+    csv_bytes, json_bytes = to_csv(report), to_json(report)
+    again = build_report(ledger(), MONTH)
+    assert to_csv(again) == csv_bytes
+    assert to_json(again) == json_bytes
+    check_golden("report-2026-10.csv", csv_bytes)
+    check_golden("report-2026-10.json", json_bytes)
+
+
+def test_xlsx_and_html_are_reproducible(report: Report) -> None:
+    assert to_xlsx(report) == to_xlsx(build_report(ledger(), MONTH))
+    assert to_html(report) == to_html(build_report(ledger(), MONTH))
+
+
+def test_csv_opens_in_excel_with_korean_text(report: Report) -> None:
+    data = to_csv(report)
+    assert data.startswith(b"\xef\xbb\xbf")
+    assert b"\r\n" in data
+    assert b"\n" not in data.replace(b"\r\n", b"")
+    assert "서울대학교 AI연구실" in data.decode("utf-8-sig")
+
+
+def test_text_that_looks_like_a_formula_stays_text() -> None:
+    sneaky = build_report([record("x", '=HYPERLINK("http://evil")', "@org", "nhn-b200-a", 8, 10)], MONTH)
+    first_row = csv_tables(to_csv(sneaky))[0][0]
+    assert first_row["tenant"] == '\'=HYPERLINK("http://evil")'
+    sheet = load_workbook(io.BytesIO(to_xlsx(sneaky)))["Usage"]
+    assert sheet["C2"].data_type == "s"
+    assert sheet["C2"].value == '=HYPERLINK("http://evil")'
+
+
+# --- the same numbers everywhere -----------------------------------------------------------------
+
+
+def as_number(value: object) -> Decimal | None:
+    if value is None or value == "":
+        return None
+    return Decimal(str(value))
+
+
+def same(expected: dict[str, Any], actual: dict[str, Any], where: str) -> None:
+    assert set(actual) == set(expected), where
+    for key, value in expected.items():
+        if isinstance(value, str):
+            assert actual[key] == value, f"{where}.{key}"
+        else:
+            assert as_number(actual[key]) == as_number(value), f"{where}.{key}: {actual[key]!r} != {value!r}"
+
+
+def csv_tables(data: bytes) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    text = data.decode("utf-8-sig")
+    rows_part, totals_part = text.split("\r\n\r\n")
+    rows = list(csv.reader(io.StringIO(rows_part)))
+    totals = list(csv.reader(io.StringIO(totals_part)))
+    assert rows[0] == [column.title for column in ROW_COLUMNS]
+    assert totals[0] == [column.title for column in TOTAL_COLUMNS]
+    keys_of_rows = [column.key for column in ROW_COLUMNS]
+    keys_of_totals = [column.key for column in TOTAL_COLUMNS]
+    return (
+        [dict(zip(keys_of_rows, line, strict=True)) for line in rows[1:] if line],
+        [dict(zip(keys_of_totals, line, strict=True)) for line in totals[1:] if line],
+    )
+
+
+def xlsx_tables(data: bytes) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    workbook = load_workbook(io.BytesIO(data))
+    assert workbook.sheetnames == ["Usage", "Totals"]
+    tables = []
+    for sheet, columns in ((workbook["Usage"], ROW_COLUMNS), (workbook["Totals"], TOTAL_COLUMNS)):
+        lines = list(sheet.iter_rows())
+        assert [cell.value for cell in lines[0]] == [column.title for column in columns]
+        table = []
+        for line in lines[1:]:
+            for cell, column in zip(line, columns, strict=True):
+                if column.kind != "text" and cell.value is not None:
+                    assert cell.data_type == "n", f"{column.key} is not a numeric cell"
+            table.append(
+                {
+                    column.key: ("" if cell.value is None and column.kind == "text" else cell.value)
+                    for cell, column in zip(line, columns, strict=True)
+                }
+            )
+        tables.append(table)
+    return tables[0], tables[1]
+
+
+class TableReader(HTMLParser):
+    """Collects <td data-key> texts of the tables with an id."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tables: dict[str, list[dict[str, str]]] = {}
+        self.table: str | None = None
+        self.key: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if tag == "table":
+            self.table = attributes.get("id")
+            if self.table:
+                self.tables[self.table] = []
+        elif tag == "tr" and self.table and self.key is None:
+            self.tables[self.table].append({})
+        elif tag == "td" and self.table:
+            self.key = attributes.get("data-key")
+            self.tables[self.table][-1][self.key or ""] = ""
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td":
+            self.key = None
+        elif tag == "table":
+            self.table = None
+
+    def handle_data(self, data: str) -> None:
+        if self.table and self.key:
+            self.tables[self.table][-1][self.key] += data
+
+
+def html_tables(page: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    reader = TableReader()
+    reader.feed(page)
+    # The first <tr> of each table is the header: it has no data cells.
+    return (
+        [row for row in reader.tables["rows"] if row],
+        [row for row in reader.tables["totals"] if row],
+    )
+
+
+def test_every_format_shows_the_numbers_of_the_json(report: Report) -> None:
+    document = json.loads(to_json(report))
+    assert document["month"] == MONTH
+    for name, (rows, totals) in {
+        "csv": csv_tables(to_csv(report)),
+        "xlsx": xlsx_tables(to_xlsx(report)),
+        "html": html_tables(to_html(report)),
+    }.items():
+        assert len(rows) == len(document["rows"]), name
+        assert len(totals) == len(document["totals"]), name
+        for index, (expected, actual) in enumerate(zip(document["rows"], rows, strict=True)):
+            same(expected, actual, f"{name} row {index}")
+        for index, (expected, actual) in enumerate(zip(document["totals"], totals, strict=True)):
+            same(expected, actual, f"{name} total {index}")
+
+
+def test_html_is_self_contained_with_a_chart_per_pool_and_korean_text_escaped(report: Report) -> None:
+    page = to_html(report)
+    assert page.isascii()
+    assert "<script" not in page
+    assert not re.search(r"(src|href)=|@import|url\(", page)
+    assert [link for link in re.findall(r"https?://[^\"' ]+", page) if link != "http://www.w3.org/2000/svg"] == []
+    assert page.count("<svg") == 3 + 1  # three pools and the top tenants
+    assert "<베타>" not in page
+    reader = TableReader()
+    reader.feed(page)
+    tenants = {row["tenant"] for row in reader.tables["rows"] if row}
+    assert "(주)리벨리온 & 파트너스 <베타>" in tenants
+    assert "서울대학교 AI연구실" in tenants
