@@ -47,7 +47,7 @@ demo-down: operator-stop
 
 operator-start: operator-stop
 	@mkdir -p .cluster
-	@nohup $(BIN)/gpuaas run --kubeconfig $(KUBECONFIG_FILE) >.cluster/operator.log 2>&1 & echo $$! >.cluster/operator.pid
+	@nohup $(BIN)/gpuaas run --kubeconfig $(KUBECONFIG_FILE) --webhook-url https://127.0.0.1:9443 --webhook-cert-dir .cluster/webhook >.cluster/operator.log 2>&1 & echo $$! >.cluster/operator.pid
 	@echo "operator running (pid $$(cat .cluster/operator.pid)), log .cluster/operator.log, metrics :8080"
 
 operator-stop:

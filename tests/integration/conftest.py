@@ -84,6 +84,7 @@ class OperatorProcess:
         self.log_path = log_path
         self.metrics_port = free_port()
         self.health_port = free_port()
+        self.webhook_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -95,6 +96,9 @@ class OperatorProcess:
                 "--metrics-port", str(self.metrics_port),
                 "--health-port", str(self.health_port),
                 "--pool-resync-seconds", "0.5",
+                "--webhook-port", str(self.webhook_port),
+                "--webhook-url", f"https://127.0.0.1:{self.webhook_port}",
+                "--webhook-cert-dir", str(self.log_path.parent / "webhook"),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -35,6 +35,14 @@ def run(
     health_port: Annotated[int, typer.Option(help="Port of /healthz (kopf liveness); 0 disables.")] = 8081,
     pool_resync_seconds: Annotated[float, typer.Option(help="How often pool status is re-derived.")] = 2.0,
     peering: Annotated[str | None, typer.Option(help="ClusterKopfPeering name; unset runs standalone.")] = None,
+    webhook_port: Annotated[int, typer.Option(help="Port of the admission webhooks; 0 disables them.")] = 9443,
+    webhook_cert_dir: Annotated[
+        str | None, typer.Option(help="Directory with tls.crt and tls.key (default .cluster/webhook).")
+    ] = None,
+    webhook_url: Annotated[
+        str | None,
+        typer.Option(help="Outside the cluster: the URL the API server calls; gpuaas then self-signs and registers."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the operator until interrupted."""
@@ -46,6 +54,9 @@ def run(
             pool_resync_seconds=pool_resync_seconds,
             peering=peering,
             verbose=verbose,
+            webhook_port=webhook_port,
+            webhook_cert_dir=webhook_cert_dir,
+            webhook_url=webhook_url,
         )
     )
 

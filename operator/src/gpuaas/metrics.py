@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from prometheus_client import Gauge, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from gpuaas.api.pool import GpuPoolSpec, GpuPoolStatus
 
@@ -18,6 +18,14 @@ pool_granted_gpus = Gauge("gpuaas_pool_granted_gpus", "GPUs held by admitted all
 pool_available_gpus = Gauge("gpuaas_pool_available_gpus", "Grantable GPUs not yet granted.", POOL_LABELS)
 pool_in_use_gpus = Gauge("gpuaas_pool_in_use_gpus", "GPUs requested by running pods.", POOL_LABELS)
 pool_queue_length = Gauge("gpuaas_pool_queue_length", "Allocations waiting for capacity.", POOL_LABELS)
+
+reconcile_duration = Histogram(
+    "gpuaas_reconcile_duration_seconds",
+    "Duration of one pool reconcile pass (admission, tenant objects, status).",
+    ("pool",),
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+reconcile_errors = Counter("gpuaas_reconcile_errors_total", "Reconcile passes that failed.", ("pool",))
 
 _POOL_GAUGES = (
     (pool_nodes, "nodes"),

@@ -17,6 +17,8 @@ class NodeInfo:
     allocatable_gpus: int = 0
     # Taints other than the pool's own fence taint, as "key=value:Effect" strings.
     foreign_taints: tuple[str, ...] = ()
+    # Every taint as (key, value, effect), to rewrite the list when gpuaas adds or removes its own.
+    taints: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def healthy(self) -> bool:
@@ -63,6 +65,11 @@ def node_info_from_manifest(node: Mapping[str, object], fence_taint_key: str) ->
         if isinstance(t, Mapping) and t.get("key") != fence_taint_key
     ]
     labels = metadata.get("labels") or {}
+    all_taints = tuple(
+        (str(t.get("key", "")), str(t.get("value", "")), str(t.get("effect", "")))
+        for t in _items(spec, "taints")
+        if isinstance(t, Mapping)
+    )
     return NodeInfo(
         name=str(metadata.get("name", "")),
         labels=dict(labels) if isinstance(labels, Mapping) else {},
@@ -70,4 +77,20 @@ def node_info_from_manifest(node: Mapping[str, object], fence_taint_key: str) ->
         unschedulable=bool(spec.get("unschedulable", False)),
         allocatable_gpus=gpus,
         foreign_taints=tuple(taints),
+        taints=all_taints,
     )
+
+
+def taints_with(node: NodeInfo, key: str, value: str, effect: str = "NoSchedule") -> list[dict[str, str]] | None:
+    """The node's taint list with key=value:effect set; None when it already is."""
+    if (key, value, effect) in node.taints:
+        return None
+    kept = [t for t in node.taints if t[0] != key]
+    return [{"key": k, "value": v, "effect": e} for k, v, e in [*kept, (key, value, effect)]]
+
+
+def taints_without(node: NodeInfo, key: str) -> list[dict[str, str]] | None:
+    """The node's taint list without `key`; None when it has no such taint."""
+    if not any(t[0] == key for t in node.taints):
+        return None
+    return [{"key": k, "value": v, "effect": e} for k, v, e in node.taints if k != key]

@@ -1,4 +1,5 @@
-"""kopf settings: quiet events, watch timeouts that survive silent streams, gpuaas-named annotations."""
+"""kopf settings: quiet events, watch timeouts that survive silent streams, gpuaas-named annotations,
+and the admission webhook server."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import logging
 from typing import Any
 
 import kopf
+
+from gpuaas.handlers.runner import OperatorOptions, webhook_cert_dir
+from gpuaas.k8s import webhooks
 
 
 @kopf.on.login()
@@ -15,7 +19,8 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    options: OperatorOptions = memo.options
     # Handler-success events would be posted every resync; gpuaas posts its own meaningful events.
     settings.posting.level = logging.WARNING
     # Watch streams can go silent without an error; time them out and re-list.
@@ -28,3 +33,19 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix="gpuaas.io", key="last-handled-configuration"
     )
     settings.execution.max_workers = 16
+    memo.operator_username = webhooks.whoami()
+    logger.info(f"operator identity: {memo.operator_username}")
+    if not options.webhook_port:
+        return
+    cert_dir = webhook_cert_dir(options)
+    if options.webhook_url:
+        tls = webhooks.ensure_self_signed(cert_dir, webhooks.url_host(options.webhook_url))
+        webhooks.apply_configurations(options.webhook_url, tls.ca_file.read_bytes())
+        logger.info(f"webhook configurations point at {options.webhook_url}")
+    settings.admission.server = kopf.WebhookServer(
+        addr="0.0.0.0",  # noqa: S104 - the API server must reach it
+        port=options.webhook_port,
+        certfile=str(cert_dir / "tls.crt"),
+        pkeyfile=str(cert_dir / "tls.key"),
+    )
+    settings.admission.managed = None  # configurations come from the chart, or from apply_configurations

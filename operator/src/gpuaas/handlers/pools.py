@@ -1,55 +1,128 @@
-"""GpuPool: its status follows its nodes, re-derived on a short loop from an index of all nodes."""
+"""GpuPool: one daemon per pool runs that pool's reconcile passes (admission, tenant objects, status).
+
+Passes are level-triggered: each starts from the current indexes. Events only wake a pass early;
+a missed event is corrected by the next periodic pass.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
 from gpuaas import metrics
+from gpuaas.api.allocation import ALLOCATION_LABEL, ALLOCATION_PLURAL
 from gpuaas.api.common import GROUP, VERSION
-from gpuaas.api.pool import POOL_LABEL, POOL_PLURAL, GpuPoolSpec, GpuPoolStatus
-from gpuaas.domain.nodes import NodeInfo, node_info_from_manifest
-from gpuaas.domain.pool import measure_capacity, pool_status
-from gpuaas.k8s.resources import patch_cluster_status
+from gpuaas.api.pool import POOL_LABEL, POOL_PLURAL, GpuPoolSpec
+from gpuaas.domain.nodes import NodeInfo
+from gpuaas.handlers.indexes import MANAGED, exclusive_holders
+from gpuaas.k8s.reconciler import AllocationView, PodView, PoolReconciler, PoolSnapshot
 
 
-@kopf.index("", "v1", "nodes")
-def nodes_by_name(*, name: str, body: kopf.Body, **_: Any) -> dict[str, NodeInfo]:
-    return {name: node_info_from_manifest(body, POOL_LABEL)}
+def wakeup(memo: kopf.Memo, pool: str) -> asyncio.Event:
+    events: dict[str, asyncio.Event] = memo.setdefault("pool_wakeups", {})
+    return events.setdefault(pool, asyncio.Event())
 
 
-def all_nodes(index: kopf.Index[str, NodeInfo]) -> list[NodeInfo]:
-    return [info for store in index.values() for info in store]
+def _flatten(index: kopf.Index[Any, Any]) -> dict[Any, Any]:
+    return {key: value for key, store in index.items() for value in store}
 
 
-# kopf injects indexes as extra keyword arguments, which its handler Protocol cannot express.
-@kopf.daemon(GROUP, VERSION, POOL_PLURAL, cancellation_timeout=5.0)  # type: ignore[arg-type]
-async def keep_pool_status(
+def snapshot(name: str, body: kopf.Body, indexes: dict[str, kopf.Index[Any, Any]]) -> PoolSnapshot:
+    """Copy what one pass needs out of the indexes, synchronously, so it is consistent."""
+    observed: dict[tuple[str, str, str], Any] = {}
+    for index_name in ("managed_namespaces", "managed_quotas", "managed_limit_ranges", "managed_role_bindings"):
+        observed.update(_flatten(indexes[index_name]))
+    claims: dict[str, list[tuple[datetime, str]]] = {}
+    for namespace, store in indexes["allocations_by_namespace"].items():
+        for created, allocation, _pool, _exclusive in store:
+            claims.setdefault(namespace, []).append(
+                (datetime.fromisoformat(created.replace("Z", "+00:00")), allocation)
+            )
+    pods: dict[str, list[PodView]] = {ns: list(store) for ns, store in indexes["gpu_pods_by_namespace"].items()}
+    allocations: list[AllocationView] = list(indexes["allocations_by_pool"].get(name, []))
+    nodes: list[NodeInfo] = [info for store in indexes["nodes_by_name"].values() for info in store]
+    return PoolSnapshot(
+        pool=name,
+        spec=dict(body.get("spec") or {}),
+        generation=body.get("metadata", {}).get("generation"),
+        status=dict(body.get("status") or {}),
+        nodes=nodes,
+        allocations=allocations,
+        observed=observed,
+        namespaces=_flatten(indexes["namespace_labels"]),
+        namespace_claims=claims,
+        pods_by_namespace=pods,
+        exclusive_holders=exclusive_holders(indexes["nodes_by_name"]),
+    )
+
+
+@kopf.daemon(GROUP, VERSION, POOL_PLURAL, cancellation_timeout=10.0)
+async def reconcile_pool(
     *,
     name: str,
-    spec: kopf.Spec,
-    meta: kopf.Meta,
-    status: kopf.Status,
+    body: kopf.Body,
     stopped: kopf.DaemonStopped,
     memo: kopf.Memo,
-    nodes_by_name: kopf.Index[str, NodeInfo],
     logger: kopf.Logger,
-    **_: Any,
+    **indexes: Any,
 ) -> None:
-    """Level-triggered: whatever events were missed, the next pass derives status from current nodes."""
-    written = GpuPoolStatus.model_validate(dict(status))
+    reconciler = PoolReconciler(pool=name)
+    wake = wakeup(memo, name)
     while not stopped:
-        pool = GpuPoolSpec.model_validate(dict(spec))
-        capacity = measure_capacity(pool, all_nodes(nodes_by_name))
-        desired = pool_status(pool, written, capacity, meta.get("generation"), datetime.now(UTC))
-        metrics.record_pool(name, pool, desired)
-        if desired != written:
-            await asyncio.to_thread(patch_cluster_status, POOL_PLURAL, name, desired.to_wire())
-            logger.info(
-                f"pool {name}: {capacity.healthy_nodes}/{capacity.nodes} nodes healthy, {capacity.capacity_gpus} GPUs"
-            )
-            written = desired
-        await stopped.wait(memo.options.pool_resync_seconds)
+        wake.clear()
+        snap = snapshot(name, body, indexes)
+        started = datetime.now(UTC)
+        try:
+            with metrics.reconcile_duration.labels(name).time():
+                status = await asyncio.to_thread(reconciler.run_pass, snap, started)
+            metrics.record_pool(name, GpuPoolSpec.model_validate(snap.spec), status)
+        except Exception:
+            metrics.reconcile_errors.labels(name).inc()
+            logger.exception(f"pool {name}: reconcile pass failed; retrying")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), timeout=memo.options.pool_resync_seconds)
+
+
+@kopf.on.delete(GROUP, VERSION, POOL_PLURAL, optional=True)
+def forget_pool(*, name: str, spec: kopf.Spec, **_: Any) -> None:
+    metrics.forget_pool(name, GpuPoolSpec.model_validate(dict(spec)))
+
+
+@kopf.on.event(GROUP, VERSION, ALLOCATION_PLURAL)
+def allocation_changed(*, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
+    wakeup(memo, str(spec.get("pool", ""))).set()
+
+
+def _wake_owner_pool(labels: kopf.Labels, memo: kopf.Memo) -> None:
+    pool = labels.get(POOL_LABEL)
+    if pool:
+        wakeup(memo, pool).set()
+
+
+@kopf.on.event("", "v1", "namespaces", labels={ALLOCATION_LABEL: kopf.PRESENT})
+def namespace_changed(*, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    _wake_owner_pool(labels, memo)
+
+
+@kopf.on.event("", "v1", "namespaces", labels=MANAGED)
+def managed_namespace_changed(*, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    _wake_owner_pool(labels, memo)
+
+
+@kopf.on.event("", "v1", "resourcequotas", labels={ALLOCATION_LABEL: kopf.PRESENT})
+def quota_changed(*, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    _wake_owner_pool(labels, memo)
+
+
+@kopf.on.event("", "v1", "limitranges", labels={ALLOCATION_LABEL: kopf.PRESENT})
+def limit_range_changed(*, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    _wake_owner_pool(labels, memo)
+
+
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels={ALLOCATION_LABEL: kopf.PRESENT})
+def role_binding_changed(*, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    _wake_owner_pool(labels, memo)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import kopf
 
@@ -20,6 +21,12 @@ class OperatorOptions:
     pool_resync_seconds: float = 2.0
     peering: str | None = None
     verbose: bool = False
+    webhook_port: int = 9443
+    # Directory with tls.crt and tls.key (a mounted Secret in the cluster).
+    webhook_cert_dir: str | None = None
+    # When the operator runs outside the cluster: the URL the API server calls. The operator then makes
+    # its own self-signed certificate (in webhook_cert_dir) and webhook configurations.
+    webhook_url: str | None = None
 
 
 def run_operator(options: OperatorOptions) -> None:
@@ -33,7 +40,7 @@ def run_operator(options: OperatorOptions) -> None:
     if options.metrics_port:
         metrics.serve(options.metrics_port)
     # Importing the handler modules registers them with kopf's default registry.
-    from gpuaas.handlers import operator_settings, pools  # noqa: F401
+    from gpuaas.handlers import fence, indexes, operator_settings, pools  # noqa: F401
 
     kopf.run(
         clusterwide=True,
@@ -42,3 +49,7 @@ def run_operator(options: OperatorOptions) -> None:
         liveness_endpoint=f"http://0.0.0.0:{options.health_port}/healthz" if options.health_port else None,
         memo=kopf.Memo(options=options),
     )
+
+
+def webhook_cert_dir(options: OperatorOptions) -> Path:
+    return Path(options.webhook_cert_dir or ".cluster/webhook")

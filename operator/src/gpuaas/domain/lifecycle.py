@@ -1,0 +1,102 @@
+"""An allocation's status from its admission decision and what was applied for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from gpuaas.api.allocation import GpuAllocationStatus, Phase
+from gpuaas.api.common import Condition, set_condition
+from gpuaas.domain.capacity import AdmissionDecision
+
+
+@dataclass(frozen=True)
+class ReconcileOutcome:
+    """What the reconciler achieved for one allocation in one pass."""
+
+    namespace: str
+    objects_applied: bool
+    apply_error: str = ""
+    nodes: tuple[str, ...] = ()
+    node_shortfall: int = 0
+    in_use_gpus: int = 0
+    gpu_quota: int = 0
+
+
+def _condition(kind: str, ok: bool, reason: str, message: str, now: datetime, generation: int | None) -> Condition:
+    return Condition(
+        type=kind,
+        status="True" if ok else "False",
+        reason=reason,
+        message=message,
+        last_transition_time=now,
+        observed_generation=generation,
+    )
+
+
+def allocation_status(
+    previous: GpuAllocationStatus,
+    decision: AdmissionDecision,
+    outcome: ReconcileOutcome,
+    exclusive: bool,
+    generation: int | None,
+    now: datetime,
+) -> GpuAllocationStatus:
+    phase: Phase = decision.phase
+    conditions = list(previous.conditions)
+    admitted_reason = {"Active": "Admitted", "Scheduled": "Scheduled"}.get(phase, phase)
+    conditions = set_condition(
+        conditions, _condition("Admitted", decision.admitted, admitted_reason, decision.message, now, generation)
+    )
+    if outcome.objects_applied:
+        quota = _condition(
+            "QuotaApplied",
+            True,
+            "QuotaApplied",
+            f"GPU quota {outcome.gpu_quota} in {outcome.namespace}",
+            now,
+            generation,
+        )
+    else:
+        quota = _condition("QuotaApplied", False, "ApplyFailed", outcome.apply_error, now, generation)
+    conditions = set_condition(conditions, quota)
+    fenced_ok = outcome.objects_applied and (not exclusive or phase != "Active" or outcome.node_shortfall == 0)
+    if not outcome.objects_applied:
+        fenced = _condition("Fenced", False, "ApplyFailed", "the namespace is not labelled yet", now, generation)
+    elif not fenced_ok:
+        fenced = _condition(
+            "Fenced", False, "NodesShort", f"{outcome.node_shortfall} exclusive nodes missing", now, generation
+        )
+    else:
+        where = f"nodes {', '.join(outcome.nodes)}" if exclusive and outcome.nodes else "its pool"
+        fenced = _condition(
+            "Fenced", True, "Fenced", f"pods in {outcome.namespace} are pinned to {where}", now, generation
+        )
+    conditions = set_condition(conditions, fenced)
+    ready_ok = phase == "Active" and outcome.objects_applied and fenced_ok
+    ready_reason = "Ready" if ready_ok else (phase if phase != "Active" else "NotFenced")
+    ready_message = (
+        f"{decision.granted_gpus} GPUs usable in namespace {outcome.namespace}" if ready_ok else decision.message
+    )
+    conditions = set_condition(conditions, _condition("Ready", ready_ok, ready_reason, ready_message, now, generation))
+    return GpuAllocationStatus(
+        phase=phase,
+        namespace=outcome.namespace,
+        granted_gpus=decision.granted_gpus,
+        in_use_gpus=outcome.in_use_gpus,
+        queue_position=decision.queue_position,
+        nodes=list(outcome.nodes),
+        conditions=conditions,
+        observed_generation=generation,
+        message=decision.message,
+    )
+
+
+def rejected_status(
+    previous: GpuAllocationStatus, reason: str, message: str, generation: int | None, now: datetime
+) -> GpuAllocationStatus:
+    conditions = set_condition(
+        list(previous.conditions), _condition("Admitted", False, reason, message, now, generation)
+    )
+    conditions = set_condition(conditions, _condition("Ready", False, reason, message, now, generation))
+    return GpuAllocationStatus(phase="Rejected", conditions=conditions, observed_generation=generation, message=message)

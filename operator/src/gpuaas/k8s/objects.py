@@ -1,0 +1,131 @@
+"""Writes of Kubernetes built-in objects on behalf of allocations: server-side apply, deletes, events."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from gpuaas.api.common import API_VERSION, GROUP, VERSION
+from gpuaas.k8s.client import FIELD_MANAGER
+
+logger = logging.getLogger(__name__)
+APPLY = "application/apply-patch+yaml"
+
+
+def apply(manifest: Mapping[str, Any]) -> None:
+    """Server-side apply a Namespace, ResourceQuota, LimitRange or RoleBinding, forcing ownership."""
+    kind = manifest["kind"]
+    name = manifest["metadata"]["name"]
+    namespace = manifest["metadata"].get("namespace")
+    body = dict(manifest)
+    options: dict[str, Any] = {"field_manager": FIELD_MANAGER, "force": True, "_content_type": APPLY}
+    core = client.CoreV1Api()
+    if kind == "Namespace":
+        core.patch_namespace(name, body, **options)
+    elif kind == "ResourceQuota":
+        core.patch_namespaced_resource_quota(name, namespace, body, **options)
+    elif kind == "LimitRange":
+        core.patch_namespaced_limit_range(name, namespace, body, **options)
+    elif kind == "RoleBinding":
+        client.RbacAuthorizationV1Api().patch_namespaced_role_binding(name, namespace, body, **options)
+    else:
+        raise ValueError(f"gpuaas does not apply {kind}")
+
+
+def read_namespace_labels(name: str) -> dict[str, str] | None:
+    """The namespace's labels, or None when it does not exist."""
+    try:
+        namespace = client.CoreV1Api().read_namespace(name)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    return dict((namespace.metadata.labels if namespace.metadata else None) or {})
+
+
+def delete_namespace(name: str) -> None:
+    try:
+        client.CoreV1Api().delete_namespace(name)
+    except ApiException as error:
+        if error.status != 404:
+            raise
+
+
+def delete_role_binding(name: str, namespace: str) -> None:
+    try:
+        client.RbacAuthorizationV1Api().delete_namespaced_role_binding(name, namespace)
+    except ApiException as error:
+        if error.status != 404:
+            raise
+
+
+def delete_pod(name: str, namespace: str, grace_period_seconds: int = 30) -> None:
+    try:
+        client.CoreV1Api().delete_namespaced_pod(name, namespace, grace_period_seconds=grace_period_seconds)
+    except ApiException as error:
+        if error.status != 404:
+            raise
+
+
+def patch_node(name: str, patch: Mapping[str, Any]) -> None:
+    """Strategic-merge patch of a node's labels or taints."""
+    client.CoreV1Api().patch_node(name, dict(patch))
+
+
+def _patch_allocation(name: str, json_patch: list[dict[str, Any]]) -> None:
+    try:
+        client.CustomObjectsApi().patch_cluster_custom_object(GROUP, VERSION, "gpuallocations", name, json_patch)
+    except ApiException as error:
+        # 422: a stale view (the test op failed); 404: already gone. The next pass sees fresh state.
+        if error.status not in (404, 409, 422):
+            raise
+
+
+def add_allocation_finalizer(name: str, finalizer: str, has_any: bool) -> None:
+    """JSON patch add, so finalizers other controllers add concurrently are kept."""
+    op = (
+        {"op": "add", "path": "/metadata/finalizers/-", "value": finalizer}
+        if has_any
+        else {"op": "add", "path": "/metadata/finalizers", "value": [finalizer]}
+    )
+    _patch_allocation(name, [op])
+
+
+def remove_allocation_finalizer(name: str, finalizer: str, finalizers: list[str]) -> None:
+    """Remove by index, guarded by a test op so a stale view never removes someone else's finalizer."""
+    if finalizer not in finalizers:
+        return
+    index = finalizers.index(finalizer)
+    path = f"/metadata/finalizers/{index}"
+    _patch_allocation(name, [{"op": "test", "path": path, "value": finalizer}, {"op": "remove", "path": path}])
+
+
+def post_event(
+    kind: str, name: str, uid: str, reason: str, message: str, event_type: str = "Normal", now: datetime | None = None
+) -> None:
+    """An Event about a cluster-scoped gpuaas object (they live in the default namespace, as kubectl expects)."""
+    moment = now or datetime.now(UTC)
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{name}.", "namespace": "default"},
+        "involvedObject": {"apiVersion": API_VERSION, "kind": kind, "name": name, "uid": uid},
+        "reason": reason,
+        "message": message[:1024],
+        "type": event_type,
+        "source": {"component": "gpuaas"},
+        "firstTimestamp": moment.isoformat(),
+        "lastTimestamp": moment.isoformat(),
+        "count": 1,
+        "reportingComponent": "gpuaas",
+        "reportingInstance": "gpuaas",
+    }
+    try:
+        client.CoreV1Api().create_namespaced_event("default", event)  # type: ignore[arg-type]
+    except ApiException as error:  # an event is best effort; never fail a reconcile for it
+        logger.warning("could not post event %s for %s: %s", reason, name, error.reason)

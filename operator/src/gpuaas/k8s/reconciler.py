@@ -1,0 +1,387 @@
+"""One pool's reconcile pass: admission, tenant objects, exclusive nodes, expiry and status.
+
+A single reconciler per pool is the only writer of its allocations' grants, so admission is
+serialised per pool and concurrent applies can never overcommit. Every pass is level-triggered:
+it starts from a snapshot of current state (kopf indexes) and corrects whatever differs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from gpuaas.api.allocation import (
+    ALLOCATION_KIND,
+    ALLOCATION_LABEL,
+    ALLOCATION_PLURAL,
+    GpuAllocationSpec,
+    GpuAllocationStatus,
+    is_reserved_namespace,
+)
+from gpuaas.api.pool import POOL_LABEL, POOL_PLURAL, GpuPoolSpec, GpuPoolStatus
+from gpuaas.domain.capacity import AdmissionDecision, AllocationDemand, admit
+from gpuaas.domain.drift import has_drifted
+from gpuaas.domain.exclusive import choose_exclusive_nodes
+from gpuaas.domain.lifecycle import ReconcileOutcome, allocation_status, rejected_status
+from gpuaas.domain.nodes import NodeInfo, taints_with, taints_without
+from gpuaas.domain.pool import measure_capacity, pool_nodes, pool_status
+from gpuaas.domain.tenant import (
+    OWNERS_BINDING_NAME,
+    desired_namespace,
+    desired_resource_quota,
+    desired_tenant_objects,
+    quota_open,
+)
+from gpuaas.k8s import objects
+from gpuaas.k8s.resources import patch_cluster_status
+
+logger = logging.getLogger(__name__)
+RELEASE_FINALIZER = "gpuaas.io/release"
+# An apply that the watch has not reflected yet is not repeated for this long.
+APPLY_SETTLE = timedelta(seconds=5)
+
+
+@dataclass(frozen=True)
+class AllocationView:
+    """An allocation as the index holds it."""
+
+    name: str
+    uid: str
+    created: datetime
+    generation: int | None
+    resource_version: str
+    deleting: bool
+    finalizers: tuple[str, ...]
+    spec: Mapping[str, Any]
+    status: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class PodView:
+    name: str
+    namespace: str
+    uid: str
+    gpus: int
+    running: bool
+
+
+@dataclass
+class PoolSnapshot:
+    pool: str
+    spec: Mapping[str, Any]
+    generation: int | None
+    status: Mapping[str, Any]
+    nodes: list[NodeInfo]
+    allocations: list[AllocationView]
+    # (kind, namespace, name) -> observed object of the kinds gpuaas applies.
+    observed: dict[tuple[str, str, str], Mapping[str, Any]]
+    # namespace -> labels, for every namespace in the cluster.
+    namespaces: dict[str, Mapping[str, str]]
+    # namespace -> the allocations (of any pool) that target it, as (created, name).
+    namespace_claims: dict[str, list[tuple[datetime, str]]]
+    pods_by_namespace: dict[str, list[PodView]]
+    # node name -> allocation holding it exclusively (any pool).
+    exclusive_holders: dict[str, str]
+
+
+def observed_key(manifest: Mapping[str, Any]) -> tuple[str, str, str]:
+    metadata = manifest["metadata"]
+    return (manifest["kind"], metadata.get("namespace") or "", metadata["name"])
+
+
+def status_merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch from old to new status: keys that vanished are set to null."""
+    patch: dict[str, Any] = dict(new)
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    return patch
+
+
+@dataclass
+class PoolReconciler:
+    pool: str
+    apply_workers: int = 16
+    # uid -> GPUs this reconciler granted; authoritative while it runs (the index may lag its writes).
+    granted: dict[str, int] = field(default_factory=dict)
+    # uid -> the status this reconciler last wrote.
+    written: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # (uid, object key) -> (desired manifest, when applied), to not repeat applies the watch has not shown yet.
+    applied: dict[tuple[str, tuple[str, str, str]], tuple[dict[str, Any], datetime]] = field(default_factory=dict)
+    pool_written: dict[str, Any] | None = None
+
+    def run_pass(self, snap: PoolSnapshot, now: datetime) -> GpuPoolStatus:
+        pool_spec = GpuPoolSpec.model_validate(dict(snap.spec))
+        capacity = measure_capacity(pool_spec, snap.nodes)
+        members = pool_nodes(pool_spec, snap.nodes)
+        self._keep_pool_taints(pool_spec, members)
+
+        specs: dict[str, GpuAllocationSpec] = {}
+        demands: list[AllocationDemand] = []
+        live_uids = set()
+        for view in snap.allocations:
+            live_uids.add(view.uid)
+            if view.deleting:
+                self._release(view, snap, members)
+                continue
+            if RELEASE_FINALIZER not in view.finalizers:
+                objects.add_allocation_finalizer(view.name, RELEASE_FINALIZER, has_any=bool(view.finalizers))
+            rejection = self._rejection(view, snap)
+            if rejection is not None:
+                self._write_rejected(view, *rejection, now)
+                continue
+            spec = GpuAllocationSpec.model_validate(dict(view.spec))
+            specs[view.uid] = spec
+            status = GpuAllocationStatus.model_validate(dict(view.status))
+            granted = self.granted.get(view.uid, status.granted_gpus if status.admitted else 0)
+            demands.append(
+                AllocationDemand(
+                    name=view.name,
+                    uid=view.uid,
+                    gpus=spec.gpus,
+                    priority=spec.priority,
+                    created=view.created,
+                    start=spec.window.start,
+                    end=spec.window.end,
+                    granted_gpus=granted,
+                    suspended=spec.suspend,
+                )
+            )
+        for uid in set(self.granted) - live_uids:
+            self.granted.pop(uid, None)
+            self.written.pop(uid, None)
+
+        result = admit(capacity.program_gpus, demands, now)
+        in_use_total = 0
+        outcomes: dict[str, tuple[AllocationView, GpuAllocationSpec, AdmissionDecision, ReconcileOutcome]] = {}
+        views = {view.uid: view for view in snap.allocations}
+        jobs = []
+        for demand in demands:
+            view, spec = views[demand.uid], specs[demand.uid]
+            decision = result.decisions[demand.name]
+            self.granted[demand.uid] = decision.granted_gpus
+            jobs.append((view, spec, decision))
+        with ThreadPoolExecutor(max_workers=self.apply_workers) as executor:
+            results = list(
+                executor.map(lambda job: self._reconcile_tenant(job[0], job[1], job[2], snap, members, now), jobs)
+            )
+        for (view, spec, decision), outcome in zip(jobs, results, strict=True):
+            outcomes[view.uid] = (view, spec, decision, outcome)
+            in_use_total += outcome.in_use_gpus
+        for view, spec, decision, outcome in outcomes.values():
+            previous = GpuAllocationStatus.model_validate(self.written.get(view.uid) or dict(view.status))
+            status = allocation_status(previous, decision, outcome, spec.exclusive_nodes, view.generation, now)
+            self._write_status(view, previous, status)
+
+        written_pool = GpuPoolStatus.model_validate(self.pool_written or dict(snap.status))
+        summary = result.summary
+        new_pool = pool_status(
+            pool_spec,
+            written_pool,
+            capacity,
+            snap.generation,
+            now,
+            granted_gpus=summary.granted_gpus,
+            in_use_gpus=in_use_total,
+            queued=summary.queued,
+        )
+        if new_pool != written_pool or self.pool_written is None:
+            wire = new_pool.to_wire()
+            patch_cluster_status(POOL_PLURAL, self.pool, status_merge_patch(self.pool_written or {}, wire))
+            self.pool_written = wire
+        return new_pool
+
+    # --- allocations -------------------------------------------------------------------------
+
+    def _rejection(self, view: AllocationView, snap: PoolSnapshot) -> tuple[str, str] | None:
+        try:
+            spec = GpuAllocationSpec.model_validate(dict(view.spec))
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+            return "InvalidSpec", f"spec is invalid: {problems}"
+        namespace = spec.target_namespace
+        if is_reserved_namespace(namespace):
+            return "ReservedNamespace", f"namespace {namespace} is a system namespace and cannot be granted"
+        claims = sorted(snap.namespace_claims.get(namespace, []))
+        if claims and claims[0][1] != view.name:
+            return "NamespaceClaimed", f"namespace {namespace} already belongs to allocation {claims[0][1]}"
+        labels = snap.namespaces.get(namespace)
+        if labels is not None and labels.get(ALLOCATION_LABEL) != view.name:
+            owner = labels.get(ALLOCATION_LABEL)
+            if owner:
+                return "NamespaceClaimed", f"namespace {namespace} is managed for allocation {owner}"
+            return (
+                "NamespaceExists",
+                f"namespace {namespace} already exists and is not managed by gpuaas; "
+                "choose another spec.namespace or delete that namespace first",
+            )
+        return None
+
+    def _write_rejected(self, view: AllocationView, reason: str, message: str, now: datetime) -> None:
+        previous = GpuAllocationStatus.model_validate(self.written.get(view.uid) or dict(view.status))
+        self.granted[view.uid] = 0
+        self._write_status(view, previous, rejected_status(previous, reason, message, view.generation, now))
+
+    def _write_status(self, view: AllocationView, previous: GpuAllocationStatus, status: GpuAllocationStatus) -> None:
+        wire = status.to_wire()
+        old = self.written.get(view.uid) or dict(view.status)
+        if wire == old:
+            return
+        patch_cluster_status(ALLOCATION_PLURAL, view.name, status_merge_patch(old, wire))
+        self.written[view.uid] = wire
+        if status.phase != previous.phase or (status.phase == "Queued" and previous.queue_position is None):
+            warning = status.phase in {"Rejected"}
+            objects.post_event(
+                ALLOCATION_KIND,
+                view.name,
+                view.uid,
+                status.phase,
+                status.message or f"phase {status.phase}",
+                "Warning" if warning else "Normal",
+            )
+
+    def _reconcile_tenant(
+        self,
+        view: AllocationView,
+        spec: GpuAllocationSpec,
+        decision: AdmissionDecision,
+        snap: PoolSnapshot,
+        members: list[NodeInfo],
+        now: datetime,
+    ) -> ReconcileOutcome:
+        namespace = spec.target_namespace
+        pods = snap.pods_by_namespace.get(namespace, [])
+        in_use = sum(pod.gpus for pod in pods if pod.running)
+        nodes: tuple[str, ...] = ()
+        shortfall = 0
+        try:
+            if spec.exclusive_nodes:
+                nodes, shortfall = self._keep_exclusive_nodes(view, spec, decision, snap, members)
+            desired = desired_tenant_objects(view.name, spec, decision.phase)
+            for manifest in desired:
+                self._apply_if_drifted(view.uid, manifest, snap, now)
+            if decision.phase == "Expired":
+                self._stop_expired_pods(spec, pods, now)
+        except ApiException as error:
+            logger.warning("allocation %s: apply failed: %s %s", view.name, error.status, error.reason)
+            return ReconcileOutcome(
+                namespace=namespace,
+                objects_applied=False,
+                apply_error=f"{error.status} {error.reason}",
+                in_use_gpus=in_use,
+            )
+        quota = decision.granted_gpus if quota_open(decision.phase) else 0
+        return ReconcileOutcome(
+            namespace=namespace,
+            objects_applied=True,
+            nodes=nodes,
+            node_shortfall=shortfall,
+            in_use_gpus=in_use,
+            gpu_quota=quota,
+        )
+
+    def _apply_if_drifted(self, uid: str, manifest: dict[str, Any], snap: PoolSnapshot, now: datetime) -> None:
+        key = observed_key(manifest)
+        if not has_drifted(manifest, snap.observed.get(key)):
+            return
+        recent = self.applied.get((uid, key))
+        if recent is not None and recent[0] == manifest and now - recent[1] < APPLY_SETTLE:
+            return  # applied moments ago; the watch has not caught up yet
+        objects.apply(manifest)
+        self.applied[(uid, key)] = (manifest, now)
+
+    def _stop_expired_pods(self, spec: GpuAllocationSpec, pods: list[PodView], now: datetime) -> None:
+        """GPU pods get the grace period after window.end, then are deleted; the namespace and PVCs stay."""
+        if now < spec.window.end + timedelta(seconds=spec.grace_period_seconds):
+            return
+        for pod in pods:
+            if pod.running and pod.gpus > 0:
+                logger.info("window ended: stopping GPU pod %s/%s", pod.namespace, pod.name)
+                objects.delete_pod(pod.name, pod.namespace)
+
+    def _release(self, view: AllocationView, snap: PoolSnapshot, members: list[NodeInfo]) -> None:
+        """Deletion: GPUs go to 0, owners lose access, the namespace stays (Retain) or goes (Delete)."""
+        if RELEASE_FINALIZER not in view.finalizers:
+            return
+        self.granted.pop(view.uid, None)
+        try:
+            spec = GpuAllocationSpec.model_validate(dict(view.spec))
+        except ValidationError:
+            spec = None
+        if spec is not None:
+            namespace = spec.target_namespace
+            ours = (snap.namespaces.get(namespace) or {}).get(ALLOCATION_LABEL) == view.name
+            if ours and spec.deletion_policy == "Delete":
+                objects.delete_namespace(namespace)
+            elif ours:
+                objects.apply(desired_namespace(view.name, spec, released=True))
+                objects.apply(desired_resource_quota(view.name, spec, is_open=False))
+                objects.delete_role_binding(OWNERS_BINDING_NAME, namespace)
+        for node in members:
+            if node.labels.get(ALLOCATION_LABEL) == view.name:
+                self._unlabel_exclusive(node)
+        objects.remove_allocation_finalizer(view.name, RELEASE_FINALIZER, list(view.finalizers))
+        objects.post_event(
+            ALLOCATION_KIND,
+            view.name,
+            view.uid,
+            "Released",
+            f"GPUs released; namespace {'deleted' if spec and spec.deletion_policy == 'Delete' else 'retained'}",
+        )
+        self.written.pop(view.uid, None)
+
+    # --- nodes -------------------------------------------------------------------------------
+
+    def _keep_pool_taints(self, spec: GpuPoolSpec, members: list[NodeInfo]) -> None:
+        for node in members:
+            taints = taints_with(node, POOL_LABEL, self.pool) if spec.taint else taints_without(node, POOL_LABEL)
+            if taints is not None:
+                objects.patch_node(node.name, {"spec": {"taints": taints}})
+
+    def _keep_exclusive_nodes(
+        self,
+        view: AllocationView,
+        spec: GpuAllocationSpec,
+        decision: AdmissionDecision,
+        snap: PoolSnapshot,
+        members: list[NodeInfo],
+    ) -> tuple[tuple[str, ...], int]:
+        pool_spec = GpuPoolSpec.model_validate(dict(snap.spec))
+        held = [node.name for node in members if node.labels.get(ALLOCATION_LABEL) == view.name]
+        if decision.phase != "Active":
+            for node in members:
+                if node.name in held:
+                    self._unlabel_exclusive(node)
+            return (), 0
+        others = [name for name, holder in snap.exclusive_holders.items() if holder != view.name]
+        busy: dict[str, int] = {}
+        choice = choose_exclusive_nodes(members, decision.granted_gpus, pool_spec.gpus_per_node, held, others, busy)
+        by_name = {node.name: node for node in members}
+        for name in choice.released:
+            if name in by_name:
+                self._unlabel_exclusive(by_name[name])
+        for name in choice.nodes:
+            node = by_name[name]
+            taints = taints_with(node, ALLOCATION_LABEL, view.name)
+            patch: dict[str, Any] = {}
+            if node.labels.get(ALLOCATION_LABEL) != view.name:
+                patch["metadata"] = {"labels": {ALLOCATION_LABEL: view.name}}
+            if taints is not None:
+                patch["spec"] = {"taints": taints}
+            if patch:
+                objects.patch_node(name, patch)
+        return choice.nodes, choice.shortfall
+
+    def _unlabel_exclusive(self, node: NodeInfo) -> None:
+        patch: dict[str, Any] = {"metadata": {"labels": {ALLOCATION_LABEL: None}}}
+        taints = taints_without(node, ALLOCATION_LABEL)
+        if taints is not None:
+            patch["spec"] = {"taints": taints}
+        objects.patch_node(node.name, patch)
