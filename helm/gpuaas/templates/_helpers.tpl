@@ -172,3 +172,15 @@ sideEffects: None
 admissionReviewVersions: [v1]
 timeoutSeconds: {{ .Values.webhook.timeoutSeconds }}
 {{- end -}}
+
+{{/*
+Fails on Helm 3 for objects applied as hooks with the hook-failed delete policy (pools, the peering object):
+Helm 3 creates hook objects client-side and would fail on upgrade with "already exists".
+Argument: list (root context) (what needs it).
+*/}}
+{{- define "gpuaas.requireHelm4" -}}
+{{- $root := index . 0 -}}
+{{- if semverCompare "<4.0.0-0" $root.Capabilities.HelmVersion.Version -}}
+{{- fail (printf "%s needs Helm 4, which applies hook objects with server-side apply; Helm %s cannot update them in place" (index . 1) $root.Capabilities.HelmVersion.Version) -}}
+{{- end -}}
+{{- end -}}

@@ -43,6 +43,7 @@ def run(
         str | None,
         typer.Option(help="Outside the cluster: the URL the API server calls; gpuaas then self-signs and registers."),
     ] = None,
+    time_zone: Annotated[str, typer.Option(help="Time zone of the ledger's month boundaries.")] = "Asia/Seoul",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the operator until interrupted."""
@@ -57,6 +58,7 @@ def run(
             webhook_port=webhook_port,
             webhook_cert_dir=webhook_cert_dir,
             webhook_url=webhook_url,
+            time_zone=time_zone,
         )
     )
 

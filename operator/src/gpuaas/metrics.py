@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import threading
+from collections.abc import Iterable, Iterator
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from gpuaas.api.pool import GpuPoolSpec, GpuPoolStatus
+from gpuaas.domain.lifecycle import AllocationSample
+
+PHASES = ("Pending", "Queued", "Scheduled", "Active", "Suspended", "Expired", "Rejected", "Terminating")
+ALLOCATION_LABELS = ["allocation", "tenant", "organization", "pool", "gpu_model"]
 
 POOL_LABELS = ("pool", "gpu_model", "provider")
 
@@ -39,6 +47,60 @@ _POOL_GAUGES = (
 )
 
 
+class AllocationCollector(Collector):
+    """Per-allocation series from the latest pass of each pool. The counters are the ledger's totals
+    (records plus what is booked but not yet written), so they never go backwards across restarts, and
+    a deleted allocation's series vanish with it."""
+
+    def __init__(self) -> None:
+        self._by_pool: dict[str, list[AllocationSample]] = {}
+        self._lock = threading.Lock()
+
+    def replace(self, pool: str, samples: Iterable[AllocationSample]) -> None:
+        with self._lock:
+            self._by_pool[pool] = list(samples)
+
+    def drop(self, pool: str) -> None:
+        with self._lock:
+            self._by_pool.pop(pool, None)
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        with self._lock:
+            samples = [sample for pool in self._by_pool.values() for sample in pool]
+        granted = GaugeMetricFamily("gpuaas_allocation_granted_gpus", "GPUs granted.", labels=ALLOCATION_LABELS)
+        in_use = GaugeMetricFamily(
+            "gpuaas_allocation_in_use_gpus", "GPUs requested by running pods.", labels=ALLOCATION_LABELS
+        )
+        used = CounterMetricFamily(
+            "gpuaas_allocation_used_gpu_seconds", "GPU-seconds used, from the ledger.", labels=ALLOCATION_LABELS
+        )
+        granted_seconds = CounterMetricFamily(
+            "gpuaas_allocation_granted_gpu_seconds", "GPU-seconds granted, from the ledger.", labels=ALLOCATION_LABELS
+        )
+        phase = GaugeMetricFamily(
+            "gpuaas_allocation_phase", "1 for the allocation's current phase.", labels=[*ALLOCATION_LABELS, "phase"]
+        )
+        idle = GaugeMetricFamily("gpuaas_allocation_idle", "1 when the allocation is idle.", labels=ALLOCATION_LABELS)
+        for sample in samples:
+            labels = [sample.allocation, sample.tenant, sample.organization, sample.pool, sample.gpu_model]
+            granted.add_metric(labels, sample.granted_gpus)
+            in_use.add_metric(labels, sample.in_use_gpus)
+            used.add_metric(labels, sample.used_gpu_seconds)
+            granted_seconds.add_metric(labels, sample.granted_gpu_seconds)
+            idle.add_metric(labels, 1 if sample.idle else 0)
+            for name in PHASES:
+                phase.add_metric([*labels, name], 1 if sample.phase == name else 0)
+        yield from (granted, in_use, used, granted_seconds, phase, idle)
+
+
+allocations = AllocationCollector()
+REGISTRY.register(allocations)
+
+
+def record_allocations(pool: str, samples: Iterable[AllocationSample]) -> None:
+    allocations.replace(pool, samples)
+
+
 def record_pool(name: str, spec: GpuPoolSpec, status: GpuPoolStatus) -> None:
     for gauge, field in _POOL_GAUGES:
         gauge.labels(name, spec.gpu_model, spec.provider).set(getattr(status, field))
@@ -46,6 +108,7 @@ def record_pool(name: str, spec: GpuPoolSpec, status: GpuPoolStatus) -> None:
 
 def forget_pool(name: str, spec: GpuPoolSpec) -> None:
     """Deleted pools drop their series instead of freezing at the last value."""
+    allocations.drop(name)
     for gauge, _ in _POOL_GAUGES:
         with contextlib.suppress(KeyError):
             gauge.remove(name, spec.gpu_model, spec.provider)

@@ -100,3 +100,21 @@ def rejected_status(
     )
     conditions = set_condition(conditions, _condition("Ready", False, reason, message, now, generation))
     return GpuAllocationStatus(phase="Rejected", conditions=conditions, observed_generation=generation, message=message)
+
+
+@dataclass(frozen=True)
+class AllocationSample:
+    """One allocation's numbers for the metrics exporter, taken at the end of a reconcile pass."""
+
+    allocation: str
+    tenant: str
+    organization: str
+    pool: str
+    gpu_model: str
+    provider: str
+    phase: str
+    granted_gpus: int
+    in_use_gpus: int
+    used_gpu_seconds: int
+    granted_gpu_seconds: int
+    idle: bool

@@ -7,12 +7,15 @@ from typing import Any
 
 import kopf
 
-from gpuaas.api.allocation import ALLOCATION_LABEL, ALLOCATION_PLURAL, GpuAllocationSpec
+from gpuaas.api.allocation import ALLOCATION_LABEL, ALLOCATION_PLURAL
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.pool import POOL_LABEL
+from gpuaas.api.usage import USAGE_PLURAL, GpuUsage
 from gpuaas.domain.fence import pod_gpus
+from gpuaas.domain.ledger import pod_interval_from_pod
 from gpuaas.domain.nodes import NodeInfo, node_info_from_manifest
 from gpuaas.domain.tenant import MANAGED_LABEL
+from gpuaas.k8s.ledger import to_ledger_pod
 from gpuaas.k8s.reconciler import AllocationView, PodView
 
 MANAGED = {MANAGED_LABEL: "true"}
@@ -92,16 +95,27 @@ def managed_role_bindings(*, body: kopf.Body, **_: Any) -> dict[tuple[str, str, 
 
 @kopf.index("", "v1", "pods")
 def gpu_pods_by_namespace(
-    *, name: str, namespace: str | None, uid: str, spec: kopf.Spec, status: kopf.Status, **_: Any
+    *, body: kopf.Body, namespace: str | None, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status, **_: Any
 ) -> dict[str, PodView] | None:
+    """GPU pods, and any pod still holding the usage finalizer (it must be released even without GPUs)."""
     try:
         gpus = pod_gpus({"spec": dict(spec)})
     except ValueError:
+        gpus = 0
+    ledger_pod = to_ledger_pod(meta, pod_interval_from_pod(dict(body)) if gpus else None, status.get("phase"))
+    if (gpus == 0 and not ledger_pod.has_finalizer) or namespace is None:
         return None
-    if gpus == 0 or namespace is None:
-        return None
-    running = status.get("phase") == "Running"
-    return {namespace: PodView(name=name, namespace=namespace, uid=uid, gpus=gpus, running=running)}
+    running = status.get("phase") == "Running" and not meta.get("deletionTimestamp")
+    return {
+        namespace: PodView(
+            name=ledger_pod.name, namespace=namespace, uid=ledger_pod.uid, gpus=gpus, running=running, ledger=ledger_pod
+        )
+    }
+
+
+@kopf.index(GROUP, VERSION, USAGE_PLURAL)
+def usage_by_allocation(*, name: str, body: kopf.Body, spec: kopf.Spec, **_: Any) -> dict[str, GpuUsage]:
+    return {str(spec.get("allocationUID", "")): GpuUsage.from_object(body)}
 
 
 def exclusive_holders(nodes: kopf.Index[str, NodeInfo]) -> dict[str, str]:
@@ -111,10 +125,3 @@ def exclusive_holders(nodes: kopf.Index[str, NodeInfo]) -> dict[str, str]:
         for info in store
         if ALLOCATION_LABEL in info.labels
     }
-
-
-def target_namespace(spec: dict[str, Any]) -> str:
-    try:
-        return GpuAllocationSpec.model_validate(spec).target_namespace
-    except ValueError:
-        return str(spec.get("namespace") or (spec.get("tenant") or {}).get("name", ""))

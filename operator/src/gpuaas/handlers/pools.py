@@ -19,6 +19,7 @@ from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.pool import POOL_LABEL, POOL_PLURAL, GpuPoolSpec
 from gpuaas.domain.nodes import NodeInfo
 from gpuaas.handlers.indexes import MANAGED, exclusive_holders
+from gpuaas.k8s.ledger import LedgerWriter
 from gpuaas.k8s.reconciler import AllocationView, PodView, PoolReconciler, PoolSnapshot
 
 
@@ -57,6 +58,7 @@ def snapshot(name: str, body: kopf.Body, indexes: dict[str, kopf.Index[Any, Any]
         namespace_claims=claims,
         pods_by_namespace=pods,
         exclusive_holders=exclusive_holders(indexes["nodes_by_name"]),
+        usage={uid: {record.name: record for record in store} for uid, store in indexes["usage_by_allocation"].items()},
     )
 
 
@@ -70,7 +72,7 @@ async def reconcile_pool(
     logger: kopf.Logger,
     **indexes: Any,
 ) -> None:
-    reconciler = PoolReconciler(pool=name)
+    reconciler = PoolReconciler(pool=name, ledger=LedgerWriter(time_zone=memo.options.time_zone))
     wake = wakeup(memo, name)
     while not stopped:
         wake.clear()
@@ -78,8 +80,9 @@ async def reconcile_pool(
         started = datetime.now(UTC)
         try:
             with metrics.reconcile_duration.labels(name).time():
-                status = await asyncio.to_thread(reconciler.run_pass, snap, started)
-            metrics.record_pool(name, GpuPoolSpec.model_validate(snap.spec), status)
+                result = await asyncio.to_thread(reconciler.run_pass, snap, started)
+            metrics.record_pool(name, GpuPoolSpec.model_validate(snap.spec), result.pool)
+            metrics.record_allocations(name, result.samples)
         except Exception:
             metrics.reconcile_errors.labels(name).inc()
             logger.exception(f"pool {name}: reconcile pass failed; retrying")

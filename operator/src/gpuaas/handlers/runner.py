@@ -27,6 +27,8 @@ class OperatorOptions:
     # When the operator runs outside the cluster: the URL the API server calls. The operator then makes
     # its own self-signed certificate (in webhook_cert_dir) and webhook configurations.
     webhook_url: str | None = None
+    # Month boundaries of the usage ledger.
+    time_zone: str = "Asia/Seoul"
 
 
 def run_operator(options: OperatorOptions) -> None:

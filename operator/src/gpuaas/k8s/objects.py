@@ -79,7 +79,9 @@ def patch_node(name: str, patch: Mapping[str, Any]) -> None:
 
 def _patch_allocation(name: str, json_patch: list[dict[str, Any]]) -> None:
     try:
-        client.CustomObjectsApi().patch_cluster_custom_object(GROUP, VERSION, "gpuallocations", name, json_patch)
+        client.CustomObjectsApi().patch_cluster_custom_object(
+            GROUP, VERSION, "gpuallocations", name, json_patch, _content_type="application/json-patch+json"
+        )
     except ApiException as error:
         # 422: a stale view (the test op failed); 404: already gone. The next pass sees fresh state.
         if error.status not in (404, 409, 422):

@@ -26,10 +26,12 @@ from gpuaas.api.allocation import (
     is_reserved_namespace,
 )
 from gpuaas.api.pool import POOL_LABEL, POOL_PLURAL, GpuPoolSpec, GpuPoolStatus
+from gpuaas.api.usage import GpuUsage, GpuUsageSpec, GpuUsageStatus, UsageTenant
 from gpuaas.domain.capacity import AdmissionDecision, AllocationDemand, admit
 from gpuaas.domain.drift import has_drifted
 from gpuaas.domain.exclusive import choose_exclusive_nodes
-from gpuaas.domain.lifecycle import ReconcileOutcome, allocation_status, rejected_status
+from gpuaas.domain.ledger import GrantState
+from gpuaas.domain.lifecycle import AllocationSample, ReconcileOutcome, allocation_status, rejected_status
 from gpuaas.domain.nodes import NodeInfo, taints_with, taints_without
 from gpuaas.domain.pool import measure_capacity, pool_nodes, pool_status
 from gpuaas.domain.tenant import (
@@ -40,6 +42,7 @@ from gpuaas.domain.tenant import (
     quota_open,
 )
 from gpuaas.k8s import objects
+from gpuaas.k8s.ledger import LedgerPod, LedgerWriter
 from gpuaas.k8s.resources import patch_cluster_status
 
 logger = logging.getLogger(__name__)
@@ -70,6 +73,7 @@ class PodView:
     uid: str
     gpus: int
     running: bool
+    ledger: LedgerPod
 
 
 @dataclass
@@ -87,6 +91,8 @@ class PoolSnapshot:
     # namespace -> the allocations (of any pool) that target it, as (created, name).
     namespace_claims: dict[str, list[tuple[datetime, str]]]
     pods_by_namespace: dict[str, list[PodView]]
+    # allocation uid -> its GpuUsage records by name.
+    usage: dict[str, dict[str, GpuUsage]]
     # node name -> allocation holding it exclusively (any pool).
     exclusive_holders: dict[str, str]
 
@@ -105,9 +111,30 @@ def status_merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[s
     return patch
 
 
+@dataclass(frozen=True)
+class _Job:
+    view: AllocationView
+    spec: GpuAllocationSpec
+    demand: AllocationDemand
+    grant: GrantState
+
+
+@dataclass(frozen=True)
+class PassResult:
+    pool: GpuPoolStatus
+    samples: list[AllocationSample]
+
+
+def grant_in_force(spec: GpuAllocationSpec, created: datetime, granted: int, phase: str) -> GrantState:
+    """The grant that held since the previous pass: window bounds are exact, phase changes are per pass."""
+    gpus = granted if phase in ("Active", "Scheduled") else 0
+    return GrantState(gpus=gpus, active_from=max(spec.window.start, created), active_until=spec.window.end)
+
+
 @dataclass
 class PoolReconciler:
     pool: str
+    ledger: LedgerWriter
     apply_workers: int = 16
     # uid -> GPUs this reconciler granted; authoritative while it runs (the index may lag its writes).
     granted: dict[str, int] = field(default_factory=dict)
@@ -117,86 +144,138 @@ class PoolReconciler:
     applied: dict[tuple[str, tuple[str, str, str]], tuple[dict[str, Any], datetime]] = field(default_factory=dict)
     pool_written: dict[str, Any] | None = None
 
-    def run_pass(self, snap: PoolSnapshot, now: datetime) -> GpuPoolStatus:
+    def run_pass(self, snap: PoolSnapshot, now: datetime) -> PassResult:
         pool_spec = GpuPoolSpec.model_validate(dict(snap.spec))
         capacity = measure_capacity(pool_spec, snap.nodes)
         members = pool_nodes(pool_spec, snap.nodes)
         self._keep_pool_taints(pool_spec, members)
 
-        specs: dict[str, GpuAllocationSpec] = {}
-        demands: list[AllocationDemand] = []
-        live_uids = set()
+        jobs: list[_Job] = []
         for view in snap.allocations:
-            live_uids.add(view.uid)
-            if view.deleting:
-                self._release(view, snap, members)
-                continue
-            if RELEASE_FINALIZER not in view.finalizers:
-                objects.add_allocation_finalizer(view.name, RELEASE_FINALIZER, has_any=bool(view.finalizers))
-            rejection = self._rejection(view, snap)
-            if rejection is not None:
-                self._write_rejected(view, *rejection, now)
-                continue
-            spec = GpuAllocationSpec.model_validate(dict(view.spec))
-            specs[view.uid] = spec
-            status = GpuAllocationStatus.model_validate(dict(view.status))
-            granted = self.granted.get(view.uid, status.granted_gpus if status.admitted else 0)
-            demands.append(
-                AllocationDemand(
-                    name=view.name,
-                    uid=view.uid,
-                    gpus=spec.gpus,
-                    priority=spec.priority,
-                    created=view.created,
-                    start=spec.window.start,
-                    end=spec.window.end,
-                    granted_gpus=granted,
-                    suspended=spec.suspend,
-                )
-            )
+            job = self._intake(view, snap, members, pool_spec, now)
+            if job is not None:
+                jobs.append(job)
+        live_uids = {view.uid for view in snap.allocations}
         for uid in set(self.granted) - live_uids:
             self.granted.pop(uid, None)
             self.written.pop(uid, None)
+            self.ledger.forget(uid)
 
-        result = admit(capacity.program_gpus, demands, now)
-        in_use_total = 0
-        outcomes: dict[str, tuple[AllocationView, GpuAllocationSpec, AdmissionDecision, ReconcileOutcome]] = {}
-        views = {view.uid: view for view in snap.allocations}
-        jobs = []
-        for demand in demands:
-            view, spec = views[demand.uid], specs[demand.uid]
-            decision = result.decisions[demand.name]
-            self.granted[demand.uid] = decision.granted_gpus
-            jobs.append((view, spec, decision))
+        result = admit(capacity.program_gpus, [job.demand for job in jobs], now)
+        for job in jobs:
+            self.granted[job.view.uid] = result.decisions[job.view.name].granted_gpus
         with ThreadPoolExecutor(max_workers=self.apply_workers) as executor:
-            results = list(
-                executor.map(lambda job: self._reconcile_tenant(job[0], job[1], job[2], snap, members, now), jobs)
+            samples = list(
+                executor.map(
+                    lambda job: self._process(job, result.decisions[job.view.name], snap, members, pool_spec, now),
+                    jobs,
+                )
             )
-        for (view, spec, decision), outcome in zip(jobs, results, strict=True):
-            outcomes[view.uid] = (view, spec, decision, outcome)
-            in_use_total += outcome.in_use_gpus
-        for view, spec, decision, outcome in outcomes.values():
-            previous = GpuAllocationStatus.model_validate(self.written.get(view.uid) or dict(view.status))
-            status = allocation_status(previous, decision, outcome, spec.exclusive_nodes, view.generation, now)
-            self._write_status(view, previous, status)
 
         written_pool = GpuPoolStatus.model_validate(self.pool_written or dict(snap.status))
-        summary = result.summary
         new_pool = pool_status(
             pool_spec,
             written_pool,
             capacity,
             snap.generation,
             now,
-            granted_gpus=summary.granted_gpus,
-            in_use_gpus=in_use_total,
-            queued=summary.queued,
+            granted_gpus=result.summary.granted_gpus,
+            in_use_gpus=sum(sample.in_use_gpus for sample in samples),
+            queued=result.summary.queued,
         )
         if new_pool != written_pool or self.pool_written is None:
             wire = new_pool.to_wire()
             patch_cluster_status(POOL_PLURAL, self.pool, status_merge_patch(self.pool_written or {}, wire))
             self.pool_written = wire
-        return new_pool
+        return PassResult(pool=new_pool, samples=samples)
+
+    def _intake(
+        self, view: AllocationView, snap: PoolSnapshot, members: list[NodeInfo], pool_spec: GpuPoolSpec, now: datetime
+    ) -> _Job | None:
+        """Release deleted allocations, reject invalid ones, and turn the rest into admission demands."""
+        if view.deleting:
+            self._release(view, snap, members, pool_spec, now)
+            return None
+        if RELEASE_FINALIZER not in view.finalizers:
+            objects.add_allocation_finalizer(view.name, RELEASE_FINALIZER, has_any=bool(view.finalizers))
+        rejection = self._rejection(view, snap)
+        if rejection is not None:
+            self._write_rejected(view, *rejection, now)
+            return None
+        spec = GpuAllocationSpec.model_validate(dict(view.spec))
+        status = GpuAllocationStatus.model_validate(self.written.get(view.uid) or dict(view.status))
+        granted = self.granted.get(view.uid, status.granted_gpus if status.admitted else 0)
+        demand = AllocationDemand(
+            name=view.name,
+            uid=view.uid,
+            gpus=spec.gpus,
+            priority=spec.priority,
+            created=view.created,
+            start=spec.window.start,
+            end=spec.window.end,
+            granted_gpus=granted,
+            suspended=spec.suspend,
+        )
+        return _Job(view, spec, demand, grant_in_force(spec, view.created, granted, status.phase))
+
+    def _process(
+        self,
+        job: _Job,
+        decision: AdmissionDecision,
+        snap: PoolSnapshot,
+        members: list[NodeInfo],
+        pool_spec: GpuPoolSpec,
+        now: datetime,
+    ) -> AllocationSample:
+        """Book the grant that held until now, then apply the new decision and report it."""
+        view, spec = job.view, job.spec
+        booked = self._book(view, spec, pool_spec, snap, job.grant, now)
+        outcome = self._reconcile_tenant(view, spec, decision, snap, members, now)
+        previous = GpuAllocationStatus.model_validate(self.written.get(view.uid) or dict(view.status))
+        status = allocation_status(previous, decision, outcome, spec.exclusive_nodes, view.generation, now)
+        self._write_status(view, previous, status)
+        records = {r.spec.month: r.status for r in snap.usage.get(view.uid, {}).values()}
+        records.update(booked)
+        return AllocationSample(
+            allocation=view.name,
+            tenant=spec.tenant.name,
+            organization=spec.tenant.organization,
+            pool=self.pool,
+            gpu_model=pool_spec.gpu_model,
+            provider=pool_spec.provider,
+            phase=status.phase,
+            granted_gpus=status.granted_gpus,
+            in_use_gpus=status.in_use_gpus,
+            used_gpu_seconds=sum(r.used_gpu_seconds for r in records.values()),
+            granted_gpu_seconds=sum(r.granted_gpu_seconds for r in records.values()),
+            idle=False,
+        )
+
+    # --- ledger ------------------------------------------------------------------------------
+
+    def _book(
+        self,
+        view: AllocationView,
+        spec: GpuAllocationSpec,
+        pool_spec: GpuPoolSpec,
+        snap: PoolSnapshot,
+        grant: GrantState | None,
+        now: datetime,
+        force: bool = False,
+    ) -> dict[str, GpuUsageStatus]:
+        namespace = spec.target_namespace
+        identity = GpuUsageSpec(
+            allocation=view.name,
+            allocation_uid=view.uid,
+            tenant=UsageTenant.model_validate(spec.tenant.model_dump()),
+            pool=self.pool,
+            gpu_model=pool_spec.gpu_model,
+            provider=pool_spec.provider,
+            month="1970-01",
+            time_zone=self.ledger.time_zone,
+        )
+        pods = [pod.ledger for pod in snap.pods_by_namespace.get(namespace, [])]
+        return self.ledger.book(identity, namespace, snap.usage.get(view.uid, {}), pods, grant, now, force=force)
 
     # --- allocations -------------------------------------------------------------------------
 
@@ -306,21 +385,36 @@ class PoolReconciler:
                 logger.info("window ended: stopping GPU pod %s/%s", pod.namespace, pod.name)
                 objects.delete_pod(pod.name, pod.namespace)
 
-    def _release(self, view: AllocationView, snap: PoolSnapshot, members: list[NodeInfo]) -> None:
-        """Deletion: GPUs go to 0, owners lose access, the namespace stays (Retain) or goes (Delete)."""
+    def _release(
+        self, view: AllocationView, snap: PoolSnapshot, members: list[NodeInfo], pool_spec: GpuPoolSpec, now: datetime
+    ) -> None:
+        """Deletion: GPU pods stop and are booked, GPUs go to 0, owners lose access, the namespace stays
+        (Retain) or goes (Delete). The finalizer goes last, so no usage of the allocation is lost."""
         if RELEASE_FINALIZER not in view.finalizers:
             return
-        self.granted.pop(view.uid, None)
         try:
             spec = GpuAllocationSpec.model_validate(dict(view.spec))
         except ValidationError:
             spec = None
+        ours = False
         if spec is not None:
             namespace = spec.target_namespace
             ours = (snap.namespaces.get(namespace) or {}).get(ALLOCATION_LABEL) == view.name
-            if ours and spec.deletion_policy == "Delete":
+            status = GpuAllocationStatus.model_validate(self.written.get(view.uid) or dict(view.status))
+            granted = self.granted.get(view.uid, status.granted_gpus if status.admitted else 0)
+            grant = grant_in_force(spec, view.created, granted, status.phase)
+            self._book(view, spec, pool_spec, snap, grant, now, force=True)
+            pods = snap.pods_by_namespace.get(namespace, []) if ours else []
+            for pod in pods:
+                if pod.gpus > 0 and not pod.ledger.finished:
+                    objects.delete_pod(pod.name, pod.namespace)
+            if any(pod.ledger.has_finalizer for pod in pods):
+                return  # booked and released by the next passes; then the allocation goes
+        self.granted.pop(view.uid, None)
+        if spec is not None and ours:
+            if spec.deletion_policy == "Delete":
                 objects.delete_namespace(namespace)
-            elif ours:
+            else:
                 objects.apply(desired_namespace(view.name, spec, released=True))
                 objects.apply(desired_resource_quota(view.name, spec, is_open=False))
                 objects.delete_role_binding(OWNERS_BINDING_NAME, namespace)
