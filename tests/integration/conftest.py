@@ -22,7 +22,8 @@ from gpuaas.k8s import localcluster
 from gpuaas.k8s.client import new_api_client
 from gpuaas.k8s.manifests import load_manifests, server_side_apply
 
-CLUSTER_NAME = "gpuaas-test"
+# Concurrent test runs on one machine need different clusters.
+CLUSTER_NAME = os.environ.get("GPUAAS_TEST_CLUSTER", "gpuaas-test")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -43,12 +44,13 @@ class LocalCluster:
     def kwokctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return localcluster.kwokctl(self.binaries, *args, "--name", self.name)
 
-    def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def kubectl(self, *args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(self.binaries.kubectl), "--kubeconfig", str(self.kubeconfig), *args],
             check=check,
             text=True,
             capture_output=True,
+            input=stdin,
         )
 
 
