@@ -8,21 +8,22 @@ CLUSTER ?= gpuaas
 SCENARIO ?= program
 KUBECONFIG_FILE := .cluster/$(CLUSTER).kubeconfig
 
-.PHONY: setup binaries lint unit integration test demo demo-down operator-start operator-stop bench clean
+.PHONY: setup binaries lint unit integration e2e e2e-kind test demo demo-down operator-start operator-stop bench clean
 
 $(UV):
 	python3 -m venv .tools/uv
 	.tools/uv/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
-setup: $(UV)  ## Python environment from uv.lock
+setup: $(UV)  ## Python environment from uv.lock, and Prometheus (Debian package) for the dashboard test
 	$(UV) sync --frozen --quiet
+	@command -v prometheus >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
 
 binaries:  ## Pinned Kubernetes, etcd, kwok, helm and kind binaries (cached by version outside the repo)
 	bash tools/build.sh >/dev/null
 
 lint: setup
-	$(BIN)/ruff check operator tests bench
-	$(BIN)/ruff format --check operator tests bench
+	$(BIN)/ruff check operator tests bench e2e tools
+	$(BIN)/ruff format --check operator tests bench e2e tools
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
@@ -32,8 +33,27 @@ unit: setup
 integration: setup binaries
 	$(BIN)/pytest tests/integration -q
 
-test: setup binaries lint  ## Lint, type-check, layers, then every test tier against the real local control plane
-	$(BIN)/pytest tests -q
+e2e: setup binaries  ## Helm install into a fresh local cluster (gpuaas-e2e), then grant, use, report, upgrade, uninstall
+	$(BIN)/pytest e2e -q
+
+E2E_KIND_CLUSTER ?= gpuaas-e2e
+E2E_KIND_KUBECONFIG := .cluster/$(E2E_KIND_CLUSTER)-kind.kubeconfig
+# The same suite on a kind cluster, for machines with Docker (not runnable where there is no container engine).
+# The fake GPU nodes are kept Ready by a KWOK controller the suite runs on this machine, and the operator's webhook
+# server is reached by the kind API server through the Docker network's gateway address.
+e2e-kind: setup binaries  ## The e2e suite on a kind cluster (needs Docker)
+	@command -v docker >/dev/null || { echo "e2e-kind needs Docker (kind runs the cluster in containers)"; exit 1; }
+	@mkdir -p .cluster
+	KIND="$$(bash tools/build.sh kind)/kind"; \
+	"$$KIND" get clusters | grep -qx '$(E2E_KIND_CLUSTER)' || \
+	  "$$KIND" create cluster --name $(E2E_KIND_CLUSTER) --kubeconfig $(E2E_KIND_KUBECONFIG) --wait 120s; \
+	"$$KIND" get kubeconfig --name $(E2E_KIND_CLUSTER) >$(E2E_KIND_KUBECONFIG); \
+	GATEWAY="$$(docker network inspect kind -f '{{range .IPAM.Config}}{{if .Gateway}}{{.Gateway}} {{end}}{{end}}' | tr ' ' '\n' | grep -m1 '\.')"; \
+	rc=0; GPUAAS_E2E_KUBECONFIG=$(E2E_KIND_KUBECONFIG) GPUAAS_E2E_WEBHOOK_HOST="$$GATEWAY" $(BIN)/pytest e2e -q || rc=$$?; \
+	[ -n "$$KEEP" ] || "$$KIND" delete cluster --name $(E2E_KIND_CLUSTER); exit $$rc
+
+test: setup binaries lint  ## Lint, type-check, layers, then every test tier (unit, integration, e2e) against real control planes
+	$(BIN)/pytest tests e2e -q
 
 demo: setup binaries  ## Local cluster with the program scenario, the operator, and the pool totals
 	$(BIN)/gpuaas cluster up --scenario $(SCENARIO) --name $(CLUSTER)

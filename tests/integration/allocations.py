@@ -36,7 +36,12 @@ def allocation_manifest(
         "kind": "GpuAllocation",
         "metadata": {"name": name},
         "spec": {
-            "tenant": {"name": name, "organization": "KAIST 비전 연구실", "contact": "lab@kaist.ac.kr", "contract": "T-1"},
+            "tenant": {
+                "name": name,
+                "organization": "KAIST 비전 연구실",
+                "contact": "lab@kaist.ac.kr",
+                "contract": "T-1",
+            },
             "pool": pool,
             "gpus": gpus,
             "window": {
@@ -128,7 +133,11 @@ def gpu_pod(name: str, namespace: str, gpus: int, **spec: Any) -> dict[str, Any]
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
             "containers": [
-                {"name": "train", "image": "nvcr.io/nvidia/pytorch:25.01-py3", "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}
+                {
+                    "name": "train",
+                    "image": "nvcr.io/nvidia/pytorch:25.01-py3",
+                    "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
+                }
             ],
             **spec,
         },

@@ -72,12 +72,14 @@ def test_pool_status_counts_grants(cluster: LocalCluster, operator: OperatorProc
         wait_for_ready(cluster, name)
         pool = wait_for(
             lambda: (
-                p := client.CustomObjectsApi(cluster.api).get_cluster_custom_object(
-                    "gpuaas.io", "v1alpha1", "gpupools", B200.name
-                )["status"]
-            ).get("grantedGPUs")
-            == 8
-            and p,
+                (
+                    p := client.CustomObjectsApi(cluster.api).get_cluster_custom_object(
+                        "gpuaas.io", "v1alpha1", "gpupools", B200.name
+                    )["status"]
+                ).get("grantedGPUs")
+                == 8
+                and p
+            ),
             message="pool grantedGPUs 8",
         )
         assert pool["availableGPUs"] == B200.gpus - 8
@@ -109,8 +111,9 @@ def test_window_scheduled_active_expired_keeps_namespace(cluster: LocalCluster, 
         )
         wait_for_phase(cluster, name, "Expired", timeout=30)
         wait_for(
-            lambda: core.read_namespaced_resource_quota("gpuaas-quota", name).spec.hard["requests.nvidia.com/gpu"]
-            == "0",
+            lambda: (
+                core.read_namespaced_resource_quota("gpuaas-quota", name).spec.hard["requests.nvidia.com/gpu"] == "0"
+            ),
             message="quota closed",
         )
         wait_for(lambda: pod_phase(cluster, "job", name) is None, timeout=30, message="GPU pod stopped")

@@ -47,7 +47,7 @@ def test_queue_orders_by_priority_then_creation_and_admits_when_freed(
             )
             assert status_of(cluster, low)["phase"] == "Queued"
             assert "16" in status_of(cluster, low)["message"]
-            assert pool_status(cluster, B200.name)["queued"] == 3
+            wait_for(lambda: pool_status(cluster, B200.name).get("queued") == 3, message="pool queued 3")
         except BaseException:
             for name in (low, high, mid):
                 delete_allocation(cluster, name)
@@ -81,9 +81,11 @@ def test_concurrent_applies_never_overcommit(cluster: LocalCluster, operator: Op
         thread.join()
     try:
         phases = wait_for(
-            lambda: sorted(p for n in names if (p := status_of(cluster, n).get("phase")) in ("Active", "Queued"))
-            if all(status_of(cluster, n).get("phase") in ("Active", "Queued") for n in names)
-            else None,
+            lambda: (
+                sorted(p for n in names if (p := status_of(cluster, n).get("phase")) in ("Active", "Queued"))
+                if all(status_of(cluster, n).get("phase") in ("Active", "Queued") for n in names)
+                else None
+            ),
             message="both decided",
         )
         assert phases == ["Active", "Queued"]
@@ -134,5 +136,6 @@ def test_raising_program_gpus_admits_the_queue(cluster: LocalCluster, operator: 
         pools.patch_cluster_custom_object("gpuaas.io", "v1alpha1", "gpupools", B200.name, {"spec": {"programGPUs": 24}})
         wait_for_ready(cluster, name)
     finally:
-        pools.patch_cluster_custom_object("gpuaas.io", "v1alpha1", "gpupools", B200.name, {"spec": {"programGPUs": None}})
+        unset = {"spec": {"programGPUs": None}}
+        pools.patch_cluster_custom_object("gpuaas.io", "v1alpha1", "gpupools", B200.name, unset)
         delete_allocation(cluster, name)

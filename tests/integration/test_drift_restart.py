@@ -58,20 +58,29 @@ def test_drift_is_reverted(cluster: LocalCluster, operator: OperatorProcess) -> 
             (
                 "owners binding deleted",
                 lambda: rbac.delete_namespaced_role_binding("gpuaas-owners", name),
-                lambda: bool(rbac.list_namespaced_role_binding(name, field_selector="metadata.name=gpuaas-owners").items),
+                lambda: any(b.metadata.name == "gpuaas-owners" for b in rbac.list_namespaced_role_binding(name).items),
             ),
             (
                 "namespace labels removed",
                 lambda: core.patch_namespace(
                     name, {"metadata": {"labels": {"gpuaas.io/managed": None, "gpuaas.io/pool": "elsewhere"}}}
                 ),
-                lambda: (core.read_namespace(name).metadata.labels or {}).get("gpuaas.io/managed") == "true"
-                and core.read_namespace(name).metadata.labels.get("gpuaas.io/pool") == H200.name,
+                lambda: (
+                    (core.read_namespace(name).metadata.labels or {}).get("gpuaas.io/managed") == "true"
+                    and core.read_namespace(name).metadata.labels.get("gpuaas.io/pool") == H200.name
+                ),
             ),
         ]
         for what, edit, restored in edits:
             edit()
             wait_for(restored, timeout=10, message=f"{what}: restored")
+
+
+def wait_for_decision(cluster: LocalCluster, name: str) -> dict[str, object]:
+    status: dict[str, object] = wait_for(
+        lambda: (s := status_of(cluster, name)).get("phase") in ("Active", "Queued") and s, message=f"{name} decided"
+    )
+    return status
 
 
 def test_killed_operator_converges_without_duplicates(cluster: LocalCluster, operator: OperatorProcess) -> None:
@@ -81,8 +90,7 @@ def test_killed_operator_converges_without_duplicates(cluster: LocalCluster, ope
     operator.kill()  # mid-reconcile: some objects applied, some statuses written, some not
     try:
         operator.start()
-        statuses = {name: wait_for(lambda n=name: (s := status_of(cluster, n)).get("phase") in ("Active", "Queued") and s,
-                                   message=f"{name} decided") for name in names}  # fmt: skip
+        statuses = {name: wait_for_decision(cluster, name) for name in names}
         active = [n for n, s in statuses.items() if s["phase"] == "Active"]
         queued = [n for n, s in statuses.items() if s["phase"] == "Queued"]
         assert len(active) == B200.gpus // 8

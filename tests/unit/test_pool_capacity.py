@@ -78,8 +78,13 @@ def test_node_manifest_round_trips_to_node_info() -> None:
     pool = SCENARIOS["small"].pools[0]
     manifest = node_manifest(pool, 0)
     manifest["status"]["conditions"] = [{"type": "Ready", "status": "True"}]  # type: ignore[index]
-    manifest["spec"] = {"taints": [{"key": POOL_LABEL, "value": pool.name, "effect": "NoSchedule"}]}
-    info = node_info_from_manifest(manifest, POOL_LABEL)
+    manifest["spec"] = {
+        "taints": [
+            {"key": POOL_LABEL, "value": pool.name, "effect": "NoSchedule"},
+            {"key": "gpuaas.io/allocation", "value": "fm-team", "effect": "NoSchedule"},
+        ]
+    }
+    info = node_info_from_manifest(manifest, (POOL_LABEL, "gpuaas.io/allocation"))
     assert info.healthy
     assert info.allocatable_gpus == 8
     assert info.foreign_taints == ()  # the pool's own fence taint does not make a node unhealthy

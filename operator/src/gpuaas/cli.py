@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from gpuaas.api.usage import DEFAULT_TIME_ZONE, GpuUsage
+from gpuaas.domain.ledger import month_of, parse_month
+from gpuaas.domain.report import build_report
 from gpuaas.domain.scenarios import SCENARIOS, pool_manifest
 from gpuaas.handlers.runner import OperatorOptions, run_operator
 from gpuaas.k8s import localcluster
 from gpuaas.k8s.client import new_api_client
 from gpuaas.k8s.manifests import load_manifests, server_side_apply
 from gpuaas.k8s.resources import list_pools, wait_for_pool_status
+from gpuaas.k8s.usage import list_usage
+from gpuaas.reporting.formats import FORMATS, render
 
 app = typer.Typer(help="gpuaas: GPU-as-a-Service control plane for Kubernetes.", no_args_is_help=True)
 cluster_app = typer.Typer(help="The local control plane: real Kubernetes binaries plus KWOK GPU nodes.")
@@ -155,6 +163,74 @@ def pools(
             f"{model_name}: {row['capacity']:,} GPUs healthy in {row['nodes']:,} nodes across {row['pools']} pools "
             f"({row['program']:,} grantable)"
         )
+
+
+def now() -> datetime:
+    """The clock of the CLI (the domain takes `now` as an argument and never reads a clock)."""
+    return datetime.now(UTC)
+
+
+def resolve_month(value: str, time_zone: str, instant: datetime) -> str:
+    """`YYYY-MM` as given; `current` / `previous` as the month of `instant` (or the one before) in `time_zone`."""
+    if value in ("current", "previous"):
+        year, month = parse_month(month_of(instant, time_zone))
+        if value == "previous":
+            year, month = (year - 1, 12) if month == 1 else (year, month - 1)
+        return f"{year:04d}-{month:02d}"
+    try:
+        parse_month(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not a month; use YYYY-MM (e.g. 2026-10), 'current' or 'previous'", param_hint="--month"
+        ) from None
+    return value
+
+
+def report_path(out: str, month: str, format_name: str) -> Path:
+    """A directory (existing, or given with a trailing slash) gets `gpuaas-report-<month>.<ext>`; else `out`."""
+    path = Path(out)
+    if path.is_dir() or out.endswith(("/", "\\")):
+        path.mkdir(parents=True, exist_ok=True)
+        return path / f"gpuaas-report-{month}.{format_name}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@app.command()
+def report(
+    month: Annotated[
+        str, typer.Option(help="Month to report: YYYY-MM, 'current' or 'previous' (in --time-zone).")
+    ] = "previous",
+    format_name: Annotated[str, typer.Option("--format", help=f"Output format: {', '.join(FORMATS)}.")] = "csv",
+    out: Annotated[
+        str | None,
+        typer.Option(help="File, or directory for gpuaas-report-<month>.<format>; default stdout."),
+    ] = None,
+    kubeconfig: Annotated[str | None, typer.Option(help="Kubeconfig; default in-cluster or $KUBECONFIG.")] = None,
+    time_zone: Annotated[
+        str, typer.Option("--time-zone", "--timezone", help="Time zone that resolves 'current' and 'previous'.")
+    ] = DEFAULT_TIME_ZONE,
+) -> None:
+    """Write the monthly usage report, computed from the GpuUsage ledger (deleted allocations included)."""
+    if format_name not in FORMATS:
+        raise typer.BadParameter(
+            f"unknown format {format_name!r}; choose one of {', '.join(FORMATS)}", param_hint="--format"
+        )
+    try:
+        ZoneInfo(time_zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise typer.BadParameter(f"unknown time zone {time_zone!r}", param_hint="--time-zone") from None
+    chosen = resolve_month(month, time_zone, now())
+    with new_api_client(kubeconfig) as api:
+        records = [GpuUsage.from_object(obj) for obj in list_usage(api)]
+    data = render(build_report(records, chosen), format_name)
+    if out is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    path = report_path(out, chosen, format_name)
+    path.write_bytes(data)
+    console.print(f"report {chosen}: {len(data):,} bytes written to {path}")
 
 
 def main() -> None:

@@ -102,6 +102,7 @@ def record_allocations(pool: str, samples: Iterable[AllocationSample]) -> None:
 
 
 def record_pool(name: str, spec: GpuPoolSpec, status: GpuPoolStatus) -> None:
+    reconcile_errors.labels(name)  # the series exists at 0 before the first error
     for gauge, field in _POOL_GAUGES:
         gauge.labels(name, spec.gpu_model, spec.provider).set(getattr(status, field))
 
@@ -109,6 +110,9 @@ def record_pool(name: str, spec: GpuPoolSpec, status: GpuPoolStatus) -> None:
 def forget_pool(name: str, spec: GpuPoolSpec) -> None:
     """Deleted pools drop their series instead of freezing at the last value."""
     allocations.drop(name)
+    for metric in (reconcile_errors, reconcile_duration):
+        with contextlib.suppress(KeyError):
+            metric.remove(name)
     for gauge, _ in _POOL_GAUGES:
         with contextlib.suppress(KeyError):
             gauge.remove(name, spec.gpu_model, spec.provider)

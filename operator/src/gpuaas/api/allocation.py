@@ -147,10 +147,14 @@ class GpuAllocationStatus(ApiModel):
     granted_gpus: int = Field(default=0, ge=0, alias="grantedGPUs")
     in_use_gpus: int = Field(default=0, ge=0, alias="inUseGPUs")
     queue_position: int | None = Field(default=None, ge=1)
+    idle_since: datetime | None = None
     nodes: list[str] = Field(default_factory=list)
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None
     message: str = ""
+
+    def conditions_message(self, kind: str) -> str:
+        return next((c.message for c in self.conditions if c.type == kind), "")
 
     @property
     def admitted(self) -> bool:

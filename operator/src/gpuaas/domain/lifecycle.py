@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from gpuaas.api.allocation import GpuAllocationStatus, Phase
 from gpuaas.api.common import Condition, set_condition
@@ -21,6 +21,19 @@ class ReconcileOutcome:
     node_shortfall: int = 0
     in_use_gpus: int = 0
     gpu_quota: int = 0
+
+
+def _idle_since(previous: GpuAllocationStatus, phase: Phase, in_use_gpus: int, now: datetime) -> datetime | None:
+    """Idle time only runs while Active with nothing in use; it survives restarts in status.idleSince."""
+    if phase != "Active" or in_use_gpus > 0:
+        return None
+    if previous.phase == "Active" and previous.idle_since is not None:
+        return previous.idle_since
+    return now
+
+
+def is_idle(status: GpuAllocationStatus) -> bool:
+    return any(c.type == "Idle" and c.status == "True" for c in status.conditions)
 
 
 def _condition(kind: str, ok: bool, reason: str, message: str, now: datetime, generation: int | None) -> Condition:
@@ -41,6 +54,7 @@ def allocation_status(
     exclusive: bool,
     generation: int | None,
     now: datetime,
+    idle_after: timedelta = timedelta(hours=72),
 ) -> GpuAllocationStatus:
     phase: Phase = decision.phase
     conditions = list(previous.conditions)
@@ -73,6 +87,16 @@ def allocation_status(
             "Fenced", True, "Fenced", f"pods in {outcome.namespace} are pinned to {where}", now, generation
         )
     conditions = set_condition(conditions, fenced)
+    idle_since = _idle_since(previous, phase, outcome.in_use_gpus, now)
+    idle = idle_since is not None and now - idle_since >= idle_after
+    idle_message = (
+        f"no GPU in use since {idle_since.isoformat()} (idle.after {idle_after})"
+        if idle and idle_since
+        else "GPUs in use"
+    )
+    conditions = set_condition(
+        conditions, _condition("Idle", idle, "NoGPUsInUse" if idle else "InUse", idle_message, now, generation)
+    )
     ready_ok = phase == "Active" and outcome.objects_applied and fenced_ok
     ready_reason = "Ready" if ready_ok else (phase if phase != "Active" else "NotFenced")
     ready_message = (
@@ -85,6 +109,7 @@ def allocation_status(
         granted_gpus=decision.granted_gpus,
         in_use_gpus=outcome.in_use_gpus,
         queue_position=decision.queue_position,
+        idle_since=idle_since,
         nodes=list(outcome.nodes),
         conditions=conditions,
         observed_generation=generation,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 
@@ -50,7 +50,7 @@ def _items(obj: Mapping[str, object], key: str) -> list[object]:
     return list(value) if isinstance(value, list) else []
 
 
-def node_info_from_manifest(node: Mapping[str, object], fence_taint_key: str) -> NodeInfo:
+def node_info_from_manifest(node: Mapping[str, object], own_taint_keys: Collection[str]) -> NodeInfo:
     """Reduce a Node object (Kubernetes JSON) to NodeInfo."""
     metadata = _section(node, "metadata")
     spec = _section(node, "spec")
@@ -62,7 +62,7 @@ def node_info_from_manifest(node: Mapping[str, object], fence_taint_key: str) ->
     taints = [
         f"{t.get('key')}={t.get('value', '')}:{t.get('effect')}"
         for t in _items(spec, "taints")
-        if isinstance(t, Mapping) and t.get("key") != fence_taint_key
+        if isinstance(t, Mapping) and t.get("key") not in own_taint_keys
     ]
     labels = metadata.get("labels") or {}
     all_taints = tuple(

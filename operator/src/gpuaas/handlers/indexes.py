@@ -23,7 +23,8 @@ MANAGED = {MANAGED_LABEL: "true"}
 
 @kopf.index("", "v1", "nodes")
 def nodes_by_name(*, name: str, body: kopf.Body, **_: Any) -> dict[str, NodeInfo]:
-    return {name: node_info_from_manifest(body, POOL_LABEL)}
+    # gpuaas's own taints (the pool fence, exclusive reservations) do not make a node unhealthy.
+    return {name: node_info_from_manifest(body, (POOL_LABEL, ALLOCATION_LABEL))}
 
 
 def allocation_view(body: kopf.Body) -> AllocationView:

@@ -99,6 +99,10 @@ def create_cluster(binaries: Binaries, name: str, kubeconfig: Path, apiserver_po
         # Only nodes annotated as fake are KWOK's; tests drive other nodes' status by hand.
         "--extra-args", "kwok-controller=manage-all-nodes=false",
         "--extra-args", f"kwok-controller=manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+        # One instance each: without leader election they ride out an API server outage instead of
+        # exiting on a lost lease (kwokctl does not restart exited components).
+        "--extra-args", "kube-controller-manager=leader-elect=false",
+        "--extra-args", "kube-scheduler=leader-elect=false",
         "--wait", "120s",
     ]  # fmt: skip
     if apiserver_port:

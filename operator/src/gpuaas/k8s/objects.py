@@ -98,6 +98,12 @@ def add_allocation_finalizer(name: str, finalizer: str, has_any: bool) -> None:
     _patch_allocation(name, [op])
 
 
+def suspend_allocation(name: str) -> None:
+    client.CustomObjectsApi().patch_cluster_custom_object(
+        GROUP, VERSION, "gpuallocations", name, {"spec": {"suspend": True}}
+    )
+
+
 def remove_allocation_finalizer(name: str, finalizer: str, finalizers: list[str]) -> None:
     """Remove by index, guarded by a test op so a stale view never removes someone else's finalizer."""
     if finalizer not in finalizers:

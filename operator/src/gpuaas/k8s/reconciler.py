@@ -31,7 +31,7 @@ from gpuaas.domain.capacity import AdmissionDecision, AllocationDemand, admit
 from gpuaas.domain.drift import has_drifted
 from gpuaas.domain.exclusive import choose_exclusive_nodes
 from gpuaas.domain.ledger import GrantState
-from gpuaas.domain.lifecycle import AllocationSample, ReconcileOutcome, allocation_status, rejected_status
+from gpuaas.domain.lifecycle import AllocationSample, ReconcileOutcome, allocation_status, is_idle, rejected_status
 from gpuaas.domain.nodes import NodeInfo, taints_with, taints_without
 from gpuaas.domain.pool import measure_capacity, pool_nodes, pool_status
 from gpuaas.domain.tenant import (
@@ -232,8 +232,23 @@ class PoolReconciler:
         booked = self._book(view, spec, pool_spec, snap, job.grant, now)
         outcome = self._reconcile_tenant(view, spec, decision, snap, members, now)
         previous = GpuAllocationStatus.model_validate(self.written.get(view.uid) or dict(view.status))
-        status = allocation_status(previous, decision, outcome, spec.exclusive_nodes, view.generation, now)
+        status = allocation_status(
+            previous, decision, outcome, spec.exclusive_nodes, view.generation, now, spec.idle.after_duration
+        )
         self._write_status(view, previous, status)
+        idle = is_idle(status)
+        if idle and not is_idle(previous):
+            objects.post_event(ALLOCATION_KIND, view.name, view.uid, "Idle", status.conditions_message("Idle"))
+        if idle and spec.idle.action == "Reclaim" and status.phase == "Active":
+            # Suspension goes through spec, so resuming is the documented `spec.suspend: false`.
+            objects.suspend_allocation(view.name)
+            objects.post_event(
+                ALLOCATION_KIND,
+                view.name,
+                view.uid,
+                "Reclaimed",
+                f"idle for {spec.idle.after}: GPUs returned to the pool",
+            )
         records = {r.spec.month: r.status for r in snap.usage.get(view.uid, {}).values()}
         records.update(booked)
         return AllocationSample(
@@ -248,7 +263,7 @@ class PoolReconciler:
             in_use_gpus=status.in_use_gpus,
             used_gpu_seconds=sum(r.used_gpu_seconds for r in records.values()),
             granted_gpu_seconds=sum(r.granted_gpu_seconds for r in records.values()),
-            idle=False,
+            idle=idle,
         )
 
     # --- ledger ------------------------------------------------------------------------------

@@ -1,0 +1,170 @@
+"""Allocation benchmarks on the local cluster with the program scenario (1,307 nodes).
+
+1. Apply-to-Ready latency of single allocations on a quiet cluster (p50/p95/p99).
+2. N allocations applied at once: time until every one is Ready or correctly Queued, against a plain
+   server-side-apply script that writes the same Namespaces, ResourceQuotas, LimitRanges and RoleBindings
+   (bench/ssa_baseline.py) on a fresh cluster.
+
+Usage: python bench/allocations.py [--latency-samples 50] [--bulk 3000]. Writes bench/results/allocations.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ssa_baseline import baseline_objects, write_all
+
+from gpuaas.domain.scenarios import SCENARIOS
+from gpuaas.k8s.client import new_api_client
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = "gpuaas-bench"
+KUBECONFIG = REPO / ".cluster" / f"{CLUSTER}.kubeconfig"
+POOLS = SCENARIOS["program"].pools
+SIZES = (1, 2, 4, 8)
+
+
+def gpuaas(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "gpuaas", *args], cwd=REPO, check=True, capture_output=True)
+
+
+def fresh_cluster() -> None:
+    gpuaas("cluster", "down", "--name", CLUSTER)
+    gpuaas("cluster", "up", "--scenario", "program", "--name", CLUSTER)
+
+
+def start_operator() -> subprocess.Popen[bytes]:
+    log = (REPO / ".cluster" / "bench-operator.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpuaas", "run", "--kubeconfig", str(KUBECONFIG), "--metrics-port", "18180",
+         "--health-port", "18181", "--webhook-port", "19543", "--webhook-url", "https://127.0.0.1:19543",
+         "--webhook-cert-dir", str(REPO / ".cluster" / "bench-webhook")],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    time.sleep(8)
+    return process
+
+
+def manifest(index: int, prefix: str) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    pool = POOLS[index % len(POOLS)]
+    name = f"{prefix}-{index:05d}"
+    return {
+        "apiVersion": "gpuaas.io/v1alpha1",
+        "kind": "GpuAllocation",
+        "metadata": {"name": name},
+        "spec": {
+            "tenant": {"name": name, "organization": f"Lab {index}"},
+            "pool": pool.name,
+            "gpus": SIZES[index % len(SIZES)],
+            "window": {"start": (now - timedelta(days=1)).isoformat(), "end": (now + timedelta(days=90)).isoformat()},
+            "owners": [{"kind": "User", "name": f"user-{index}"}],
+        },
+    }
+
+
+def decided(obj: dict[str, Any]) -> bool:
+    status = obj.get("status") or {}
+    if status.get("phase") == "Queued":
+        return True
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions") or [])
+
+
+def latency(api: client.ApiClient, samples: int) -> list[float]:
+    custom = client.CustomObjectsApi(api)
+    results = []
+    for index in range(samples):
+        body = manifest(index, "lat")
+        name = body["metadata"]["name"]
+        started = time.monotonic()
+        custom.create_cluster_custom_object("gpuaas.io", "v1alpha1", "gpuallocations", body)
+        while not decided(custom.get_cluster_custom_object("gpuaas.io", "v1alpha1", "gpuallocations", name)):
+            time.sleep(0.01)
+        results.append(time.monotonic() - started)
+    return results
+
+
+def bulk(api: client.ApiClient, count: int) -> dict[str, Any]:
+    custom = client.CustomObjectsApi(api)
+    bodies = [manifest(index, "bulk") for index in range(count)]
+    started = time.monotonic()
+    with ThreadPoolExecutor(16) as executor:
+        list(executor.map(lambda b: custom.create_cluster_custom_object("gpuaas.io", "v1alpha1", "gpuallocations", b),
+                          bodies))  # fmt: skip
+    applied = time.monotonic() - started
+    while True:
+        items = custom.list_cluster_custom_object("gpuaas.io", "v1alpha1", "gpuallocations")["items"]
+        mine = [i for i in items if i["metadata"]["name"].startswith("bulk-")]
+        done = [i for i in mine if decided(i)]
+        if len(done) == count:
+            break
+        time.sleep(0.5)
+    total = time.monotonic() - started
+    phases: dict[str, int] = {}
+    for item in mine:
+        phase = item["status"]["phase"]
+        phases[phase] = phases.get(phase, 0) + 1
+    return {
+        "count": count,
+        "apply_seconds": round(applied, 1),
+        "all_decided_seconds": round(total, 1),
+        "phases": phases,
+    }
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--latency-samples", type=int, default=50)
+    parser.add_argument("--bulk", type=int, default=3000)
+    options = parser.parse_args()
+    result: dict[str, Any] = {"scenario": "program", "nodes": 1307}
+
+    fresh_cluster()
+    with new_api_client(str(KUBECONFIG), pool_size=32) as api:
+        started = time.monotonic()
+        write_all(api, baseline_objects(options.bulk), workers=16)
+        result["baseline_ssa_seconds"] = round(time.monotonic() - started, 1)
+        result["baseline_objects"] = options.bulk * 4
+
+    fresh_cluster()
+    operator = start_operator()
+    try:
+        with new_api_client(str(KUBECONFIG), pool_size=32) as api:
+            samples = latency(api, options.latency_samples)
+            result["apply_to_ready_seconds"] = {
+                "samples": len(samples),
+                "p50": round(statistics.median(samples), 3),
+                "p95": round(percentile(samples, 0.95), 3),
+                "p99": round(percentile(samples, 0.99), 3),
+                "max": round(max(samples), 3),
+            }
+            result["bulk"] = bulk(api, options.bulk)
+    finally:
+        operator.terminate()
+        operator.wait()
+    result["bulk_vs_baseline"] = round(result["bulk"]["all_decided_seconds"] / result["baseline_ssa_seconds"], 2)
+    gpuaas("cluster", "down", "--name", CLUSTER)
+    out = REPO / "bench" / "results" / "allocations.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""Every panel of every Grafana dashboard returns data from a real Prometheus scraping a real gpuaas.
+
+Prometheus is the Debian package's binary (`make setup` installs it), run directly with a temporary config
+and data directory: no systemd service is involved.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from gpuaas.api.common import GROUP, VERSION
+from gpuaas.domain.scenarios import SCENARIOS
+from tests.integration.conftest import LocalCluster, OperatorProcess, free_port, wait_for
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+DASHBOARDS = REPO / "helm" / "gpuaas" / "dashboards"
+H200 = next(pool for pool in SCENARIOS["small"].pools if pool.name == "test-h200")
+ORGANIZATION = "서울대학교 AI연구원"
+
+GRAFANA_DURATIONS = {
+    "__rate_interval": "30s",
+    "__interval": "5s",
+    "__range": "1h",
+    "__range_s": "3600",
+    "__range_ms": "3600000",
+    "__interval_ms": "5000",
+}
+"""What Grafana's built-in variables stand for in the test (Prometheus scrapes every second)."""
+
+_VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
+_LABEL_VALUES = re.compile(r"^\s*label_values\((.*),\s*(\w+)\s*\)\s*$", re.DOTALL)
+
+
+# --- Prometheus ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Prometheus:
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def get(self, path: str, **params: str) -> Any:
+        query = urllib.parse.urlencode(params)
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}?{query}", timeout=10) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as error:  # 400/422 carry the PromQL error as JSON
+            return json.load(error)
+
+    def query(self, expr: str) -> dict[str, Any]:
+        body: dict[str, Any] = self.get("/api/v1/query", query=expr)
+        return body
+
+    def values(self, expr: str) -> list[float]:
+        body = self.query(expr)
+        assert body["status"] == "success", body
+        return [float(item["value"][1]) for item in body["data"]["result"]]
+
+
+def prometheus_binary() -> str:
+    binary = shutil.which("prometheus") or "/usr/bin/prometheus"
+    if not Path(binary).exists():
+        pytest.fail("prometheus is not installed: run `make setup` (it installs the Debian package `prometheus`)")
+    return binary
+
+
+@pytest.fixture(scope="module")
+def prometheus(operator: OperatorProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    workdir = tmp_path_factory.mktemp("prometheus")
+    config = workdir / "prometheus.yml"
+    config.write_text(
+        json.dumps(  # JSON is YAML
+            {
+                "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [
+                    {"job_name": "gpuaas", "static_configs": [{"targets": [f"127.0.0.1:{operator.metrics_port}"]}]}
+                ],
+            }
+        )
+    )
+    port = free_port()
+    log = workdir / "prometheus.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [
+                prometheus_binary(),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--storage.tsdb.retention.time=1d",
+            ],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    server = Prometheus(port, process, log)
+    try:
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"prometheus exited with {process.returncode}: {log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=1) as response:
+                    return bool(response.status == 200)
+            except OSError:
+                return False
+
+        wait_for(ready, timeout=30, message="prometheus ready")
+        wait_for(lambda: server.values('up{job="gpuaas"}') == [1.0], timeout=30, message="gpuaas target up")
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+# --- The allocation and its pod ------------------------------------------------------------------
+
+
+def allocation_manifest(name: str, pool: str, gpus: int) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "GpuAllocation",
+        "metadata": {"name": name},
+        "spec": {
+            "tenant": {"name": name, "organization": ORGANIZATION, "contact": "ops@snu.ac.kr", "contract": "M-7"},
+            "pool": pool,
+            "gpus": gpus,
+            "window": {"start": (now - timedelta(hours=1)).isoformat(), "end": (now + timedelta(days=7)).isoformat()},
+            "owners": [{"kind": "User", "name": "alice"}],
+            "deletionPolicy": "Delete",
+        },
+    }
+
+
+def gpu_pod(name: str, gpus: int) -> dict[str, Any]:
+    limits = {"nvidia.com/gpu": str(gpus)}
+    container = {"name": "train", "image": "nvcr.io/nvidia/pytorch:25.01-py3", "resources": {"limits": limits}}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {"containers": [container]}}
+
+
+def allocation_status(cluster: LocalCluster, name: str) -> dict[str, Any]:
+    obj = client.CustomObjectsApi(cluster.api).get_cluster_custom_object(GROUP, VERSION, "gpuallocations", name)
+    status: dict[str, Any] = obj.get("status") or {}
+    return status
+
+
+def is_ready(status: dict[str, Any]) -> bool:
+    conditions = status.get("conditions") or []
+    return status.get("phase") == "Active" and any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def allocation_gone(cluster: LocalCluster, name: str) -> bool:
+    try:
+        allocation_status(cluster, name)
+    except ApiException as error:
+        if error.status == 404:
+            return True
+        raise
+    return False
+
+
+def delete_allocation(cluster: LocalCluster, name: str) -> None:
+    try:
+        client.CustomObjectsApi(cluster.api).delete_cluster_custom_object(GROUP, VERSION, "gpuallocations", name)
+    except ApiException as error:
+        if error.status != 404:
+            raise
+    wait_for(lambda: allocation_gone(cluster, name), timeout=90, message=f"allocation {name} deleted")
+
+
+@pytest.fixture(scope="module")
+def busy_allocation(cluster: LocalCluster, operator: OperatorProcess) -> Iterator[str]:
+    """An Active allocation of 8 H200 GPUs with an 8-GPU pod running, so the in-use series are not zero."""
+    name = f"prom-{uuid.uuid4().hex[:6]}"
+    client.CustomObjectsApi(cluster.api).create_cluster_custom_object(
+        GROUP, VERSION, "gpuallocations", allocation_manifest(name, H200.name, 8)
+    )
+    try:
+        wait_for(lambda: is_ready(allocation_status(cluster, name)), timeout=60, message=f"{name} Active and Ready")
+        core = client.CoreV1Api(cluster.api)
+        core.create_namespaced_pod(name, gpu_pod("train-0", 8))
+        wait_for(
+            lambda: core.read_namespaced_pod("train-0", name).status.phase == "Running",
+            timeout=60,
+            message="GPU pod Running",
+        )
+        yield name
+    finally:
+        delete_allocation(cluster, name)
+
+
+# --- The dashboards ------------------------------------------------------------------------------
+
+
+def dashboards() -> dict[str, dict[str, Any]]:
+    found = {path.name: json.loads(path.read_text(encoding="utf-8")) for path in sorted(DASHBOARDS.glob("*.json"))}
+    assert set(found) >= {"program-overview.json", "tenant.json", "operations.json"}, sorted(found)
+    return found
+
+
+def panels(panel_list: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for panel in panel_list:
+        yield panel
+        yield from panels(panel.get("panels") or [])  # collapsed rows hold their panels
+
+
+def panel_queries(board: dict[str, Any]) -> list[tuple[str, str]]:
+    """(panel title / refId, expr) of every Prometheus target of the dashboard."""
+    return [
+        (f"{panel.get('title', '?')} / {target.get('refId', '?')}", target["expr"])
+        for panel in panels(board.get("panels") or [])
+        for target in panel.get("targets") or []
+        if "expr" in target
+    ]
+
+
+def substitute(expr: str, variables: dict[str, str]) -> str:
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name in GRAFANA_DURATIONS:
+            return GRAFANA_DURATIONS[name]
+        if name in variables:
+            return variables[name]
+        raise AssertionError(f"unknown template variable ${name} in {expr!r}")
+
+    return _VARIABLE.sub(replace, expr)
+
+
+def template_variables(board: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {variable["name"]: variable for variable in board["templating"]["list"]}
+
+
+def run_queries(server: Prometheus, variables: dict[str, str]) -> tuple[int, list[str]]:
+    """Run every panel query; return how many ran and a description of each failure."""
+    failures: list[str] = []
+    count = 0
+    for file_name, board in dashboards().items():
+        for where, expr in panel_queries(board):
+            count += 1
+            query = substitute(expr, variables)
+            body = server.query(query)
+            if body.get("status") != "success":
+                failures.append(f"{file_name} {where}: {body.get('errorType')}: {body.get('error')}\n    {query}")
+            elif not body["data"]["result"]:
+                failures.append(f"{file_name} {where}: no data\n    {query}")
+    return count, failures
+
+
+def wait_for_scrapes(server: Prometheus, allocation: str) -> None:
+    """Enough samples of the allocation's series that rate() and increase() over 30s have two points."""
+    wait_for(
+        lambda: server.values(f'gpuaas_allocation_in_use_gpus{{allocation="{allocation}"}}') == [8.0],
+        timeout=60,
+        message="Prometheus sees the allocation's 8 GPUs in use",
+    )
+    samples = f'count_over_time(gpuaas_allocation_used_gpu_seconds_total{{allocation="{allocation}"}}[30s])'
+    wait_for(
+        lambda: (v := server.values(samples)) and v[0] >= 5,
+        timeout=60,
+        message="five scrapes of the allocation's counters",
+    )
+    time.sleep(2)
+
+
+# --- Tests ---------------------------------------------------------------------------------------
+
+
+def test_dashboards_are_grafana_json() -> None:
+    for file_name, board in dashboards().items():
+        assert board["uid"].startswith("gpuaas-"), file_name
+        assert 36 <= board["schemaVersion"] <= 41, file_name
+        variables = template_variables(board)
+        assert variables["datasource"]["type"] == "datasource", file_name
+        assert variables["datasource"]["query"] == "prometheus", file_name
+        assert {"provider", "pool"} <= set(variables), file_name
+        for name in ("provider", "pool", "tenant"):
+            if name in variables:
+                assert variables[name]["includeAll"] is True, (file_name, name)
+                assert variables[name]["allValue"] == ".*", (file_name, name)
+        ids = [panel["id"] for panel in panels(board["panels"])]
+        assert len(ids) == len(set(ids)), file_name
+        for panel in panels(board["panels"]):
+            if panel["type"] != "row":
+                assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+                assert panel["targets"], panel["title"]
+    assert "tenant" in template_variables(dashboards()["tenant.json"])
+
+
+def test_every_panel_query_returns_data(prometheus: Prometheus, busy_allocation: str) -> None:
+    wait_for_scrapes(prometheus, busy_allocation)
+    # As Grafana sends them with "All" selected ...
+    count, failures = run_queries(prometheus, {"provider": ".*", "pool": ".*", "tenant": ".*"})
+    assert count >= 30
+    assert not failures, "panel queries failed:\n" + "\n".join(failures)
+    # ... and with one provider, pool and tenant (a Korean organisation) picked.
+    _, failures = run_queries(prometheus, {"provider": H200.provider, "pool": H200.name, "tenant": busy_allocation})
+    assert not failures, "panel queries failed for one tenant:\n" + "\n".join(failures)
+
+
+def test_in_use_and_phase_series_describe_the_allocation(prometheus: Prometheus, busy_allocation: str) -> None:
+    wait_for_scrapes(prometheus, busy_allocation)
+    pool = f'pool="{H200.name}"'
+    assert prometheus.values(f"gpuaas_pool_in_use_gpus{{{pool}}}")[0] >= 8
+    assert prometheus.values(f"gpuaas_pool_granted_gpus{{{pool}}}")[0] >= 8
+    body = prometheus.query(f'gpuaas_allocation_phase{{allocation="{busy_allocation}"}} == 1')
+    (series,) = body["data"]["result"]
+    assert series["metric"]["phase"] == "Active"
+    assert series["metric"]["organization"] == ORGANIZATION
+    assert series["metric"]["gpu_model"] == "H200"
+
+
+def test_template_variable_queries_find_values(prometheus: Prometheus, busy_allocation: str) -> None:
+    wait_for_scrapes(prometheus, busy_allocation)
+    for file_name, board in dashboards().items():
+        for name, variable in template_variables(board).items():
+            if variable["type"] != "query":
+                continue
+            definition = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
+            match = _LABEL_VALUES.match(definition)
+            assert match, (file_name, name, definition)
+            selector = substitute(match.group(1), {"provider": ".*", "pool": ".*", "tenant": ".*"})
+            body = prometheus.get(f"/api/v1/label/{match.group(2)}/values", **{"match[]": selector})
+            assert body["status"] == "success", (file_name, name, body)
+            assert body["data"], f"{file_name}: variable {name} has no values ({definition})"
+            if name == "tenant":
+                assert busy_allocation in body["data"]
+            if name == "pool":
+                assert H200.name in body["data"]
