@@ -61,6 +61,7 @@ demo: setup binaries  ## Local cluster with the program scenario, the operator, 
 	$(BIN)/gpuaas pools --kubeconfig $(KUBECONFIG_FILE) --wait 120 >/dev/null
 	"$$(bash tools/build.sh kubernetes)/kubectl" --kubeconfig $(KUBECONFIG_FILE) get gpupools
 	$(BIN)/gpuaas pools --kubeconfig $(KUBECONFIG_FILE)
+	$(BIN)/python tools/demo.py --kubeconfig $(KUBECONFIG_FILE)
 
 demo-down: operator-stop
 	$(BIN)/gpuaas cluster down --name $(CLUSTER)

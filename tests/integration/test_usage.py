@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -167,7 +167,13 @@ def test_deleted_namespace_pods_are_booked(cluster: LocalCluster, operator: Oper
         time.sleep(2)
         gpus, started, _ = timeline.pods["p"]
         core.delete_namespace(name)
-        timeline.pods["p"] = (gpus, started, datetime.now(UTC))
+        # The pod runs until the namespace controller deletes it; that request is the pod's end.
+        pod = wait_for(
+            lambda: (p := core.read_namespaced_pod("p", name)).metadata.deletion_timestamp and p,
+            message="namespace controller deletes the pod",
+        )
+        grace = timedelta(seconds=pod.metadata.deletion_grace_period_seconds or 0)
+        timeline.pods["p"] = (gpus, started, pod.metadata.deletion_timestamp - grace)
         timeline.wait_all_gone()
         assert_exact(cluster, name, timeline)
 

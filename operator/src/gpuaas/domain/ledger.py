@@ -15,14 +15,14 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from gpuaas.api.usage import MONTH_PATTERN, GpuUsageStatus, PodWatermark
+from gpuaas.domain.fence import pod_gpus as fenced_pod_gpus
 
-GPU_RESOURCE = "nvidia.com/gpu"
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_SECOND = timedelta(seconds=1)
@@ -387,42 +387,13 @@ def _timestamp(value: object) -> datetime | None:
     return None
 
 
-def _count(value: object) -> int:
-    """An extended-resource quantity ("2", 2); extended resources are whole numbers."""
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(Decimal(value))
-        except (InvalidOperation, ValueError):
-            return 0
-    return 0
-
-
-def container_gpus(container: Mapping[str, Any]) -> int:
-    """The container's GPU request; for extended resources an unset request defaults to the limit."""
-    resources = container.get("resources") or {}
-    requests = resources.get("requests") or {}
-    if GPU_RESOURCE in requests:
-        return _count(requests[GPU_RESOURCE])
-    return _count((resources.get("limits") or {}).get(GPU_RESOURCE))
-
-
 def pod_gpus(spec: Mapping[str, Any]) -> int:
-    """Effective GPU request of a pod, as the scheduler computes it (sidecar init containers included)."""
-    regular = sum(container_gpus(container) for container in spec.get("containers") or [])
-    sidecars = 0
-    init_peak = 0
-    for container in spec.get("initContainers") or []:
-        request = container_gpus(container)
-        if container.get("restartPolicy") == "Always":
-            sidecars += request
-            init_peak = max(init_peak, sidecars)
-        else:
-            init_peak = max(init_peak, request + sidecars)
-    return max(regular + sidecars, init_peak)
+    """Effective GPU request of a pod spec, as the fence counts it; a malformed quantity books nothing
+    (the fence refuses such pods at admission)."""
+    try:
+        return fenced_pod_gpus({"spec": spec})
+    except ValueError:
+        return 0
 
 
 def _container_statuses(status: Mapping[str, Any]) -> list[Mapping[str, Any]]:

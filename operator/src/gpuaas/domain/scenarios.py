@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
+from datetime import datetime
 
 from gpuaas.api.common import API_VERSION
 from gpuaas.api.pool import POOL_KIND, POOL_LABEL
@@ -116,5 +118,108 @@ def pool_manifest(pool: ScenarioPool) -> dict[str, object]:
             "nodeSelector": pool.node_selector,
             "gpusPerNode": pool.gpus_per_node,
             "taint": True,
+        },
+    }
+
+
+@dataclass(frozen=True)
+class DemoGrant:
+    name: str
+    organization: str
+    pool: str
+    gpus: int
+    exclusive: bool = False
+    priority: int = 0
+    running_pods: int = 0  # 8-GPU pods the demo runs for this tenant
+
+
+# The five national foundation-model teams get whole nodes; labs and startups get 8-64 GPUs (PROGRAM.md).
+def _team(name: str, organization: str, pool: str, running_pods: int) -> DemoGrant:
+    return DemoGrant(name, organization, pool, 1024, exclusive=True, priority=100, running_pods=running_pods)
+
+
+FOUNDATION_TEAMS = (
+    _team("lg-exaone", "LG AI연구원", "nhn-b200-a", 24),
+    _team("skt-ax", "SK텔레콤", "nhn-b200-a", 16),
+    _team("upstage-solar", "업스테이지", "nhn-b200-b", 12),
+    _team("nc-varco", "NC AI", "kakao-b200-a", 8),
+    _team("naver-hyperclova", "네이버클라우드", "naver-h200-a", 20),
+)
+_LABS = (
+    ("snu-vision", "서울대학교 컴퓨터비전연구실"),
+    ("kaist-nlp", "KAIST 자연어처리연구실"),
+    ("postech-ml", "포항공과대학교 기계학습연구실"),
+    ("yonsei-med", "연세대학교 의료AI연구소"),
+    ("korea-speech", "고려대학교 음성정보처리연구실"),
+    ("unist-robot", "UNIST 로보틱스연구실"),
+    ("gist-bio", "GIST 바이오인포매틱스연구실"),
+    ("skku-ds", "성균관대학교 데이터사이언스연구실"),
+    ("hanyang-auto", "한양대학교 자율주행연구실"),
+    ("etri-lm", "ETRI 언어지능연구실"),
+    ("kisti-sci", "KISTI 과학데이터연구센터"),
+    ("twelve-labs", "트웰브랩스"),
+    ("riiid", "뤼이드"),
+    ("lunit", "루닛"),
+    ("vuno", "뷰노"),
+    ("scatter-lab", "스캐터랩"),
+    ("wrtn", "뤼튼테크놀로지스"),
+    ("moreh", "모레"),
+    ("rebellions", "리벨리온"),
+    ("furiosa", "퓨리오사AI"),
+    ("deepx", "딥엑스"),
+    ("selectstar", "셀렉트스타"),
+    ("makinarocks", "마키나락스"),
+    ("nota-ai", "노타"),
+    ("allganize", "올거나이즈"),
+    ("konan", "코난테크놀로지"),
+    ("saltlux", "솔트룩스"),
+    ("42dot", "포티투닷"),
+    ("vessl", "베슬에이아이"),
+    ("pinkfong-ai", "더핑크퐁컴퍼니 AI랩"),
+    ("kaist-chem", "KAIST 계산화학연구실"),
+    ("snu-climate", "서울대학교 기후모델링연구실"),
+    ("dgist-brain", "DGIST 뇌과학연구실"),
+    ("kyunghee-game", "경희대학교 게임AI연구실"),
+    ("ajou-security", "아주대학교 보안AI연구실"),
+    ("sogang-ir", "서강대학교 정보검색연구실"),
+)
+_LAB_POOLS = ("nhn-b200-a", "nhn-b200-b", "kakao-b200-a", "naver-h200-a", "naver-h200-b", "naver-h200-b")
+_LAB_SIZES = (8, 16, 32, 64, 24, 48)
+
+
+def demo_grants() -> list[DemoGrant]:
+    """A realistic program: the foundation teams, then labs and startups; naver-h200-b is oversubscribed."""
+    labs = [
+        DemoGrant(
+            name,
+            organization,
+            _LAB_POOLS[index % len(_LAB_POOLS)],
+            _LAB_SIZES[index % len(_LAB_SIZES)] * (2 if _LAB_POOLS[index % len(_LAB_POOLS)] == "naver-h200-b" else 1),
+            running_pods=1 if index % 3 else 0,
+        )
+        for index, (name, organization) in enumerate(_LABS)
+    ]
+    return [*FOUNDATION_TEAMS, *labs]
+
+
+def demo_allocation_manifest(grant: DemoGrant, start: datetime, end: datetime) -> dict[str, object]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "GpuAllocation",
+        "metadata": {"name": grant.name},
+        "spec": {
+            "tenant": {
+                "name": grant.name,
+                "organization": grant.organization,
+                "contact": f"gpu@{grant.name}.example",
+                "contract": f"NIPA-2026-{zlib.crc32(grant.name.encode()) % 10000:04d}",
+            },
+            "pool": grant.pool,
+            "gpus": grant.gpus,
+            "exclusiveNodes": grant.exclusive,
+            "priority": grant.priority,
+            "window": {"start": start.isoformat(), "end": end.isoformat()},
+            "owners": [{"kind": "User", "name": f"{grant.name}-admin"}],
+            "idle": {"after": "72h", "action": "Report"},
         },
     }

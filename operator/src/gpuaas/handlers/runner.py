@@ -39,6 +39,10 @@ def run_operator(options: OperatorOptions) -> None:
         level=logging.DEBUG if options.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not options.verbose:
+        # kopf logs every handler and webhook call at INFO; gpuaas logs what matters under its own name.
+        for name in ("kopf.objects", "aiohttp.access"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if options.metrics_port:
         metrics.serve(options.metrics_port)
     # Importing the handler modules registers them with kopf's default registry.
