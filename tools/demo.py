@@ -50,14 +50,15 @@ def training_pod(name: str, namespace: str, owner: str) -> dict[str, Any]:
     }
 
 
-def wait_decided(api: client.ApiClient, names: set[str], timeout: float = 120) -> None:
+def wait_decided(api: client.ApiClient, names: set[str], timeout: float = 120) -> dict[str, str]:
+    """Wait until every allocation is Active or Queued; returns the phases."""
     custom = client.CustomObjectsApi(api)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         items = custom.list_cluster_custom_object("gpuaas.io", "v1alpha1", "gpuallocations")["items"]
         phases = {i["metadata"]["name"]: (i.get("status") or {}).get("phase") for i in items}
         if all(phases.get(n) in ("Active", "Queued") for n in names):
-            return
+            return {n: str(phases[n]) for n in names}
         time.sleep(1)
     raise TimeoutError("allocations were not decided in time")
 
@@ -70,17 +71,19 @@ def main() -> None:
     kubeconfig = options.kubeconfig
     now = datetime.now(UTC)
     grants = demo_grants()
-    manifests = [demo_allocation_manifest(g, now - timedelta(days=1), now + timedelta(days=90)) for g in grants]
+    start = (now - timedelta(days=1)).replace(microsecond=0)
+    manifests = [demo_allocation_manifest(g, start, start + timedelta(days=91)) for g in grants]
     print(f"== the program office applies {len(manifests)} GpuAllocations with kubectl", flush=True)
     kubectl(kubeconfig, "apply", "-f", "-", stdin="\n---\n".join(json.dumps(m) for m in manifests))
     with new_api_client(kubeconfig) as api:
-        wait_decided(api, {g.name for g in grants})
+        phases = wait_decided(api, {g.name for g in grants})
         print(kubectl(kubeconfig, "get", "gpuallocations,gpupools"), flush=True)
 
         print(f"== tenants run 8-GPU training pods for {options.run_seconds:.0f}s", flush=True)
         pods = [
             (training_pod(f"train-{i}", g.name, f"{g.name}-admin"), f"{g.name}-admin")
             for g in grants
+            if phases[g.name] == "Active"
             for i in range(g.running_pods)
         ]
         for pod, owner in pods:

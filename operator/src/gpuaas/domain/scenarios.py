@@ -218,7 +218,7 @@ def demo_allocation_manifest(grant: DemoGrant, start: datetime, end: datetime) -
             "gpus": grant.gpus,
             "exclusiveNodes": grant.exclusive,
             "priority": grant.priority,
-            "window": {"start": start.isoformat(), "end": end.isoformat()},
+            "window": {"start": start.isoformat(timespec="seconds"), "end": end.isoformat(timespec="seconds")},
             "owners": [{"kind": "User", "name": f"{grant.name}-admin"}],
             "idle": {"after": "72h", "action": "Report"},
         },
