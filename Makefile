@@ -26,6 +26,8 @@ lint: setup
 	$(BIN)/ruff format --check operator tests bench e2e tools
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/hadolint Dockerfile
+	bash tools/sync-chart-crds.sh --check
 
 unit: setup
 	$(BIN)/pytest tests/unit -q

@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -53,8 +54,16 @@ def start_operator() -> subprocess.Popen[bytes]:
          "--webhook-cert-dir", str(REPO / ".cluster" / "bench-webhook")],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    time.sleep(8)
-    return process
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # ready = its pool daemons reconcile, its indexes are loaded
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:18180/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return process
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("the operator did not become ready")
 
 
 def manifest(index: int, prefix: str) -> dict[str, Any]:

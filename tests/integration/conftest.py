@@ -81,7 +81,8 @@ def cluster() -> Iterator[LocalCluster]:
 class OperatorProcess:
     """`gpuaas run` as a real subprocess, so tests can kill and restart it like a crashed pod."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path) -> None:
+    def __init__(self, kubeconfig: Path, log_path: Path, extra_args: tuple[str, ...] = ()) -> None:
+        self.extra_args = extra_args
         self.kubeconfig = kubeconfig
         self.log_path = log_path
         self.metrics_port = free_port()
@@ -101,6 +102,7 @@ class OperatorProcess:
                 "--webhook-port", str(self.webhook_port),
                 "--webhook-url", f"https://127.0.0.1:{self.webhook_port}",
                 "--webhook-cert-dir", str(self.log_path.parent / "webhook"),
+                *self.extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -43,6 +43,9 @@ def run(
     health_port: Annotated[int, typer.Option(help="Port of /healthz (kopf liveness); 0 disables.")] = 8081,
     pool_resync_seconds: Annotated[float, typer.Option(help="How often pool status is re-derived.")] = 2.0,
     peering: Annotated[str | None, typer.Option(help="ClusterKopfPeering name; unset runs standalone.")] = None,
+    peering_priority: Annotated[
+        int | None, typer.Option(help="Peering priority; the highest reconciles. Default: random per process.")
+    ] = None,
     webhook_port: Annotated[int, typer.Option(help="Port of the admission webhooks; 0 disables them.")] = 9443,
     webhook_cert_dir: Annotated[
         str | None, typer.Option(help="Directory with tls.crt and tls.key (default .cluster/webhook).")
@@ -62,6 +65,7 @@ def run(
             health_port=health_port,
             pool_resync_seconds=pool_resync_seconds,
             peering=peering,
+            peering_priority=peering_priority,
             verbose=verbose,
             webhook_port=webhook_port,
             webhook_cert_dir=webhook_cert_dir,

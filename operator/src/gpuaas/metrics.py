@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -33,6 +37,7 @@ reconcile_duration = Histogram(
     ("pool",),
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+ledger_writes = Counter("gpuaas_ledger_writes_total", "Writes of GpuUsage records (creates and status).")
 reconcile_errors = Counter("gpuaas_reconcile_errors_total", "Reconcile passes that failed.", ("pool",))
 
 _POOL_GAUGES = (
@@ -118,5 +123,42 @@ def forget_pool(name: str, spec: GpuPoolSpec) -> None:
             gauge.remove(name, spec.gpu_model, spec.provider)
 
 
+class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _SilentHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes every few seconds would flood the log."""
+
+
+_last_pass = 0.0
+READY_WITHIN_SECONDS = 30.0
+
+
+def mark_pass() -> None:
+    """A pool pass ran: this replica is the active one and its indexes are live."""
+    global _last_pass  # noqa: PLW0603 - one process-wide heartbeat
+    _last_pass = time.monotonic()
+
+
+def is_ready() -> bool:
+    return time.monotonic() - _last_pass < READY_WITHIN_SECONDS
+
+
+def _app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    """/metrics, and /readyz for the Service in front of the webhooks: only the active replica
+    (whose pool daemons run, so whose indexes are fresh) answers admission requests."""
+    if environ.get("PATH_INFO") == "/readyz":
+        ready = is_ready()
+        start_response("200 OK" if ready else "503 Service Unavailable", [("Content-Type", "text/plain")])
+        return [b"ok\n" if ready else b"standby or not reconciling\n"]
+    return _metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+
+_metrics_app = make_wsgi_app()
+
+
 def serve(port: int) -> None:
-    start_http_server(port)
+    server = make_server("0.0.0.0", port, _app, ThreadingWSGIServer, handler_class=_SilentHandler)  # noqa: S104
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()

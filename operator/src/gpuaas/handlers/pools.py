@@ -24,7 +24,8 @@ from gpuaas.k8s.reconciler import AllocationView, PodView, PoolReconciler, PoolS
 
 
 def wakeup(memo: kopf.Memo, pool: str) -> asyncio.Event:
-    events: dict[str, asyncio.Event] = memo.setdefault("pool_wakeups", {})
+    """The pool daemon's wake-up call. Handlers that set it are async: asyncio events are not thread-safe."""
+    events: dict[str, asyncio.Event] = memo.pool_wakeups
     return events.setdefault(pool, asyncio.Event())
 
 
@@ -80,9 +81,12 @@ async def reconcile_pool(
         started = datetime.now(UTC)
         try:
             with metrics.reconcile_duration.labels(name).time():
+                writes_before = reconciler.ledger.writes
                 result = await asyncio.to_thread(reconciler.run_pass, snap, started)
+            metrics.ledger_writes.inc(reconciler.ledger.writes - writes_before)
             metrics.record_pool(name, GpuPoolSpec.model_validate(snap.spec), result.pool)
             metrics.record_allocations(name, result.samples)
+            metrics.mark_pass()
         except Exception:
             metrics.reconcile_errors.labels(name).inc()
             logger.exception(f"pool {name}: reconcile pass failed; retrying")
@@ -96,7 +100,7 @@ def forget_pool(*, name: str, spec: kopf.Spec, **_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, ALLOCATION_PLURAL)
-def allocation_changed(*, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
+async def allocation_changed(*, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
     wakeup(memo, str(spec.get("pool", ""))).set()
 
 
@@ -107,25 +111,25 @@ def _wake_owner_pool(labels: kopf.Labels, memo: kopf.Memo) -> None:
 
 
 @kopf.on.event("", "v1", "namespaces", labels={ALLOCATION_LABEL: kopf.PRESENT})
-def namespace_changed(*, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+async def namespace_changed(*, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
     _wake_owner_pool(labels, memo)
 
 
 @kopf.on.event("", "v1", "namespaces", labels=MANAGED)
-def managed_namespace_changed(*, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+async def managed_namespace_changed(*, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
     _wake_owner_pool(labels, memo)
 
 
 @kopf.on.event("", "v1", "resourcequotas", labels={ALLOCATION_LABEL: kopf.PRESENT})
-def quota_changed(*, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+async def quota_changed(*, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
     _wake_owner_pool(labels, memo)
 
 
 @kopf.on.event("", "v1", "limitranges", labels={ALLOCATION_LABEL: kopf.PRESENT})
-def limit_range_changed(*, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+async def limit_range_changed(*, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
     _wake_owner_pool(labels, memo)
 
 
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels={ALLOCATION_LABEL: kopf.PRESENT})
-def role_binding_changed(*, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+async def role_binding_changed(*, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
     _wake_owner_pool(labels, memo)

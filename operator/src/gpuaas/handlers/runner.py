@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ class OperatorOptions:
     health_port: int = 8081
     pool_resync_seconds: float = 2.0
     peering: str | None = None
+    # kopf pauses every peer that shares the top priority, so replicas must differ; None picks one at random.
+    peering_priority: int | None = None
     verbose: bool = False
     webhook_port: int = 9443
     # Directory with tls.crt and tls.key (a mounted Secret in the cluster).
@@ -48,12 +51,17 @@ def run_operator(options: OperatorOptions) -> None:
     # Importing the handler modules registers them with kopf's default registry.
     from gpuaas.handlers import fence, indexes, operator_settings, pools  # noqa: F401
 
+    priority = options.peering_priority
+    if priority is None:
+        priority = random.SystemRandom().randint(1, 2**31 - 1)
     kopf.run(
         clusterwide=True,
         standalone=options.peering is None,
         peering_name=options.peering,
+        priority=priority,
         liveness_endpoint=f"http://0.0.0.0:{options.health_port}/healthz" if options.health_port else None,
-        memo=kopf.Memo(options=options),
+        # Each object gets a shallow copy of this memo, so the wake-up events must already live in it.
+        memo=kopf.Memo(options=options, pool_wakeups={}),
     )
 
 

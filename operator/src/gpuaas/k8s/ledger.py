@@ -8,6 +8,7 @@ month record carries its own watermarks) and then releases them.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -19,7 +20,8 @@ from kubernetes.client.exceptions import ApiException
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.usage import USAGE_PLURAL, GpuUsage, GpuUsageSpec, GpuUsageStatus, usage_name
 from gpuaas.domain.fence import USAGE_FINALIZER
-from gpuaas.domain.ledger import FlushResult, GrantState, PodInterval, flush, months_touched, prune
+from gpuaas.domain.ledger import GrantState, PodInterval, flush, months_touched, prune
+from gpuaas.k8s.client import discard
 
 logger = logging.getLogger(__name__)
 JSON_PATCH = "application/json-patch+json"
@@ -43,7 +45,6 @@ class AllocationLedger:
 
     records: dict[str, GpuUsage] = field(default_factory=dict)
     last_write: datetime | None = None
-    pending: FlushResult | None = None
 
 
 def record_for(existing: Mapping[str, GpuUsage], spec: GpuUsageSpec) -> str:
@@ -57,16 +58,20 @@ def record_for(existing: Mapping[str, GpuUsage], spec: GpuUsageSpec) -> str:
 
 def _create(record: GpuUsage) -> None:
     try:
-        client.CustomObjectsApi().create_cluster_custom_object(GROUP, VERSION, USAGE_PLURAL, record.to_object())
+        response = client.CustomObjectsApi().create_cluster_custom_object(
+            GROUP, VERSION, USAGE_PLURAL, record.to_object(), _preload_content=False
+        )
+        discard(response)
     except ApiException as error:
         if error.status != 409:  # created before a crash; its status is patched next
             raise
 
 
 def _write_status(name: str, status: GpuUsageStatus) -> None:
-    client.CustomObjectsApi().patch_cluster_custom_object_status(
-        GROUP, VERSION, USAGE_PLURAL, name, {"status": status.to_wire()}
+    response = client.CustomObjectsApi().patch_cluster_custom_object_status(
+        GROUP, VERSION, USAGE_PLURAL, name, {"status": status.to_wire()}, _preload_content=False
     )
+    discard(response)
 
 
 def release_pod(pod: LedgerPod) -> None:
@@ -107,6 +112,11 @@ class LedgerWriter:
     flush_interval: timedelta = timedelta(seconds=60)
     ledgers: dict[str, AllocationLedger] = field(default_factory=dict)
     writes: int = 0
+    _writes_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _count_write(self) -> None:
+        with self._writes_lock:  # passes book allocations on several threads
+            self.writes += 1
 
     def book(
         self,
@@ -121,7 +131,11 @@ class LedgerWriter:
         """Book one allocation up to `now`. `identity` is the record spec without month; `indexed`
         holds the records the index has (by name). Returns every touched month's status as booked up to
         now, written or not (for live metrics)."""
-        ledger = self.ledgers.setdefault(identity.allocation_uid, AllocationLedger())
+        ledger = self.ledgers.get(identity.allocation_uid)
+        if ledger is None:
+            # The first write waits for the flush interval like any other: nothing is lost meanwhile,
+            # because the watermarks in the records (or their absence) say what is not booked yet.
+            ledger = self.ledgers[identity.allocation_uid] = AllocationLedger(last_write=now)
         intervals = [pod.interval for pod in pods if pod.interval is not None]
         months = months_touched(intervals, grant, now, self.time_zone)
         current: dict[str, GpuUsage] = {}
@@ -149,14 +163,14 @@ class LedgerWriter:
         released = set(result.released)
         ending = any(p.has_finalizer and p.finished and p.uid in released for p in pods) or bool(finished_unbooked)
         booked = {**statuses, **to_write}
-        if to_write and (due or ending or result.created):
+        if to_write and (due or ending):
             for month, status in sorted(to_write.items()):
                 record = current[month]
                 if month in result.created and record.name not in indexed and month not in ledger.records:
                     _create(record)
-                    self.writes += 1
+                    self._count_write()
                 _write_status(record.name, status)
-                self.writes += 1
+                self._count_write()
                 ledger.records[month] = record.model_copy(update={"status": status})
             ledger.last_write = now
         elif to_write:

@@ -11,7 +11,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from gpuaas.api.common import API_VERSION, GROUP, VERSION
-from gpuaas.k8s.client import FIELD_MANAGER
+from gpuaas.k8s.client import FIELD_MANAGER, discard
 
 logger = logging.getLogger(__name__)
 APPLY = "application/apply-patch+yaml"
@@ -23,18 +23,25 @@ def apply(manifest: Mapping[str, Any]) -> None:
     name = manifest["metadata"]["name"]
     namespace = manifest["metadata"].get("namespace")
     body = dict(manifest)
-    options: dict[str, Any] = {"field_manager": FIELD_MANAGER, "force": True, "_content_type": APPLY}
+    options: dict[str, Any] = {
+        "field_manager": FIELD_MANAGER,
+        "force": True,
+        "_content_type": APPLY,
+        "_preload_content": False,
+    }
     core = client.CoreV1Api()
+    response: Any  # raw responses: _preload_content=False
     if kind == "Namespace":
-        core.patch_namespace(name, body, **options)
+        response = core.patch_namespace(name, body, **options)
     elif kind == "ResourceQuota":
-        core.patch_namespaced_resource_quota(name, namespace, body, **options)
+        response = core.patch_namespaced_resource_quota(name, namespace, body, **options)
     elif kind == "LimitRange":
-        core.patch_namespaced_limit_range(name, namespace, body, **options)
+        response = core.patch_namespaced_limit_range(name, namespace, body, **options)
     elif kind == "RoleBinding":
-        client.RbacAuthorizationV1Api().patch_namespaced_role_binding(name, namespace, body, **options)
+        response = client.RbacAuthorizationV1Api().patch_namespaced_role_binding(name, namespace, body, **options)
     else:
         raise ValueError(f"gpuaas does not apply {kind}")
+    discard(response)
 
 
 def read_namespace_labels(name: str) -> dict[str, str] | None:
@@ -74,14 +81,21 @@ def delete_pod(name: str, namespace: str, grace_period_seconds: int = 30) -> Non
 
 def patch_node(name: str, patch: Mapping[str, Any]) -> None:
     """Strategic-merge patch of a node's labels or taints."""
-    client.CoreV1Api().patch_node(name, dict(patch))
+    discard(client.CoreV1Api().patch_node(name, dict(patch), _preload_content=False))
 
 
 def _patch_allocation(name: str, json_patch: list[dict[str, Any]]) -> None:
     try:
-        client.CustomObjectsApi().patch_cluster_custom_object(
-            GROUP, VERSION, "gpuallocations", name, json_patch, _content_type="application/json-patch+json"
+        response = client.CustomObjectsApi().patch_cluster_custom_object(
+            GROUP,
+            VERSION,
+            "gpuallocations",
+            name,
+            json_patch,
+            _content_type="application/json-patch+json",
+            _preload_content=False,
         )
+        discard(response)
     except ApiException as error:
         # 422: a stale view (the test op failed); 404: already gone. The next pass sees fresh state.
         if error.status not in (404, 409, 422):
@@ -134,6 +148,11 @@ def post_event(
         "reportingInstance": "gpuaas",
     }
     try:
-        client.CoreV1Api().create_namespaced_event("default", event)  # type: ignore[arg-type]
+        response = client.CoreV1Api().create_namespaced_event(
+            "default",
+            event,  # type: ignore[arg-type]
+            _preload_content=False,
+        )
+        discard(response)
     except ApiException as error:  # an event is best effort; never fail a reconcile for it
         logger.warning("could not post event %s for %s: %s", reason, name, error.reason)

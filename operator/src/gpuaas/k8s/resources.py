@@ -9,14 +9,15 @@ from typing import Any, cast
 from kubernetes import client
 
 from gpuaas.api.common import GROUP, VERSION
-from gpuaas.k8s.client import FIELD_MANAGER
+from gpuaas.k8s.client import FIELD_MANAGER, discard
 
 
 def patch_cluster_status(plural: str, name: str, status: Mapping[str, Any]) -> None:
     """Merge-patch the status subresource of a cluster-scoped gpuaas object."""
-    client.CustomObjectsApi().patch_cluster_custom_object_status(
-        GROUP, VERSION, plural, name, {"status": dict(status)}, field_manager=FIELD_MANAGER
+    response = client.CustomObjectsApi().patch_cluster_custom_object_status(
+        GROUP, VERSION, plural, name, {"status": dict(status)}, field_manager=FIELD_MANAGER, _preload_content=False
     )
+    discard(response)
 
 
 def list_pools(api: client.ApiClient) -> list[dict[str, Any]]:

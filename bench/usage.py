@@ -1,0 +1,215 @@
+"""Usage benchmarks on the local cluster with the program scenario (1,307 nodes, 10,456 GPUs).
+
+1. N allocations (default 3,000), then `/metrics` scrape time and `gpuaas report` time for a month.
+2. About 10,000 running 1-GPU pods spread over the admitted allocations: operator CPU and memory, ledger
+   write rate.
+3. Churn: RATE pod ends and RATE pod starts per second for a while: operator CPU and memory, ledger
+   write rate, and whether every ended pod was booked and released.
+
+Usage: python bench/usage.py [--allocations 3000] [--pods 10000] [--churn-rate 10] [--churn-seconds 60]
+Writes bench/results/usage.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from allocations import KUBECONFIG, REPO, decided, fresh_cluster, gpuaas, manifest, start_operator
+
+from gpuaas.k8s.client import new_api_client
+
+METRICS = "http://127.0.0.1:18180/metrics"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_mib(pid: int) -> float:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def metric_value(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def scrape() -> tuple[float, str]:
+    started = time.monotonic()
+    with urllib.request.urlopen(METRICS, timeout=30) as response:
+        body = response.read().decode()
+    return time.monotonic() - started, body
+
+
+def pod(name: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "containers": [
+                {
+                    "name": "w",
+                    "image": "trainer",
+                    "resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"cpu": "1", "memory": "1Gi"}},
+                }
+            ]
+        },
+    }
+
+
+def measure(pid: int, seconds: float) -> dict[str, float]:
+    """Operator CPU (cores) and peak RSS, and ledger writes per second, over `seconds`."""
+    cpu0, writes0 = cpu_seconds(pid), metric_value(scrape()[1], "gpuaas_ledger_writes_total")
+    peak = 0.0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        peak = max(peak, rss_mib(pid))
+        time.sleep(1)
+    writes1 = metric_value(scrape()[1], "gpuaas_ledger_writes_total")
+    return {
+        "operator_cpu_cores": round((cpu_seconds(pid) - cpu0) / seconds, 3),
+        "operator_peak_rss_mib": round(peak, 1),
+        "ledger_writes_per_second": round((writes1 - writes0) / seconds, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--allocations", type=int, default=3000)
+    parser.add_argument("--pods", type=int, default=10000)
+    parser.add_argument("--churn-rate", type=float, default=10, help="pod ends per second (and as many starts)")
+    parser.add_argument("--churn-seconds", type=float, default=60)
+    parser.add_argument("--settle-seconds", type=float, default=60)
+    options = parser.parse_args()
+    result: dict[str, Any] = {"scenario": "program", "nodes": 1307}
+    fresh_cluster()
+    operator = start_operator()
+    try:
+        with new_api_client(str(KUBECONFIG), pool_size=32) as api:
+            custom = client.CustomObjectsApi(api)
+            core = client.CoreV1Api(api)
+            bodies = [manifest(index, "use") for index in range(options.allocations)]
+            with ThreadPoolExecutor(16) as executor:
+                list(executor.map(
+                    lambda b: custom.create_cluster_custom_object("gpuaas.io", "v1alpha1", "gpuallocations", b), bodies
+                ))  # fmt: skip
+            while True:
+                items = custom.list_cluster_custom_object("gpuaas.io", "v1alpha1", "gpuallocations")["items"]
+                if len(items) == options.allocations and all(decided(i) for i in items):
+                    break
+                time.sleep(1)
+            active = [
+                (i["metadata"]["name"], i["status"]["grantedGPUs"]) for i in items if i["status"]["phase"] == "Active"
+            ]
+            time.sleep(5)
+            times = [scrape()[0] for _ in range(20)]
+            result["metrics_scrape_seconds"] = {
+                "allocations": options.allocations,
+                "p50": round(statistics.median(times), 3),
+                "max": round(max(times), 3),
+                "bytes": len(scrape()[1]),
+            }
+
+            # About `pods` running 1-GPU pods, spread over the admitted grants.
+            names: list[tuple[str, str]] = []
+            for allocation_name, granted in active:
+                for index in range(granted):
+                    if len(names) < options.pods:
+                        names.append((f"w{index}", allocation_name))
+            started = time.monotonic()
+            with ThreadPoolExecutor(32) as executor:
+                list(executor.map(lambda n: core.create_namespaced_pod(n[1], pod(*n)), names))
+            created = time.monotonic() - started
+            while True:
+                running = sum(
+                    1 for p in core.list_pod_for_all_namespaces(field_selector="status.phase=Running").items
+                    if p.metadata.namespace.startswith("use-")
+                )  # fmt: skip
+                if running >= len(names):
+                    break
+                time.sleep(2)
+            result["running_pods"] = {
+                "pods": len(names),
+                "create_seconds": round(created, 1),
+                **measure(operator.pid, options.settle_seconds),
+            }
+
+            # Churn: end RATE pods and start RATE new ones every second.
+            churn_pods = names[: int(options.churn_rate * options.churn_seconds)]
+            generation = 0
+
+            def churn() -> None:
+                nonlocal generation
+                batch = int(options.churn_rate)
+                for offset in range(0, len(churn_pods), batch):
+                    tick = time.monotonic()
+                    for name, namespace in churn_pods[offset : offset + batch]:
+                        core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+                        core.create_namespaced_pod(namespace, pod(f"{name}-g{generation}", namespace))
+                    time.sleep(max(0.0, 1 - (time.monotonic() - tick)))
+
+            cpu0, writes0 = cpu_seconds(operator.pid), metric_value(scrape()[1], "gpuaas_ledger_writes_total")
+            churn_started = time.monotonic()
+            peak = 0.0
+            with ThreadPoolExecutor(1) as executor:
+                future = executor.submit(churn)
+                while not future.done():
+                    peak = max(peak, rss_mib(operator.pid))
+                    time.sleep(1)
+                future.result()
+            elapsed = time.monotonic() - churn_started
+            writes1 = metric_value(scrape()[1], "gpuaas_ledger_writes_total")
+            cpu = (cpu_seconds(operator.pid) - cpu0) / elapsed
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                lingering = [
+                    p for p in core.list_pod_for_all_namespaces().items
+                    if p.metadata.namespace.startswith("use-") and p.metadata.deletion_timestamp
+                ]  # fmt: skip
+                if not lingering:
+                    break
+                time.sleep(2)
+            result["churn"] = {
+                "ends_per_second": options.churn_rate,
+                "starts_per_second": options.churn_rate,
+                "seconds": round(elapsed, 1),
+                "operator_cpu_cores": round(cpu, 3),
+                "operator_peak_rss_mib": round(peak, 1),
+                "ledger_writes_per_second": round((writes1 - writes0) / elapsed, 2),
+                "ended_pods_not_yet_released_after_2_minutes": len(lingering),
+            }
+
+        month = time.strftime("%Y-%m", time.gmtime(time.time() + 9 * 3600))
+        runs = []
+        for _ in range(3):
+            started = time.monotonic()
+            gpuaas("report", "--month", month, "--format", "csv", "--kubeconfig", str(KUBECONFIG), "--out",
+                   str(REPO / ".cluster" / "bench-report.csv"))  # fmt: skip
+            runs.append(time.monotonic() - started)
+        result["report_seconds"] = {"allocations": options.allocations, "runs": [round(r, 2) for r in runs]}
+    finally:
+        operator.terminate()
+        operator.wait()
+        gpuaas("cluster", "down", "--name", "gpuaas-bench")
+    out = REPO / "bench" / "results" / "usage.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
