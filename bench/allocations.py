@@ -46,6 +46,13 @@ def fresh_cluster() -> None:
     gpuaas("cluster", "up", "--scenario", "program", "--name", CLUSTER)
 
 
+def pools_reconciled() -> bool:
+    """Every pool has had its first pass (which taints a new pool's nodes)."""
+    with new_api_client(str(KUBECONFIG)) as api:
+        pools = client.CustomObjectsApi(api).list_cluster_custom_object("gpuaas.io", "v1alpha1", "gpupools")["items"]
+    return bool(pools) and all("observedGeneration" in (p.get("status") or {}) for p in pools)
+
+
 def start_operator() -> subprocess.Popen[bytes]:
     log = (REPO / ".cluster" / "bench-operator.log").open("wb")
     process = subprocess.Popen(
@@ -58,7 +65,7 @@ def start_operator() -> subprocess.Popen[bytes]:
     while time.monotonic() < deadline:  # ready = its pool daemons reconcile, its indexes are loaded
         try:
             with urllib.request.urlopen("http://127.0.0.1:18180/readyz", timeout=2) as response:
-                if response.status == 200:
+                if response.status == 200 and pools_reconciled():
                     return process
         except OSError:
             pass

@@ -131,6 +131,9 @@ def main() -> None:
                 for index in range(granted):
                     if len(names) < options.pods:
                         names.append((f"w{index}", allocation_name))
+            if not names:
+                phases = sorted({(i.get("status") or {}).get("phase", "") for i in items})
+                raise RuntimeError(f"no admitted allocation to run pods in; phases seen: {phases}")
             started = time.monotonic()
             with ThreadPoolExecutor(32) as executor:
                 list(executor.map(lambda n: core.create_namespaced_pod(n[1], pod(*n)), names))

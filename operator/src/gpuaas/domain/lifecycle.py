@@ -21,6 +21,8 @@ class ReconcileOutcome:
     node_shortfall: int = 0
     in_use_gpus: int = 0
     gpu_quota: int = 0
+    # An object was applied moments ago and the watch has not shown it yet: look again next pass.
+    settling: bool = False
 
 
 def _idle_since(previous: GpuAllocationStatus, phase: Phase, in_use_gpus: int, now: datetime) -> datetime | None:

@@ -22,6 +22,8 @@ from gpuaas.handlers.indexes import MANAGED, exclusive_holders
 from gpuaas.k8s.ledger import LedgerWriter
 from gpuaas.k8s.reconciler import AllocationView, PodView, PoolReconciler, PoolSnapshot
 
+MIN_PASS_INTERVAL_SECONDS = 0.2
+
 
 def wakeup(memo: kopf.Memo, pool: str) -> asyncio.Event:
     """The pool daemon's wake-up call. Handlers that set it are async: asyncio events are not thread-safe."""
@@ -92,6 +94,9 @@ async def reconcile_pool(
             logger.exception(f"pool {name}: reconcile pass failed; retrying")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), timeout=memo.options.pool_resync_seconds)
+        # Coalesce bursts of events (our own status writes wake us too) into one pass per interval.
+        elapsed = (datetime.now(UTC) - started).total_seconds()
+        await asyncio.sleep(max(0.0, MIN_PASS_INTERVAL_SECONDS - elapsed))
 
 
 @kopf.on.delete(GROUP, VERSION, POOL_PLURAL, optional=True)

@@ -180,6 +180,10 @@ class LedgerWriter:
                 release_pod(pod)
         return booked
 
+    def next_due(self, allocation_uid: str, now: datetime) -> datetime:
+        ledger = self.ledgers.get(allocation_uid)
+        return now if ledger is None or ledger.last_write is None else ledger.last_write + self.flush_interval
+
     def forget(self, allocation_uid: str) -> None:
         self.ledgers.pop(allocation_uid, None)
 

@@ -120,6 +120,17 @@ class _Job:
 
 
 @dataclass(frozen=True)
+class _Cached:
+    fingerprint: tuple[object, ...]
+    recheck_at: datetime
+    sample: AllocationSample
+
+
+# Skipped allocations are still fully processed this often, so live usage counters keep moving.
+METRICS_REFRESH = timedelta(seconds=15)
+
+
+@dataclass(frozen=True)
 class PassResult:
     pool: GpuPoolStatus
     samples: list[AllocationSample]
@@ -143,6 +154,7 @@ class PoolReconciler:
     # (uid, object key) -> (desired manifest, when applied), to not repeat applies the watch has not shown yet.
     applied: dict[tuple[str, tuple[str, str, str]], tuple[dict[str, Any], datetime]] = field(default_factory=dict)
     pool_written: dict[str, Any] | None = None
+    cache: dict[str, _Cached] = field(default_factory=dict)
 
     def run_pass(self, snap: PoolSnapshot, now: datetime) -> PassResult:
         pool_spec = GpuPoolSpec.model_validate(dict(snap.spec))
@@ -156,6 +168,8 @@ class PoolReconciler:
             if job is not None:
                 jobs.append(job)
         live_uids = {view.uid for view in snap.allocations}
+        for uid in set(self.cache) - live_uids:
+            self.cache.pop(uid, None)
         for uid in set(self.granted) - live_uids:
             self.granted.pop(uid, None)
             self.written.pop(uid, None)
@@ -227,8 +241,13 @@ class PoolReconciler:
         pool_spec: GpuPoolSpec,
         now: datetime,
     ) -> AllocationSample:
-        """Book the grant that held until now, then apply the new decision and report it."""
+        """Book the grant that held until now, then apply the new decision and report it. An allocation
+        whose inputs did not change since its last full pass, and has nothing due in time, is skipped."""
         view, spec = job.view, job.spec
+        fingerprint = self._fingerprint(job, decision, snap)
+        cached = self.cache.get(view.uid)
+        if cached is not None and cached.fingerprint == fingerprint and now < cached.recheck_at:
+            return cached.sample
         booked = self._book(view, spec, pool_spec, snap, job.grant, now)
         outcome = self._reconcile_tenant(view, spec, decision, snap, members, now)
         previous = GpuAllocationStatus.model_validate(self.written.get(view.uid) or dict(view.status))
@@ -251,7 +270,7 @@ class PoolReconciler:
             )
         records = {r.spec.month: r.status for r in snap.usage.get(view.uid, {}).values()}
         records.update(booked)
-        return AllocationSample(
+        sample = AllocationSample(
             allocation=view.name,
             tenant=spec.tenant.name,
             organization=spec.tenant.organization,
@@ -265,6 +284,43 @@ class PoolReconciler:
             granted_gpu_seconds=sum(r.granted_gpu_seconds for r in records.values()),
             idle=idle,
         )
+        if outcome.objects_applied and not outcome.settling and not spec.exclusive_nodes:  # exclusive: node health
+            self.cache[view.uid] = _Cached(fingerprint, self._recheck_at(view.uid, spec, status, now), sample)
+        return sample
+
+    def _fingerprint(self, job: _Job, decision: AdmissionDecision, snap: PoolSnapshot) -> tuple[object, ...]:
+        """Everything a full pass of one allocation reads, except the clock."""
+        namespace = job.spec.target_namespace
+        pods = tuple(
+            sorted(
+                (p.uid, p.running, p.ledger.finished, p.ledger.has_finalizer, p.ledger.interval)
+                for p in snap.pods_by_namespace.get(namespace, [])
+            )
+        )
+        versions = tuple(
+            (snap.observed.get(key) or {}).get("metadata", {}).get("resourceVersion")
+            for key in self._object_keys(job.view.name, job.spec)
+        )
+        return (job.view.resource_version, job.grant, decision, pods, versions)
+
+    @staticmethod
+    def _object_keys(name: str, spec: GpuAllocationSpec) -> list[tuple[str, str, str]]:
+        return [observed_key(manifest) for manifest in desired_tenant_objects(name, spec, "Active")]
+
+    def _recheck_at(self, uid: str, spec: GpuAllocationSpec, status: GpuAllocationStatus, now: datetime) -> datetime:
+        """The next moment time alone changes something: window edges, the idle threshold, a due ledger
+        flush, and a metrics refresh."""
+        moments = [now + METRICS_REFRESH, self.ledger.next_due(uid, now)]
+        for edge in (
+            spec.window.start,
+            spec.window.end,
+            spec.window.end + timedelta(seconds=spec.grace_period_seconds),
+        ):
+            if edge > now:
+                moments.append(edge)
+        if status.idle_since is not None:
+            moments.append(max(now, status.idle_since + spec.idle.after_duration))
+        return min(moments)
 
     # --- ledger ------------------------------------------------------------------------------
 
@@ -359,8 +415,9 @@ class PoolReconciler:
             if spec.exclusive_nodes:
                 nodes, shortfall = self._keep_exclusive_nodes(view, spec, decision, snap, members)
             desired = desired_tenant_objects(view.name, spec, decision.phase)
+            settling = False
             for manifest in desired:
-                self._apply_if_drifted(view.uid, manifest, snap, now)
+                settling |= self._apply_if_drifted(view.uid, manifest, snap, now)
             if decision.phase == "Expired":
                 self._stop_expired_pods(spec, pods, now)
         except ApiException as error:
@@ -379,17 +436,21 @@ class PoolReconciler:
             node_shortfall=shortfall,
             in_use_gpus=in_use,
             gpu_quota=quota,
+            settling=settling,
         )
 
-    def _apply_if_drifted(self, uid: str, manifest: dict[str, Any], snap: PoolSnapshot, now: datetime) -> None:
+    def _apply_if_drifted(self, uid: str, manifest: dict[str, Any], snap: PoolSnapshot, now: datetime) -> bool:
+        """Apply when the observed object differs; True when that was deferred because gpuaas applied
+        it moments ago and the watch has not caught up yet."""
         key = observed_key(manifest)
         if not has_drifted(manifest, snap.observed.get(key)):
-            return
+            return False
         recent = self.applied.get((uid, key))
         if recent is not None and recent[0] == manifest and now - recent[1] < APPLY_SETTLE:
-            return  # applied moments ago; the watch has not caught up yet
+            return True
         objects.apply(manifest)
         self.applied[(uid, key)] = (manifest, now)
+        return True
 
     def _stop_expired_pods(self, spec: GpuAllocationSpec, pods: list[PodView], now: datetime) -> None:
         """GPU pods get the grace period after window.end, then are deleted; the namespace and PVCs stay."""
@@ -449,10 +510,14 @@ class PoolReconciler:
     # --- nodes -------------------------------------------------------------------------------
 
     def _keep_pool_taints(self, spec: GpuPoolSpec, members: list[NodeInfo]) -> None:
+        patches = []
         for node in members:
             taints = taints_with(node, POOL_LABEL, self.pool) if spec.taint else taints_without(node, POOL_LABEL)
             if taints is not None:
-                objects.patch_node(node.name, {"spec": {"taints": taints}})
+                patches.append((node.name, {"spec": {"taints": taints}}))
+        if patches:  # a new pool of 510 nodes is tainted in parallel, not one node after another
+            with ThreadPoolExecutor(max_workers=self.apply_workers) as executor:
+                list(executor.map(lambda patch: objects.patch_node(*patch), patches))
 
     def _keep_exclusive_nodes(
         self,
