@@ -90,7 +90,7 @@ class OperatorProcess:
         self.webhook_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, ready: bool = True) -> None:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [
@@ -107,16 +107,20 @@ class OperatorProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
-        self.wait_healthy()
+        self.wait_healthy(ready=ready)
 
-    def wait_healthy(self, timeout: float = 60.0) -> None:
+    def wait_healthy(self, timeout: float = 60.0, ready: bool = True) -> None:
+        """Up (kopf's liveness) or, with `ready`, reconciling: a pass ran, webhooks registered, indexes loaded."""
+        endpoint = (
+            f"http://127.0.0.1:{self.metrics_port}/readyz" if ready else f"http://127.0.0.1:{self.health_port}/healthz"
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise RuntimeError(f"operator exited with {self.process.returncode}; see {self.log_path}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1) as response:
+                with urllib.request.urlopen(endpoint, timeout=1) as response:  # noqa: S310 - an http URL built here
                     if response.status == 200:
                         return
             except OSError:

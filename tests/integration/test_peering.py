@@ -65,9 +65,9 @@ def replicas(
         )
         for role, priority in (("leader", "200"), ("standby", "100"))
     )
-    for replica in (leader, standby):
+    for replica in (leader, standby):  # the standby finds a higher-priority peer and pauses at once
         replica.log_path.parent.mkdir(parents=True)
-        replica.start()
+        replica.start(ready=replica is leader)
     try:
         yield leader, standby
     finally:

@@ -41,9 +41,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Log
         return
     cert_dir = webhook_cert_dir(options)
     if options.webhook_url:
-        tls = webhooks.ensure_self_signed(cert_dir, webhooks.url_host(options.webhook_url))
-        webhooks.apply_configurations(options.webhook_url, tls.ca_file.read_bytes())
-        logger.info(f"webhook configurations point at {options.webhook_url}")
+        # The configurations are registered by the first reconcile pass (see handlers.pools), so that with
+        # peering only the active replica, whose indexes are live, points the API server at itself.
+        webhooks.ensure_self_signed(cert_dir, webhooks.url_host(options.webhook_url))
     settings.admission.server = kopf.WebhookServer(
         addr="0.0.0.0",  # noqa: S104 - the API server must reach it
         port=options.webhook_port,

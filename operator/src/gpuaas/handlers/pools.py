@@ -19,10 +19,19 @@ from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.pool import POOL_LABEL, POOL_PLURAL, GpuPoolSpec
 from gpuaas.domain.nodes import NodeInfo
 from gpuaas.handlers.indexes import MANAGED, exclusive_holders
+from gpuaas.handlers.runner import OperatorOptions, webhook_cert_dir
+from gpuaas.k8s import webhooks
 from gpuaas.k8s.ledger import LedgerWriter
 from gpuaas.k8s.reconciler import AllocationView, PodView, PoolReconciler, PoolSnapshot
 
 MIN_PASS_INTERVAL_SECONDS = 0.2
+
+
+def register_webhooks(options: OperatorOptions) -> None:
+    """Outside the cluster: point the webhook configurations at this (now active) replica."""
+    assert options.webhook_url is not None
+    tls = webhooks.ensure_self_signed(webhook_cert_dir(options), webhooks.url_host(options.webhook_url))
+    webhooks.apply_configurations(options.webhook_url, tls.ca_file.read_bytes())
 
 
 def wakeup(memo: kopf.Memo, pool: str) -> asyncio.Event:
@@ -76,6 +85,7 @@ async def reconcile_pool(
     **indexes: Any,
 ) -> None:
     reconciler = PoolReconciler(pool=name, ledger=LedgerWriter(time_zone=memo.options.time_zone))
+    registered = False
     wake = wakeup(memo, name)
     while not stopped:
         wake.clear()
@@ -88,6 +98,9 @@ async def reconcile_pool(
             metrics.ledger_writes.inc(reconciler.ledger.writes - writes_before)
             metrics.record_pool(name, GpuPoolSpec.model_validate(snap.spec), result.pool)
             metrics.record_allocations(name, result.samples)
+            if not registered and memo.options.webhook_url:
+                await asyncio.to_thread(register_webhooks, memo.options)
+                registered = True
             metrics.mark_pass()
         except Exception:
             metrics.reconcile_errors.labels(name).inc()

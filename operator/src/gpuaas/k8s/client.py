@@ -10,7 +10,7 @@ from kubernetes import client, config
 FIELD_MANAGER = "gpuaas"
 
 
-def load_config(kubeconfig: str | None = None, pool_size: int = 32) -> None:
+def load_config(kubeconfig: str | None = None, pool_size: int = 96) -> None:
     """In-cluster config inside a pod, else the given kubeconfig or $KUBECONFIG. Installs one shared
     ApiClient: without a default, every `client.XxxApi()` makes its own connection pool, so every call
     would pay a new TLS handshake."""

@@ -35,7 +35,9 @@ from gpuaas.domain.lifecycle import AllocationSample, ReconcileOutcome, allocati
 from gpuaas.domain.nodes import NodeInfo, taints_with, taints_without
 from gpuaas.domain.pool import measure_capacity, pool_nodes, pool_status
 from gpuaas.domain.tenant import (
+    LIMIT_RANGE_NAME,
     OWNERS_BINDING_NAME,
+    QUOTA_NAME,
     desired_namespace,
     desired_resource_quota,
     desired_tenant_objects,
@@ -146,7 +148,6 @@ def grant_in_force(spec: GpuAllocationSpec, created: datetime, granted: int, pha
 class PoolReconciler:
     pool: str
     ledger: LedgerWriter
-    apply_workers: int = 16
     # uid -> GPUs this reconciler granted; authoritative while it runs (the index may lag its writes).
     granted: dict[str, int] = field(default_factory=dict)
     # uid -> the status this reconciler last wrote.
@@ -155,6 +156,8 @@ class PoolReconciler:
     applied: dict[tuple[str, tuple[str, str, str]], tuple[dict[str, Any], datetime]] = field(default_factory=dict)
     pool_written: dict[str, Any] | None = None
     cache: dict[str, _Cached] = field(default_factory=dict)
+    specs: dict[str, tuple[int | None, GpuAllocationSpec]] = field(default_factory=dict)
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=16))
 
     def run_pass(self, snap: PoolSnapshot, now: datetime) -> PassResult:
         pool_spec = GpuPoolSpec.model_validate(dict(snap.spec))
@@ -170,6 +173,8 @@ class PoolReconciler:
         live_uids = {view.uid for view in snap.allocations}
         for uid in set(self.cache) - live_uids:
             self.cache.pop(uid, None)
+        for uid in set(self.specs) - live_uids:
+            self.specs.pop(uid, None)
         for uid in set(self.granted) - live_uids:
             self.granted.pop(uid, None)
             self.written.pop(uid, None)
@@ -178,13 +183,23 @@ class PoolReconciler:
         result = admit(capacity.program_gpus, [job.demand for job in jobs], now)
         for job in jobs:
             self.granted[job.view.uid] = result.decisions[job.view.name].granted_gpus
-        with ThreadPoolExecutor(max_workers=self.apply_workers) as executor:
-            samples = list(
-                executor.map(
-                    lambda job: self._process(job, result.decisions[job.view.name], snap, members, pool_spec, now),
-                    jobs,
-                )
+        samples: list[AllocationSample] = []
+        changed: list[tuple[_Job, tuple[object, ...]]] = []
+        for job in jobs:
+            fingerprint = self._fingerprint(job, result.decisions[job.view.name], snap)
+            cached = self.cache.get(job.view.uid)
+            if cached is not None and cached.fingerprint == fingerprint and now < cached.recheck_at:
+                samples.append(cached.sample)  # nothing it depends on changed, and nothing is due
+            else:
+                changed.append((job, fingerprint))
+        samples.extend(
+            self.executor.map(
+                lambda item: self._process(
+                    item[0], result.decisions[item[0].view.name], item[1], snap, members, pool_spec, now
+                ),
+                changed,
             )
+        )
 
         written_pool = GpuPoolStatus.model_validate(self.pool_written or dict(snap.status))
         new_pool = pool_status(
@@ -216,7 +231,7 @@ class PoolReconciler:
         if rejection is not None:
             self._write_rejected(view, *rejection, now)
             return None
-        spec = GpuAllocationSpec.model_validate(dict(view.spec))
+        spec = self._parsed_spec(view)
         status = GpuAllocationStatus.model_validate(self.written.get(view.uid) or dict(view.status))
         granted = self.granted.get(view.uid, status.granted_gpus if status.admitted else 0)
         demand = AllocationDemand(
@@ -236,18 +251,14 @@ class PoolReconciler:
         self,
         job: _Job,
         decision: AdmissionDecision,
+        fingerprint: tuple[object, ...],
         snap: PoolSnapshot,
         members: list[NodeInfo],
         pool_spec: GpuPoolSpec,
         now: datetime,
     ) -> AllocationSample:
-        """Book the grant that held until now, then apply the new decision and report it. An allocation
-        whose inputs did not change since its last full pass, and has nothing due in time, is skipped."""
+        """Book the grant that held until now, then apply the new decision and report it."""
         view, spec = job.view, job.spec
-        fingerprint = self._fingerprint(job, decision, snap)
-        cached = self.cache.get(view.uid)
-        if cached is not None and cached.fingerprint == fingerprint and now < cached.recheck_at:
-            return cached.sample
         booked = self._book(view, spec, pool_spec, snap, job.grant, now)
         outcome = self._reconcile_tenant(view, spec, decision, snap, members, now)
         previous = GpuAllocationStatus.model_validate(self.written.get(view.uid) or dict(view.status))
@@ -305,7 +316,13 @@ class PoolReconciler:
 
     @staticmethod
     def _object_keys(name: str, spec: GpuAllocationSpec) -> list[tuple[str, str, str]]:
-        return [observed_key(manifest) for manifest in desired_tenant_objects(name, spec, "Active")]
+        namespace = spec.target_namespace
+        return [
+            ("Namespace", "", namespace),
+            ("ResourceQuota", namespace, QUOTA_NAME),
+            ("LimitRange", namespace, LIMIT_RANGE_NAME),
+            ("RoleBinding", namespace, OWNERS_BINDING_NAME),
+        ]
 
     def _recheck_at(self, uid: str, spec: GpuAllocationSpec, status: GpuAllocationStatus, now: datetime) -> datetime:
         """The next moment time alone changes something: window edges, the idle threshold, a due ledger
@@ -350,9 +367,17 @@ class PoolReconciler:
 
     # --- allocations -------------------------------------------------------------------------
 
+    def _parsed_spec(self, view: AllocationView) -> GpuAllocationSpec:
+        """Specs only change with the generation; parsing 600 of them every pass would be the pass's cost."""
+        cached = self.specs.get(view.uid)
+        if cached is None or cached[0] != view.generation:
+            cached = (view.generation, GpuAllocationSpec.model_validate(dict(view.spec)))
+            self.specs[view.uid] = cached
+        return cached[1]
+
     def _rejection(self, view: AllocationView, snap: PoolSnapshot) -> tuple[str, str] | None:
         try:
-            spec = GpuAllocationSpec.model_validate(dict(view.spec))
+            spec = self._parsed_spec(view)
         except ValidationError as error:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
             return "InvalidSpec", f"spec is invalid: {problems}"
@@ -516,8 +541,7 @@ class PoolReconciler:
             if taints is not None:
                 patches.append((node.name, {"spec": {"taints": taints}}))
         if patches:  # a new pool of 510 nodes is tainted in parallel, not one node after another
-            with ThreadPoolExecutor(max_workers=self.apply_workers) as executor:
-                list(executor.map(lambda patch: objects.patch_node(*patch), patches))
+            list(self.executor.map(lambda patch: objects.patch_node(*patch), patches))
 
     def _keep_exclusive_nodes(
         self,
