@@ -132,7 +132,7 @@ def test_raising_program_gpus_admits_the_queue(cluster: LocalCluster, operator: 
     try:
         create_allocation(cluster, allocation_manifest(name, B200.name, 16))
         wait_for_phase(cluster, name, "Queued")
-        assert pool_status(cluster, B200.name)["programGPUs"] == 8
+        wait_for(lambda: pool_status(cluster, B200.name).get("programGPUs") == 8, message="pool programGPUs 8")
         pools.patch_cluster_custom_object("gpuaas.io", "v1alpha1", "gpupools", B200.name, {"spec": {"programGPUs": 24}})
         wait_for_ready(cluster, name)
     finally:

@@ -166,16 +166,31 @@ def test_deleted_namespace_pods_are_booked(cluster: LocalCluster, operator: Oper
         timeline.start("p", 8)
         time.sleep(2)
         gpus, started, _ = timeline.pods["p"]
+        asked = datetime.now(UTC)
         core.delete_namespace(name)
-        # The pod runs until the namespace controller deletes it; that request is the pod's end.
-        pod = wait_for(
-            lambda: (p := core.read_namespaced_pod("p", name)).metadata.deletion_timestamp and p,
-            message="namespace controller deletes the pod",
-        )
-        grace = timedelta(seconds=pod.metadata.deletion_grace_period_seconds or 0)
-        timeline.pods["p"] = (gpus, started, pod.metadata.deletion_timestamp - grace)
+        # The pod runs until the namespace controller deletes it: its end lies between the namespace
+        # deletion and the pod's disappearance, or is exactly its deletion request when the test sees it.
+        requested: datetime | None = None
+        while requested is None:
+            try:
+                pod = core.read_namespaced_pod("p", name)
+            except client.ApiException as error:
+                if error.status != 404:
+                    raise
+                break
+            if pod.metadata.deletion_timestamp:
+                grace = timedelta(seconds=pod.metadata.deletion_grace_period_seconds or 0)
+                requested = pod.metadata.deletion_timestamp - grace
+            time.sleep(0.05)
+        gone = datetime.now(UTC)
         timeline.wait_all_gone()
-        assert_exact(cluster, name, timeline)
+        if requested is not None:
+            timeline.pods["p"] = (gpus, started, requested)
+            assert_exact(cluster, name, timeline)
+        else:
+            low = gpus * ((asked - started).total_seconds() - 1)
+            high = gpus * ((gone - started).total_seconds() + 1)
+            wait_for(lambda: low <= used_seconds(cluster, name) <= high, message=f"ledger within [{low}, {high}]")
 
 
 def test_usage_outlives_the_allocation(cluster: LocalCluster, operator: OperatorProcess) -> None:
