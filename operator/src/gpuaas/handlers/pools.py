@@ -18,6 +18,7 @@ from gpuaas.api.allocation import ALLOCATION_LABEL, ALLOCATION_PLURAL
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.pool import POOL_LABEL, POOL_PLURAL, GpuPoolSpec
 from gpuaas.domain.nodes import NodeInfo
+from gpuaas.domain.tenant import LIMIT_RANGE_NAME, OWNERS_BINDING_NAME, QUOTA_NAME
 from gpuaas.handlers.indexes import MANAGED, exclusive_holders
 from gpuaas.handlers.runner import OperatorOptions, webhook_cert_dir
 from gpuaas.k8s import webhooks
@@ -40,23 +41,40 @@ def wakeup(memo: kopf.Memo, pool: str) -> asyncio.Event:
     return events.setdefault(pool, asyncio.Event())
 
 
-def _flatten(index: kopf.Index[Any, Any]) -> dict[Any, Any]:
-    return {key: value for key, store in index.items() for value in store}
+def _one(index: kopf.Index[Any, Any], key: Any) -> Any:
+    store = index.get(key)
+    return next(iter(store), None) if store is not None else None
 
 
 def snapshot(name: str, body: kopf.Body, indexes: dict[str, kopf.Index[Any, Any]]) -> PoolSnapshot:
-    """Copy what one pass needs out of the indexes, synchronously, so it is consistent."""
-    observed: dict[tuple[str, str, str], Any] = {}
-    for index_name in ("managed_namespaces", "managed_quotas", "managed_limit_ranges", "managed_role_bindings"):
-        observed.update(_flatten(indexes[index_name]))
-    claims: dict[str, list[tuple[datetime, str]]] = {}
-    for namespace, store in indexes["allocations_by_namespace"].items():
-        for created, allocation, _pool, _exclusive in store:
-            claims.setdefault(namespace, []).append(
-                (datetime.fromisoformat(created.replace("Z", "+00:00")), allocation)
-            )
-    pods: dict[str, list[PodView]] = {ns: list(store) for ns, store in indexes["gpu_pods_by_namespace"].items()}
+    """Copy what one pass needs out of the indexes, synchronously, so it is consistent. Only this pool's
+    allocations' namespaces are looked up: a pass costs what its pool holds, not what the cluster holds."""
     allocations: list[AllocationView] = list(indexes["allocations_by_pool"].get(name, []))
+    namespaces = {str(a.spec.get("namespace") or (a.spec.get("tenant") or {}).get("name", "")) for a in allocations}
+    observed: dict[tuple[str, str, str], Any] = {}
+    claims: dict[str, list[tuple[datetime, str]]] = {}
+    pods: dict[str, list[PodView]] = {}
+    labels: dict[str, Any] = {}
+    for namespace in namespaces:
+        for index_name, key in (
+            ("managed_namespaces", ("Namespace", "", namespace)),
+            ("managed_quotas", ("ResourceQuota", namespace, QUOTA_NAME)),
+            ("managed_limit_ranges", ("LimitRange", namespace, LIMIT_RANGE_NAME)),
+            ("managed_role_bindings", ("RoleBinding", namespace, OWNERS_BINDING_NAME)),
+        ):
+            found = _one(indexes[index_name], key)
+            if found is not None:
+                observed[key] = found
+        claims[namespace] = [
+            (datetime.fromisoformat(created.replace("Z", "+00:00")), allocation)
+            for created, allocation, _pool, _exclusive in indexes["allocations_by_namespace"].get(namespace, [])
+        ]
+        pods[namespace] = list(indexes["gpu_pods_by_namespace"].get(namespace, []))
+        found_labels = _one(indexes["namespace_labels"], namespace)
+        if found_labels is not None:
+            labels[namespace] = found_labels
+    uids = {a.uid for a in allocations}
+    usage = {uid: {r.name: r for r in indexes["usage_by_allocation"].get(uid, [])} for uid in uids}
     nodes: list[NodeInfo] = [info for store in indexes["nodes_by_name"].values() for info in store]
     return PoolSnapshot(
         pool=name,
@@ -66,11 +84,11 @@ def snapshot(name: str, body: kopf.Body, indexes: dict[str, kopf.Index[Any, Any]
         nodes=nodes,
         allocations=allocations,
         observed=observed,
-        namespaces=_flatten(indexes["namespace_labels"]),
+        namespaces=labels,
         namespace_claims=claims,
         pods_by_namespace=pods,
         exclusive_holders=exclusive_holders(indexes["nodes_by_name"]),
-        usage={uid: {record.name: record for record in store} for uid, store in indexes["usage_by_allocation"].items()},
+        usage=usage,
     )
 
 
