@@ -146,6 +146,9 @@ def admit(capacity_gpus: int, allocations: Iterable[AllocationDemand], now: date
             kept = min(demand.granted_gpus, demand.gpus)
             grants[demand.name] = _Grant(demand.name, kept, demand.start, demand.end)
 
+    # Grants active now, kept up to date as grants are added: most windows start now, so the lower bound
+    # below is O(1) for them instead of a walk over every grant.
+    active_now = _active_at(grants.values(), now)
     position = 0
     for demand in live:
         held = grants.get(demand.name)
@@ -154,10 +157,16 @@ def admit(capacity_gpus: int, allocations: Iterable[AllocationDemand], now: date
             window_start = max(demand.start, now)
             # The grants at the window's first instant bound the peak from below: most waiting
             # allocations fail this check, and it spares them the sweep.
-            others = _active_at(grants.values(), window_start, exclude=demand.name)
+            if window_start == now:
+                own = held.gpus if held is not None and held.start <= now < held.end else 0
+                others = active_now - own
+            else:
+                others = _active_at(grants.values(), window_start, exclude=demand.name)
             if others + demand.gpus <= capacity:
                 others = _peak(grants.values(), window_start, demand.end, exclude=demand.name)
             if others + demand.gpus <= capacity:
+                if demand.start <= now < demand.end:
+                    active_now += demand.gpus - (held.gpus if held is not None and held.start <= now < held.end else 0)
                 grants[demand.name] = _Grant(demand.name, demand.gpus, demand.start, demand.end)
                 held_gpus = demand.gpus
             else:

@@ -26,6 +26,7 @@ from gpuaas.k8s.ledger import LedgerWriter
 from gpuaas.k8s.reconciler import AllocationView, PodView, PoolReconciler, PoolSnapshot
 
 MIN_PASS_INTERVAL_SECONDS = 0.2
+PASS_DUTY_FACTOR = 5.0
 
 
 def register_webhooks(options: OperatorOptions) -> None:
@@ -123,11 +124,16 @@ async def reconcile_pool(
         except Exception:
             metrics.reconcile_errors.labels(name).inc()
             logger.exception(f"pool {name}: reconcile pass failed; retrying")
+        pass_seconds = (datetime.now(UTC) - started).total_seconds()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), timeout=memo.options.pool_resync_seconds)
-        # Coalesce bursts of events (our own status writes wake us too) into one pass per interval.
+        # Coalesce bursts of events (our own status writes wake us too) into one pass per interval, and
+        # keep a busy pool's passes to about a fifth of the time (but never rarer than the resync).
         elapsed = (datetime.now(UTC) - started).total_seconds()
-        await asyncio.sleep(max(0.0, MIN_PASS_INTERVAL_SECONDS - elapsed))
+        interval = min(
+            max(MIN_PASS_INTERVAL_SECONDS, PASS_DUTY_FACTOR * pass_seconds), memo.options.pool_resync_seconds
+        )
+        await asyncio.sleep(max(0.0, interval - elapsed))
 
 
 @kopf.on.delete(GROUP, VERSION, POOL_PLURAL, optional=True)
