@@ -157,7 +157,6 @@ def main() -> None:
             generation = 0
 
             def churn() -> None:
-                nonlocal generation
                 batch = int(options.churn_rate)
                 for offset in range(0, len(churn_pods), batch):
                     tick = time.monotonic()

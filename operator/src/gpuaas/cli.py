@@ -55,6 +55,9 @@ def run(
         typer.Option(help="Outside the cluster: the URL the API server calls; gpuaas then self-signs and registers."),
     ] = None,
     time_zone: Annotated[str, typer.Option(help="Time zone of the ledger's month boundaries.")] = "Asia/Seoul",
+    ledger_flush_seconds: Annotated[
+        float, typer.Option(help="Longest delay before a running allocation's usage is written to its GpuUsage.")
+    ] = 60.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the operator until interrupted."""
@@ -71,6 +74,7 @@ def run(
             webhook_cert_dir=webhook_cert_dir,
             webhook_url=webhook_url,
             time_zone=time_zone,
+            ledger_flush_seconds=ledger_flush_seconds,
         )
     )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kopf
@@ -103,7 +103,10 @@ async def reconcile_pool(
     logger: kopf.Logger,
     **indexes: Any,
 ) -> None:
-    reconciler = PoolReconciler(pool=name, ledger=LedgerWriter(time_zone=memo.options.time_zone))
+    ledger = LedgerWriter(
+        time_zone=memo.options.time_zone, flush_interval=timedelta(seconds=memo.options.ledger_flush_seconds)
+    )
+    reconciler = PoolReconciler(pool=name, ledger=ledger)
     registered = False
     wake = wakeup(memo, name)
     while not stopped:

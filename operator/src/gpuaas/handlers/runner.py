@@ -32,6 +32,8 @@ class OperatorOptions:
     webhook_url: str | None = None
     # Month boundaries of the usage ledger.
     time_zone: str = "Asia/Seoul"
+    # How stale a running allocation's GpuUsage record may get; ended pods are written at once.
+    ledger_flush_seconds: float = 60.0
 
 
 def run_operator(options: OperatorOptions) -> None:

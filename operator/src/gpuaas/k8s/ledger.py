@@ -109,7 +109,7 @@ def live_pod_uids(namespace: str) -> set[str]:
 class LedgerWriter:
     time_zone: str
     # Records are rewritten at most this often while nothing ends; ends are booked on the next pass.
-    flush_interval: timedelta = timedelta(seconds=300)
+    flush_interval: timedelta = timedelta(seconds=60)
     ledgers: dict[str, AllocationLedger] = field(default_factory=dict)
     writes: int = 0
     _writes_lock: threading.Lock = field(default_factory=threading.Lock)
