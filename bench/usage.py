@@ -154,15 +154,25 @@ def main() -> None:
 
             # Churn: end RATE pods and start RATE new ones every second.
             churn_pods = names[: int(options.churn_rate * options.churn_seconds)]
-            generation = 0
+            failed_starts: list[str] = []
 
             def churn() -> None:
+                """Every second: end RATE pods, and start replacements for the pods ended a second earlier
+                (an ended pod holds its quota until the ledger books it and it is gone)."""
                 batch = int(options.churn_rate)
+                waiting: list[tuple[str, str]] = []
                 for offset in range(0, len(churn_pods), batch):
                     tick = time.monotonic()
-                    for name, namespace in churn_pods[offset : offset + batch]:
+                    for name, namespace in waiting:
+                        try:
+                            core.create_namespaced_pod(namespace, pod(f"{name}-next", namespace))
+                        except client.ApiException as error:
+                            if error.status != 403:
+                                raise
+                            failed_starts.append(name)
+                    waiting = churn_pods[offset : offset + batch]
+                    for name, namespace in waiting:
                         core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
-                        core.create_namespaced_pod(namespace, pod(f"{name}-g{generation}", namespace))
                     time.sleep(max(0.0, 1 - (time.monotonic() - tick)))
 
             cpu0, writes0 = cpu_seconds(operator.pid), metric_value(scrape()[1], "gpuaas_ledger_writes_total")
@@ -194,6 +204,7 @@ def main() -> None:
                 "operator_peak_rss_mib": round(peak, 1),
                 "ledger_writes_per_second": round((writes1 - writes0) / elapsed, 2),
                 "ended_pods_not_yet_released_after_2_minutes": len(lingering),
+                "starts_refused_because_the_ended_pod_still_held_quota": len(failed_starts),
             }
 
         month = time.strftime("%Y-%m", time.gmtime(time.time() + 9 * 3600))
