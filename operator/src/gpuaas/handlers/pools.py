@@ -27,6 +27,8 @@ from gpuaas.k8s.reconciler import AllocationView, PodView, PoolReconciler, PoolS
 
 MIN_PASS_INTERVAL_SECONDS = 0.2
 PASS_DUTY_FACTOR = 5.0
+# Passes that processed at least this many allocations are heavy: only they stretch the interval.
+HEAVY_PASS_ALLOCATIONS = 20
 
 
 def register_webhooks(options: OperatorOptions) -> None:
@@ -113,6 +115,7 @@ async def reconcile_pool(
         wake.clear()
         snap = snapshot(name, body, indexes)
         started = datetime.now(UTC)
+        heavy = False
         try:
             with metrics.reconcile_duration.labels(name).time():
                 writes_before = reconciler.ledger.writes
@@ -120,6 +123,7 @@ async def reconcile_pool(
             metrics.ledger_writes.inc(reconciler.ledger.writes - writes_before)
             metrics.record_pool(name, GpuPoolSpec.model_validate(snap.spec), result.pool)
             metrics.record_allocations(name, result.samples)
+            heavy = result.processed >= HEAVY_PASS_ALLOCATIONS
             if not registered and memo.options.webhook_url:
                 await asyncio.to_thread(register_webhooks, memo.options)
                 registered = True
@@ -131,10 +135,12 @@ async def reconcile_pool(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), timeout=memo.options.pool_resync_seconds)
         # Coalesce bursts of events (our own status writes wake us too) into one pass per interval, and
-        # keep a busy pool's passes to about a fifth of the time (but never rarer than the resync).
+        # keep a pool busy with heavy passes to about a fifth of the time (never rarer than the resync);
+        # a light pass (one new allocation) keeps the short interval, so apply-to-Ready stays fast.
         elapsed = (datetime.now(UTC) - started).total_seconds()
         interval = min(
-            max(MIN_PASS_INTERVAL_SECONDS, PASS_DUTY_FACTOR * pass_seconds), memo.options.pool_resync_seconds
+            max(MIN_PASS_INTERVAL_SECONDS, PASS_DUTY_FACTOR * pass_seconds if heavy else 0.0),
+            memo.options.pool_resync_seconds,
         )
         await asyncio.sleep(max(0.0, interval - elapsed))
 

@@ -136,6 +136,7 @@ METRICS_REFRESH = timedelta(seconds=15)
 class PassResult:
     pool: GpuPoolStatus
     samples: list[AllocationSample]
+    processed: int = 0  # allocations that needed a full pass (not skipped as unchanged)
 
 
 def grant_in_force(spec: GpuAllocationSpec, created: datetime, granted: int, phase: str) -> GrantState:
@@ -216,7 +217,7 @@ class PoolReconciler:
             wire = new_pool.to_wire()
             patch_cluster_status(POOL_PLURAL, self.pool, status_merge_patch(self.pool_written or {}, wire))
             self.pool_written = wire
-        return PassResult(pool=new_pool, samples=samples)
+        return PassResult(pool=new_pool, samples=samples, processed=len(changed))
 
     def _intake(
         self, view: AllocationView, snap: PoolSnapshot, members: list[NodeInfo], pool_spec: GpuPoolSpec, now: datetime
