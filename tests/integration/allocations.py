@@ -29,6 +29,7 @@ def allocation_manifest(
     start: datetime | None = None,
     end: datetime | None = None,
     owners: list[dict[str, str]] | None = None,
+    organization: str = "KAIST 비전 연구실",
     **spec: Any,
 ) -> dict[str, Any]:
     return {
@@ -38,7 +39,7 @@ def allocation_manifest(
         "spec": {
             "tenant": {
                 "name": name,
-                "organization": "KAIST 비전 연구실",
+                "organization": organization,
                 "contact": "lab@kaist.ac.kr",
                 "contract": "T-1",
             },

@@ -17,7 +17,6 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from kubernetes.client.exceptions import ApiException
 
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.domain.scenarios import SCENARIOS
+from tests.integration.allocations import allocation_manifest, gpu_pod
 from tests.integration.conftest import LocalCluster, OperatorProcess, free_port, wait_for
 
 pytestmark = pytest.mark.integration
@@ -139,29 +139,6 @@ def prometheus(operator: OperatorProcess, tmp_path_factory: pytest.TempPathFacto
 # --- The allocation and its pod ------------------------------------------------------------------
 
 
-def allocation_manifest(name: str, pool: str, gpus: int) -> dict[str, Any]:
-    now = datetime.now(UTC)
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "GpuAllocation",
-        "metadata": {"name": name},
-        "spec": {
-            "tenant": {"name": name, "organization": ORGANIZATION, "contact": "ops@snu.ac.kr", "contract": "M-7"},
-            "pool": pool,
-            "gpus": gpus,
-            "window": {"start": (now - timedelta(hours=1)).isoformat(), "end": (now + timedelta(days=7)).isoformat()},
-            "owners": [{"kind": "User", "name": "alice"}],
-            "deletionPolicy": "Delete",
-        },
-    }
-
-
-def gpu_pod(name: str, gpus: int) -> dict[str, Any]:
-    limits = {"nvidia.com/gpu": str(gpus)}
-    container = {"name": "train", "image": "nvcr.io/nvidia/pytorch:25.01-py3", "resources": {"limits": limits}}
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {"containers": [container]}}
-
-
 def allocation_status(cluster: LocalCluster, name: str) -> dict[str, Any]:
     obj = client.CustomObjectsApi(cluster.api).get_cluster_custom_object(GROUP, VERSION, "gpuallocations", name)
     status: dict[str, Any] = obj.get("status") or {}
@@ -197,12 +174,12 @@ def busy_allocation(cluster: LocalCluster, operator: OperatorProcess) -> Iterato
     """An Active allocation of 8 H200 GPUs with an 8-GPU pod running, so the in-use series are not zero."""
     name = f"prom-{uuid.uuid4().hex[:6]}"
     client.CustomObjectsApi(cluster.api).create_cluster_custom_object(
-        GROUP, VERSION, "gpuallocations", allocation_manifest(name, H200.name, 8)
+        GROUP, VERSION, "gpuallocations", allocation_manifest(name, H200.name, 8, organization=ORGANIZATION)
     )
     try:
         wait_for(lambda: is_ready(allocation_status(cluster, name)), timeout=60, message=f"{name} Active and Ready")
         core = client.CoreV1Api(cluster.api)
-        core.create_namespaced_pod(name, gpu_pod("train-0", 8))
+        core.create_namespaced_pod(name, gpu_pod("train-0", name, 8))
         wait_for(
             lambda: core.read_namespaced_pod("train-0", name).status.phase == "Running",
             timeout=60,

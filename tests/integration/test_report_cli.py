@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.usage import USAGE_PLURAL, usage_name
 from gpuaas.domain.ledger import month_of
 from gpuaas.domain.scenarios import SCENARIOS
+from tests.integration.allocations import allocation_manifest, gpu_pod
 from tests.integration.conftest import LocalCluster, OperatorProcess, wait_for
 
 pytestmark = pytest.mark.integration
@@ -42,29 +43,6 @@ NUMBER_COLUMNS = {
     "Peak GPUs in use": "peakGPUsInUse",
     "Pods": "podCount",
 }
-
-
-def allocation_manifest(name: str, pool: str, gpus: int) -> dict[str, Any]:
-    now = datetime.now(UTC)
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "GpuAllocation",
-        "metadata": {"name": name},
-        "spec": {
-            "tenant": {"name": name, "organization": ORGANIZATION, "contact": "gpu@kaist.ac.kr", "contract": "R-42"},
-            "pool": pool,
-            "gpus": gpus,
-            "window": {"start": (now - timedelta(hours=1)).isoformat(), "end": (now + timedelta(days=7)).isoformat()},
-            "owners": [{"kind": "User", "name": "alice"}],
-            "deletionPolicy": "Delete",
-        },
-    }
-
-
-def gpu_pod(name: str, gpus: int) -> dict[str, Any]:
-    limits = {"nvidia.com/gpu": str(gpus)}
-    container = {"name": "train", "image": "nvcr.io/nvidia/pytorch:25.01-py3", "resources": {"limits": limits}}
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {"containers": [container]}}
 
 
 def custom(cluster: LocalCluster) -> client.CustomObjectsApi:
@@ -201,12 +179,12 @@ def test_report_of_the_current_month_in_every_format(
     name = f"rep-{uuid.uuid4().hex[:6]}"
     core = client.CoreV1Api(cluster.api)
     custom(cluster).create_cluster_custom_object(
-        GROUP, VERSION, "gpuallocations", allocation_manifest(name, B200.name, 8)
+        GROUP, VERSION, "gpuallocations", allocation_manifest(name, B200.name, 8, organization=ORGANIZATION)
     )
     deleted = False
     try:
         wait_for(lambda: allocation_ready(cluster, name), timeout=60, message=f"{name} Active and Ready")
-        core.create_namespaced_pod(name, gpu_pod("train-0", 8))
+        core.create_namespaced_pod(name, gpu_pod("train-0", name, 8))
         wait_for(
             lambda: core.read_namespaced_pod("train-0", name).status.phase == "Running",
             timeout=60,

@@ -29,8 +29,32 @@ def utilisation_percent(used_gpu_seconds: int, granted_gpu_seconds: int) -> Deci
     )
 
 
+class _Hours:
+    """The hours and utilisation every row and total derives from its exact seconds."""
+
+    used_gpu_seconds: int
+    granted_gpu_seconds: int
+    idle_seconds: int
+
+    @property
+    def granted_gpu_hours(self) -> Decimal:
+        return seconds_to_hours(self.granted_gpu_seconds)
+
+    @property
+    def used_gpu_hours(self) -> Decimal:
+        return seconds_to_hours(self.used_gpu_seconds)
+
+    @property
+    def idle_hours(self) -> Decimal:
+        return seconds_to_hours(self.idle_seconds)
+
+    @property
+    def utilisation_percent(self) -> Decimal | None:
+        return utilisation_percent(self.used_gpu_seconds, self.granted_gpu_seconds)
+
+
 @dataclass(frozen=True)
-class ReportRow:
+class ReportRow(_Hours):
     """One allocation in one month."""
 
     month: str
@@ -49,25 +73,9 @@ class ReportRow:
     peak_gpus_in_use: int
     pod_count: int
 
-    @property
-    def granted_gpu_hours(self) -> Decimal:
-        return seconds_to_hours(self.granted_gpu_seconds)
-
-    @property
-    def used_gpu_hours(self) -> Decimal:
-        return seconds_to_hours(self.used_gpu_seconds)
-
-    @property
-    def idle_hours(self) -> Decimal:
-        return seconds_to_hours(self.idle_seconds)
-
-    @property
-    def utilisation_percent(self) -> Decimal | None:
-        return utilisation_percent(self.used_gpu_seconds, self.granted_gpu_seconds)
-
 
 @dataclass(frozen=True)
-class ReportTotal:
+class ReportTotal(_Hours):
     """A sum over the rows that share `key` in `scope` (scope "all": every row, key "")."""
 
     scope: TotalScope
@@ -78,22 +86,6 @@ class ReportTotal:
     granted_gpu_seconds: int
     idle_seconds: int
     pod_count: int
-
-    @property
-    def granted_gpu_hours(self) -> Decimal:
-        return seconds_to_hours(self.granted_gpu_seconds)
-
-    @property
-    def used_gpu_hours(self) -> Decimal:
-        return seconds_to_hours(self.used_gpu_seconds)
-
-    @property
-    def idle_hours(self) -> Decimal:
-        return seconds_to_hours(self.idle_seconds)
-
-    @property
-    def utilisation_percent(self) -> Decimal | None:
-        return utilisation_percent(self.used_gpu_seconds, self.granted_gpu_seconds)
 
 
 @dataclass(frozen=True)
