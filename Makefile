@@ -14,9 +14,15 @@ $(UV):
 	python3 -m venv .tools/uv
 	.tools/uv/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
-setup: $(UV)  ## Python environment from uv.lock, and Prometheus (Debian package) for the dashboard test
+# Debian packages: Prometheus for the dashboard test; runc, CNI plugins, iptables and conntrack for the real node;
+# mmdebstrap for the operator image's base (built here: no registry).
+DEBIAN_PACKAGES := prometheus runc containernetworking-plugins iptables conntrack mmdebstrap
+
+setup: $(UV)  ## Python environment from uv.lock, and the Debian packages above
 	$(UV) sync --frozen --quiet
-	@command -v prometheus >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "installing Debian packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
 binaries:  ## Pinned Kubernetes, etcd, kwok, helm and kind binaries (cached by version outside the repo)
 	bash tools/build.sh >/dev/null

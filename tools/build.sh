@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the pinned local-control-plane binaries from published Go modules and caches them by version.
-# Usage: tools/build.sh [kubernetes|etcd|kwok|helm|kind ...]   (default: all)
+# Usage: tools/build.sh [kubernetes|etcd|kwok|helm|kind|containerd|nodetools ...]   (default: all)
 # Prints the cache directory of each component. A component whose binaries exist is skipped.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -18,6 +18,7 @@ go_with_progress() {
   local start=$SECONDS
   ( "$@" 2>&1 | while IFS= read -r line; do
       case "$line" in
+        "go: downloading "*|"go: finding "*|"go: extracting "*) ;;  # module fetches: progress, not news
         *:*) echo "$line" >&2 ;;  # errors and warnings carry a colon; package paths do not
         *) echo x >>"$count_file" ;;
       esac
@@ -42,7 +43,7 @@ is_cached() {
 
 build_kubernetes() {
   local dir="$cache_root/kubernetes/$KUBERNETES_VERSION"
-  local bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+  local bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
   if ! is_cached "$dir" "${bins[@]}"; then
     local pinned; pinned=$(cd "$here/kubernetes" && go list -m -f '{{.Version}}' k8s.io/kubernetes)
     [ "$pinned" = "$KUBERNETES_VERSION" ] ||
@@ -103,15 +104,51 @@ build_helm() {
     "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
 }
 
+# containerd, its runc shim and ctr, from the wrapper module tools/containerd (runc and CNI plugins come from Debian).
+build_containerd() {
+  local dir="$cache_root/containerd/$CONTAINERD_VERSION"
+  local bins=(containerd containerd-shim-runc-v2 ctr)
+  if ! is_cached "$dir" "${bins[@]}"; then
+    local pinned; pinned=$(cd "$here/containerd" && go list -m -f '{{.Version}}' github.com/containerd/containerd/v2)
+    [ "$pinned" = "$CONTAINERD_VERSION" ] ||
+      { log "tools/containerd/go.mod pins $pinned, not $CONTAINERD_VERSION"; return 1; }
+    log "containerd $CONTAINERD_VERSION: building ${bins[*]}"
+    mkdir -p "$dir.tmp"
+    (cd "$here/containerd" && go_with_progress "containerd $CONTAINERD_VERSION" \
+      go build -v -trimpath -tags no_btrfs,no_devmapper,no_zfs \
+      -ldflags "-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION" -o "$dir.tmp/" \
+      "${bins[@]/#/github.com/containerd/containerd/v2/cmd/}")
+    rm -rf "$dir" && mv "$dir.tmp" "$dir"
+  fi
+  echo "$dir"
+}
+
+# gpuaas's own node programs (tools/nodetools): the pause image's binary and the fake NVIDIA device plugin.
+# Keyed by a hash of their sources, so an edit rebuilds them.
+build_nodetools() {
+  local key; key=$(cd "$here/nodetools" && find . -type f \( -name '*.go' -o -name 'go.mod' -o -name 'go.sum' \) -print0 |
+    sort -z | xargs -0 sha256sum | sha256sum | cut -c1-12)
+  local dir="$cache_root/nodetools/$key"
+  local bins=(pause fake-device-plugin)
+  if ! is_cached "$dir" "${bins[@]}"; then
+    log "nodetools $key: building ${bins[*]}"
+    mkdir -p "$dir.tmp"
+    (cd "$here/nodetools" && go_with_progress "nodetools" \
+      go build -v -trimpath -ldflags "-s -w" -o "$dir.tmp/" ./cmd/pause ./cmd/fake-device-plugin)
+    rm -rf "$dir" && mv "$dir.tmp" "$dir"
+  fi
+  echo "$dir"
+}
+
 build_kind() {
   go_install_pinned kind "$KIND_VERSION" "-s -w" "sigs.k8s.io/kind@$KIND_VERSION"
 }
 
 components=("$@")
-[ "${#components[@]}" -gt 0 ] || components=(kubernetes etcd kwok helm kind)
+[ "${#components[@]}" -gt 0 ] || components=(kubernetes etcd kwok helm kind containerd nodetools)
 for component in "${components[@]}"; do
   case "$component" in
-    kubernetes|etcd|kwok|helm|kind) "build_$component" ;;
+    kubernetes|etcd|kwok|helm|kind|containerd|nodetools) "build_$component" ;;
     *) log "unknown component: $component"; exit 2 ;;
   esac
 done

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from gpuaas.api.usage import DEFAULT_TIME_ZONE, GpuUsage
 from gpuaas.domain.ledger import month_of, parse_month
 from gpuaas.domain.report import build_report
-from gpuaas.domain.scenarios import SCENARIOS, pool_manifest
+from gpuaas.domain.scenarios import REAL_NODE_POOL, SCENARIOS, pool_manifest
 from gpuaas.handlers.runner import OperatorOptions, run_operator
 from gpuaas.k8s import localcluster
 from gpuaas.k8s.client import new_api_client
@@ -28,7 +28,7 @@ from gpuaas.reporting.formats import FORMATS, render
 app = typer.Typer(help="gpuaas: GPU-as-a-Service control plane for Kubernetes.", no_args_is_help=True)
 cluster_app = typer.Typer(help="The local control plane: real Kubernetes binaries plus KWOK GPU nodes.")
 app.add_typer(cluster_app, name="cluster")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # paths and commands stay on one line
 
 ClusterName = Annotated[str, typer.Option("--name", help="kwokctl cluster name.")]
 KubeconfigOption = Annotated[
@@ -46,6 +46,9 @@ def run(
     peering_priority: Annotated[
         int | None, typer.Option(help="Peering priority; the highest reconciles. Default: random per process.")
     ] = None,
+    peering_lifetime: Annotated[
+        int, typer.Option(help="Seconds after the active replica's last heartbeat before a standby takes over.")
+    ] = 20,
     webhook_port: Annotated[int, typer.Option(help="Port of the admission webhooks; 0 disables them.")] = 9443,
     webhook_cert_dir: Annotated[
         str | None, typer.Option(help="Directory with tls.crt and tls.key (default .cluster/webhook).")
@@ -69,6 +72,7 @@ def run(
             pool_resync_seconds=pool_resync_seconds,
             peering=peering,
             peering_priority=peering_priority,
+            peering_lifetime=peering_lifetime,
             verbose=verbose,
             webhook_port=webhook_port,
             webhook_cert_dir=webhook_cert_dir,
@@ -89,10 +93,23 @@ def cluster_up(
     name: ClusterName = "gpuaas",
     kubeconfig: KubeconfigOption = None,
     pools: Annotated[bool, typer.Option(help="Also apply the CRDs and the scenario's GpuPools.")] = True,
+    real_nodes: Annotated[
+        int,
+        typer.Option(
+            help="Real nodes (containerd + kubelet + kube-proxy on this host, root only): 0 or 1. The real node is "
+            f"the system node and the only node of pool {REAL_NODE_POOL.name}, with 8 fake GPUs."
+        ),
+    ] = 0,
 ) -> None:
     """Start the local cluster (building pinned binaries on first use) and create fake GPU nodes."""
     if scenario not in SCENARIOS:
         raise typer.BadParameter(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
+    if real_nodes not in (0, 1):
+        raise typer.BadParameter(
+            "one real node per host: the kubelet's device-plugin directory is fixed, and two kubelets on one host "
+            "remove each other's pods",
+            param_hint="--real-nodes",
+        )
     chosen = SCENARIOS[scenario]
     kubeconfig = kubeconfig or localcluster.default_kubeconfig(name)
     started = time.monotonic()
@@ -117,6 +134,17 @@ def cluster_up(
             localcluster.wait_for_crds(api, [m["metadata"]["name"] for m in load_manifests(crd_paths())])
             for pool in chosen.pools:
                 server_side_apply(api, pool_manifest(pool))
+    if real_nodes:
+        node = localcluster.start_local_real_node(
+            binaries, name, kubeconfig, on_progress=lambda line: console.print(f"real node: {line}")
+        )
+        console.print(
+            f"real node [bold]{node.state.node}[/] Ready (pool {REAL_NODE_POOL.name}); logs in {node.state.work}"
+        )
+        console.print(f"operator image {node.operator_image} imported (helm: --set image.pullPolicy=Never)")
+        if pools:
+            with new_api_client(str(kubeconfig)) as api:
+                server_side_apply(api, pool_manifest(REAL_NODE_POOL))
     totals = ", ".join(f"{model} x {gpus:,}" for model, gpus in chosen.gpus_by_model().items())
     console.print(f"scenario [bold]{chosen.name}[/]: {chosen.node_count:,} nodes, {totals}")
     console.print(f"ready in {time.monotonic() - started:.1f}s")
@@ -126,9 +154,12 @@ def cluster_up(
 
 @cluster_app.command("down")
 def cluster_down(name: ClusterName = "gpuaas", kubeconfig: KubeconfigOption = None) -> None:
-    """Stop the local cluster and delete its state."""
+    """Stop the local cluster and delete its state; a real node is stopped first and the host restored."""
     binaries = localcluster.ensure_binaries()
-    localcluster.delete_cluster(binaries, name, kubeconfig or localcluster.default_kubeconfig(name))
+    kubeconfig = kubeconfig or localcluster.default_kubeconfig(name)
+    if localcluster.stop_local_real_node(binaries, name, kubeconfig):
+        console.print("real node stopped; host restored")
+    localcluster.delete_cluster(binaries, name, kubeconfig)
     console.print(f"cluster {name} deleted")
 
 

@@ -107,6 +107,11 @@ def node_manifest(pool: ScenarioPool, index: int) -> dict[str, object]:
     }
 
 
+# The pool of the local cluster's real node (`gpuaas cluster up --real-nodes 1`): one kubelet with gpuaas's fake
+# device plugin, so tenant GPU pods run as real containers.
+REAL_NODE_POOL = ScenarioPool(name="real-b200", gpu_model="B200", provider="nhn", nodes=1)
+
+
 def pool_manifest(pool: ScenarioPool) -> dict[str, object]:
     return {
         "apiVersion": API_VERSION,

@@ -5,6 +5,7 @@ The API server calls these only for namespaces labelled gpuaas.io/managed=true (
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,8 @@ from gpuaas.api.allocation import ALLOCATION_LABEL, ALLOCATION_PLURAL, GpuAlloca
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.domain.fence import Fence, mutate_pod, validate_pod
 from gpuaas.domain.guard import Requester, managed_change_problem, unfenced_pod_problems
+
+logger = logging.getLogger("gpuaas.fence")
 
 
 def _fence_for(namespace: str | None, indexes: dict[str, kopf.Index[Any, Any]]) -> Fence | None:
@@ -47,6 +50,9 @@ def pin_pod_to_pool(*, body: kopf.Body, namespace: str | None, patch: kopf.Patch
     if fence is None:
         return  # a released namespace: validation refuses GPU pods and pool tolerations
     ops = mutate_pod(dict(body), fence)
+    # Which replica fenced which pod: an audit trail in the operator's log.
+    meta = body.get("metadata") or {}
+    logger.info(f"fenced pod {namespace}/{meta.get('name') or meta.get('generateName', '')} to pool {fence.pool}")
     if ops:
         apply_ops: Callable[[Any], Any] = lambda raw: jsonpatch.apply_patch(raw, ops, in_place=True)  # noqa: E731
         patch.fns.append(apply_ops)

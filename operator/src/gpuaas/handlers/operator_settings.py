@@ -34,7 +34,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Log
     )
     settings.execution.max_workers = 16
     # A standby replica takes over this long after the active one stops heart-beating.
-    settings.peering.lifetime = 20
+    settings.peering.lifetime = options.peering_lifetime
     memo.operator_username = webhooks.whoami()
     logger.info(f"operator identity: {memo.operator_username}")
     if not options.webhook_port:

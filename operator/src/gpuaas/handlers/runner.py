@@ -23,6 +23,7 @@ class OperatorOptions:
     peering: str | None = None
     # kopf pauses every peer that shares the top priority, so replicas must differ; None picks one at random.
     peering_priority: int | None = None
+    peering_lifetime: int = 20
     verbose: bool = False
     webhook_port: int = 9443
     # Directory with tls.crt and tls.key (a mounted Secret in the cluster).

@@ -15,11 +15,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from gpuaas.domain.scenarios import KWOK_NODE_ANNOTATION, Scenario, node_manifest
+from gpuaas.domain.scenarios import KWOK_NODE_ANNOTATION, REAL_NODE_POOL, Scenario, node_manifest
+from gpuaas.k8s import localimages
 from gpuaas.k8s.client import new_api_client
+from gpuaas.k8s.realnode import (
+    NodeBinaries,
+    RealNodeSpec,
+    RealNodeState,
+    kwokctl_config,
+    load_state,
+    real_node_labels,
+    start_real_node,
+    stop_real_node,
+)
 
 
 def repo_root() -> Path:
@@ -64,6 +76,29 @@ def ensure_binaries(components: tuple[str, ...] = ("kubernetes", "etcd", "kwok",
     )
 
 
+def ensure_node_binaries(binaries: Binaries) -> NodeBinaries:
+    """containerd and gpuaas's node tools (built and cached like the rest); kubelet and kube-proxy sit beside
+    kube-apiserver."""
+    script = repo_root() / "tools" / "build.sh"
+    result = subprocess.run(
+        ["bash", str(script), "containerd", "nodetools"], check=True, stdout=subprocess.PIPE, text=True
+    )
+    containerd_dir, nodetools = (Path(line) for line in result.stdout.split())
+    kube = binaries.kubectl.parent
+    return NodeBinaries(
+        containerd_dir=containerd_dir,
+        kubelet=kube / "kubelet",
+        kube_proxy=kube / "kube-proxy",
+        device_plugin=nodetools / "fake-device-plugin",
+        pause=nodetools / "pause",
+    )
+
+
+def node_work_dir(name: str) -> Path:
+    """Configs, certs, logs and the host snapshot of the cluster's real node."""
+    return repo_root() / ".cluster" / f"{name}-node"
+
+
 def default_kubeconfig(name: str) -> Path:
     return repo_root() / ".cluster" / f"{name}.kubeconfig"
 
@@ -87,8 +122,11 @@ def cluster_exists(binaries: Binaries, name: str) -> bool:
 
 def create_cluster(binaries: Binaries, name: str, kubeconfig: Path, apiserver_port: int | None = None) -> None:
     kubeconfig.parent.mkdir(parents=True, exist_ok=True)
+    # Every cluster can take a real node later: the settings real kubelets and in-cluster clients need.
+    config = kubeconfig.parent / f"{name}.kwokctl.yaml"
+    config.write_text(yaml.safe_dump(kwokctl_config(name), sort_keys=False))
     args = [
-        "create", "cluster", "--name", name, "--runtime", "binary",
+        "create", "cluster", "--name", name, "--runtime", "binary", "--config", str(config),
         "--kubeconfig", str(kubeconfig),
         "--kube-apiserver-binary", str(binaries.kube_apiserver),
         "--kube-controller-manager-binary", str(binaries.kube_controller_manager),
@@ -185,3 +223,56 @@ def node_summary(kubeconfig: Path) -> NodeSummary:
     ready = sum(1 for s in statuses if any(c.type == "Ready" and c.status == "True" for c in s.conditions or []))
     gpus = sum(int((s.allocatable or {}).get("nvidia.com/gpu", "0")) for s in statuses)
     return NodeSummary(nodes=len(nodes), ready=ready, gpus=gpus)
+
+
+def real_node_name(cluster: str) -> str:
+    return f"{cluster}-real-0"
+
+
+def build_local_images(
+    node_binaries: NodeBinaries, on_progress: Callable[[str], None]
+) -> list[localimages.ImageArchive]:
+    """The images a real node runs, built here (no registry): pause, the tenant image and the operator."""
+    cache = localimages.default_cache()
+    return [
+        localimages.build_pause_image(node_binaries.pause, cache),
+        localimages.build_tenant_image(cache),
+        localimages.build_operator_image(repo_root(), cache, on_progress=on_progress),
+    ]
+
+
+@dataclass(frozen=True)
+class LocalRealNode:
+    state: RealNodeState
+    images: list[localimages.ImageArchive]
+
+    @property
+    def operator_image(self) -> str:
+        return next(
+            image.reference for image in self.images if image.reference.startswith(localimages.OPERATOR_REPOSITORY)
+        )
+
+
+def start_local_real_node(
+    binaries: Binaries, name: str, kubeconfig: Path, on_progress: Callable[[str], None]
+) -> LocalRealNode:
+    """The cluster's real node: system node for gpuaas-system and the only node of REAL_NODE_POOL."""
+    node_binaries = ensure_node_binaries(binaries)
+    images = build_local_images(node_binaries, on_progress)
+    spec = RealNodeSpec(
+        name=real_node_name(name),
+        labels=real_node_labels(REAL_NODE_POOL.name, REAL_NODE_POOL.gpu_model, REAL_NODE_POOL.provider),
+        gpus=REAL_NODE_POOL.gpus_per_node,
+        images=tuple(image.path for image in images),
+    )
+    state = start_real_node(
+        name, kubeconfig, node_work_dir(name), node_binaries, spec, localimages.PAUSE_IMAGE, on_progress
+    )
+    return LocalRealNode(state, images)
+
+
+def stop_local_real_node(binaries: Binaries, name: str, kubeconfig: Path) -> bool:
+    """Stop the cluster's real node, if it has one, and restore the host."""
+    if load_state(node_work_dir(name)) is None:
+        return False
+    return stop_real_node(node_work_dir(name), kubeconfig, ensure_node_binaries(binaries))
