@@ -433,15 +433,149 @@ def test_a_finished_pod_ends_at_its_last_container_finish() -> None:
     assert interval.end == datetime(2026, 10, 1, 3, tzinfo=UTC)
 
 
-def test_a_deleted_pod_ends_when_deletion_was_requested() -> None:
-    deleting = pod(statuses=RUNNING, deletionTimestamp="2026-10-01T05:00:30Z", deletionGracePeriodSeconds=30)
+# Deletion requested at 05:00:00 with the default grace of 30 s: the kubelet kills at 05:00:30.
+REQUESTED = datetime(2026, 10, 1, 5, tzinfo=UTC)
+DEADLINE = "2026-10-01T05:00:30Z"
+STARTED = datetime(2026, 10, 1, 0, 0, 5, tzinfo=UTC)
+
+
+def terminated(finished: str) -> list[dict[str, Any]]:
+    return [{"state": {"terminated": {"startedAt": "2026-10-01T00:00:05Z", "finishedAt": finished, "exitCode": 137}}}]
+
+
+def used_and_released(
+    shown: dict[str, Any], now: datetime, records: dict[str, GpuUsageStatus] | None = None
+) -> tuple[dict[str, GpuUsageStatus], int, tuple[str, ...]]:
+    """Flush one pod as the API shows it at `now`: the records after, the pod's GPU-seconds, released uids."""
+    interval = pod_interval_from_pod(shown)
+    assert interval is not None
+    result = flush(records or {}, [interval], None, now, "UTC")
+    after = {**(records or {}), **result.records}
+    return after, sum(record.used_gpu_seconds for record in after.values()), result.released
+
+
+def test_a_deleted_pod_ends_when_its_gpus_are_released() -> None:
+    """It holds its GPUs until its containers terminate (here 20 s of cleanup after SIGTERM), not until
+    deletion was asked for; the kubelet's final delete (grace 0, deletionTimestamp moved back to its own
+    moment) does not move the end."""
+    while_terminating = pod(
+        statuses=terminated("2026-10-01T05:00:20Z"), deletionTimestamp=DEADLINE, deletionGracePeriodSeconds=30
+    )
+    interval = pod_interval_from_pod(while_terminating)
+    assert interval == PodInterval("uid-1", 8, STARTED, datetime(2026, 10, 1, 5, 0, 20, tzinfo=UTC))
+    terminal = pod(
+        "Failed", statuses=terminated("2026-10-01T05:00:20Z"), deletionTimestamp=DEADLINE, deletionGracePeriodSeconds=30
+    )
+    assert pod_interval_from_pod(terminal) == interval
+    finally_deleted = pod(
+        "Failed",
+        statuses=terminated("2026-10-01T05:00:20Z"),
+        deletionTimestamp="2026-10-01T05:00:21Z",
+        deletionGracePeriodSeconds=0,
+    )
+    assert pod_interval_from_pod(finally_deleted) == interval
+
+
+def test_a_pod_ignoring_sigterm_is_booked_until_it_is_killed() -> None:
+    deleting = pod(statuses=RUNNING, deletionTimestamp=DEADLINE, deletionGracePeriodSeconds=30)
+    # Ten seconds after the request it still runs: booked up to now, and its finalizer stays.
+    records, used, released = used_and_released(deleting, REQUESTED + timedelta(seconds=10))
+    assert used == 8 * (to_epoch(REQUESTED) + 10 - to_epoch(STARTED))
+    assert released == ()
+    # SIGKILL at the deadline: the kubelet reports the finish, then deletes the pod for good (grace 0),
+    # which moves the deletionTimestamp back to that moment. Either view ends it at the kill.
+    killed = pod("Failed", statuses=terminated(DEADLINE), deletionTimestamp=DEADLINE, deletionGracePeriodSeconds=30)
+    final = pod(
+        "Failed", statuses=terminated(DEADLINE), deletionTimestamp="2026-10-01T05:00:31Z", deletionGracePeriodSeconds=0
+    )
+    assert pod_interval_from_pod(killed) == pod_interval_from_pod(final)
+    records, used, released = used_and_released(final, REQUESTED + timedelta(seconds=32), records)
+    assert used == 8 * (to_epoch(REQUESTED) + 30 - to_epoch(STARTED))
+    assert released == ("uid-1",)
+    # Flushing the other view again books nothing twice.
+    assert used_and_released(killed, REQUESTED + timedelta(seconds=40), records)[1:] == (used, ("uid-1",))
+    # A finishedAt past the deadline (the kill lands late in its second) is capped to the deadline.
+    late = pod(
+        "Failed", statuses=terminated("2026-10-01T05:00:31Z"), deletionTimestamp=DEADLINE, deletionGracePeriodSeconds=30
+    )
+    assert pod_interval_from_pod(late) == pod_interval_from_pod(killed)
+
+
+def test_a_deleting_pod_reporting_its_finish_is_booked_to_it() -> None:
+    deleting = pod(statuses=RUNNING, deletionTimestamp=DEADLINE, deletionGracePeriodSeconds=30)
+    records, _, released = used_and_released(deleting, REQUESTED + timedelta(seconds=10))
+    assert released == ()
+    # The job's own cleanup ends it at 05:00:25, before the kill: booked to there, not to the deadline.
+    finished = pod(
+        "Failed", statuses=terminated("2026-10-01T05:00:25Z"), deletionTimestamp=DEADLINE, deletionGracePeriodSeconds=30
+    )
+    _, used, released = used_and_released(finished, REQUESTED + timedelta(seconds=26), records)
+    assert used == 8 * (to_epoch(REQUESTED) + 25 - to_epoch(STARTED))
+    assert released == ("uid-1",)
+
+
+def test_a_deleting_pod_never_reporting_a_finish_is_booked_to_its_deadline() -> None:
+    """A node that never reports a finish (lost, or KWOK's): the pod holds its GPUs (and finalizer) until
+    the kill deadline, then is booked to it."""
+    deleting = pod(statuses=RUNNING, deletionTimestamp=DEADLINE, deletionGracePeriodSeconds=30)
     interval = pod_interval_from_pod(deleting)
     assert interval is not None
-    assert interval.end == datetime(2026, 10, 1, 5, tzinfo=UTC)
-    # The kubelet later reports the killed containers as finished: the end must not move.
-    killed = [{"state": {"terminated": {"startedAt": "2026-10-01T00:00:05Z", "finishedAt": "2026-10-01T05:00:20Z"}}}]
-    terminal = pod("Failed", statuses=killed, deletionTimestamp="2026-10-01T05:00:00Z", deletionGracePeriodSeconds=0)
-    assert pod_interval_from_pod(terminal) == interval
+    assert interval.end == datetime(2026, 10, 1, 5, 0, 30, tzinfo=UTC)
+    records, used, released = used_and_released(deleting, REQUESTED + timedelta(seconds=29))
+    assert (used, released) == (8 * (to_epoch(REQUESTED) + 29 - to_epoch(STARTED)), ())
+    assert records["2026-10"].pods["uid-1"].booked_until == REQUESTED + timedelta(seconds=29)
+    records, used, released = used_and_released(deleting, REQUESTED + timedelta(minutes=5), records)
+    assert (used, released) == (8 * (to_epoch(REQUESTED) + 30 - to_epoch(STARTED)), ("uid-1",))
+    # Flushing again (a restart, a replay) books nothing more.
+    assert used_and_released(deleting, REQUESTED + timedelta(minutes=6), records)[1:] == (used, ("uid-1",))
+
+
+def test_a_pod_exiting_on_sigterm_is_booked_to_its_real_finish() -> None:
+    # Asked at 05:00:00.9, exited 0.2 s later: finishedAt 05:00:01, long before the deadline.
+    exited = pod(
+        "Succeeded",
+        statuses=terminated("2026-10-01T05:00:01Z"),
+        deletionTimestamp=DEADLINE,
+        deletionGracePeriodSeconds=30,
+    )
+    interval = pod_interval_from_pod(exited)
+    assert interval is not None
+    assert interval.end == datetime(2026, 10, 1, 5, 0, 1, tzinfo=UTC)
+    _, used, released = used_and_released(exited, REQUESTED + timedelta(seconds=2))
+    assert (used, released) == (8 * (to_epoch(REQUESTED) + 1 - to_epoch(STARTED)), ("uid-1",))
+
+
+def test_a_force_deleted_pod_ends_at_the_request() -> None:
+    forced = pod(statuses=RUNNING, deletionTimestamp="2026-10-01T05:00:00Z", deletionGracePeriodSeconds=0)
+    interval = pod_interval_from_pod(forced)
+    assert interval is not None
+    assert interval.end == REQUESTED
+    _, used, released = used_and_released(forced, REQUESTED)
+    assert (used, released) == (8 * (to_epoch(REQUESTED) - to_epoch(STARTED)), ("uid-1",))
+    # The kubelet kills it two seconds later and says so: the end does not move.
+    killed = pod(
+        "Failed",
+        statuses=terminated("2026-10-01T05:00:02Z"),
+        deletionTimestamp="2026-10-01T05:00:00Z",
+        deletionGracePeriodSeconds=0,
+    )
+    assert pod_interval_from_pod(killed) == interval
+
+
+def test_terminated_containers_end_only_a_pod_being_deleted() -> None:
+    """A running pod's crashed container is restarted: it stays open until its phase is terminal."""
+    crashed = pod("Running", statuses=terminated("2026-10-01T04:00:00Z"))
+    interval = pod_interval_from_pod(crashed)
+    assert interval is not None
+    assert interval.end is None
+    # A sidecar init container still running keeps a deleting pod's GPUs held.
+    sidecar = pod(
+        statuses=terminated("2026-10-01T05:00:01Z"), deletionTimestamp=DEADLINE, deletionGracePeriodSeconds=30
+    )
+    sidecar["status"]["initContainerStatuses"] = [{"state": {"running": {"startedAt": "2026-10-01T00:00:01Z"}}}]
+    interval = pod_interval_from_pod(sidecar)
+    assert interval is not None
+    assert interval.end == datetime(2026, 10, 1, 5, 0, 30, tzinfo=UTC)
 
 
 def test_a_pod_that_never_ran_books_nothing() -> None:

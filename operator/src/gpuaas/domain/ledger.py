@@ -1,5 +1,9 @@
 """Exact, idempotent booking of GPU usage into monthly ledger records.
 
+Usage ends when a pod's GPUs are released, not when someone asks: a pod being deleted holds its GPUs
+until its containers have terminated, at the latest until its deletionTimestamp (the kubelet's kill
+deadline), and it is booked only up to now until then.
+
 All instants are whole seconds since the epoch inside this module: Kubernetes timestamps have
 second precision, and integer arithmetic makes sums exact. Month boundaries are local midnights of
 the first day in the ledger's time zone, converted to UTC instants, so DST never bends a sum.
@@ -135,7 +139,11 @@ def seconds_to_hours(seconds: int) -> Decimal:
 
 @dataclass(frozen=True)
 class PodInterval:
-    """One GPU pod: `gpus` held from `start` until `end` (None while it still runs)."""
+    """One GPU pod: `gpus` held from `start` until `end` (None while it still runs).
+
+    `end` may lie after now: a pod being deleted whose containers have not terminated yet ends at the
+    latest at its kill deadline. `flush` books such a pod only up to now and does not release it.
+    """
 
     uid: str
     gpus: int
@@ -166,6 +174,7 @@ class FlushResult:
     released: tuple[str, ...]
     """Uids of ended pods whose whole interval is booked in every month it touches.
 
+    A pod whose end is still ahead of now (being deleted, not yet terminated) is never among them.
     Remove their finalizers only after every record in `records` is written: until then the booking
     exists only in memory.
     """
@@ -329,7 +338,8 @@ def flush(
 
     `records` must hold every existing record of the allocation for the months `months_touched`
     names; a month missing from it is taken as never booked. `pods` are the allocation's pods that
-    still exist; `grant` is None once the allocation is gone. Per month it books (a) each pod's
+    still exist; an end after `now` is booked up to `now` and stays open (the pod is not released).
+    `grant` is None once the allocation is gone. Per month it books (a) each pod's
     GPU-seconds past its watermark, (b) granted GPU-seconds and (c) idle seconds past the
     allocation's watermark, (d) the peak of GPUs in use and (e) the count of pods seen. Flushing again
     with the returned records books nothing more.
@@ -433,14 +443,29 @@ def _pod_finish(status: Mapping[str, Any]) -> datetime | None:
     return max(known, key=to_epoch) if known else None
 
 
+def _containers_terminated(status: Mapping[str, Any]) -> bool:
+    """Every container has terminated and none (not even a sidecar init container) runs."""
+    containers = status.get("containerStatuses") or []
+    if not containers or any((c.get("state") or {}).get("running") is not None for c in _container_statuses(status)):
+        return False
+    return all((c.get("state") or {}).get("terminated") is not None for c in containers)
+
+
 def pod_interval_from_pod(pod: Mapping[str, Any]) -> PodInterval | None:
     """The pod's GPU interval, or None if it never started.
 
     start: the earliest container start (falling back to status.startTime for a Running pod).
-    end: for a terminal pod, its last container finish; for a pod being deleted, the moment deletion
-    was requested (deletionTimestamp - deletionGracePeriodSeconds). When both exist the earlier wins,
-    so the end does not depend on whether gpuaas saw the pod before or after the kubelet reported
-    its termination.
+    end: when the pod's GPUs are released, not when its deletion was asked for:
+    - a terminal pod, or a pod being deleted whose containers have all terminated: its last container
+      finish (a pod not being deleted may restart terminated containers, so only its phase counts);
+    - a pod being deleted holds its GPUs at most until its deletionTimestamp, the moment the kubelet
+      kills it (request + grace; the request itself for a force deletion), so the end is never later.
+      Until its containers are reported terminated, the end is that deadline, which may lie after now:
+      `flush` then books up to now and keeps the pod (and its finalizer) until now passes it.
+    The kubelet's final delete (grace 0) moves the deletionTimestamp back, since kubernetes#122646 (in
+    1.36, not in 1.32) only as far as its own moment, after the reported finish: so the end does not
+    depend on whether gpuaas saw the pod before or after it (unless the finish was reported past the
+    deadline, by finishedAt's rounding; seen after the final delete that finish, not the deadline, ends it).
     """
     metadata = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
@@ -450,12 +475,11 @@ def pod_interval_from_pod(pod: Mapping[str, Any]) -> PodInterval | None:
         return None
 
     ends: list[datetime] = []
-    if status.get("phase") in TERMINAL_PHASES:
-        ends.append(_pod_finish(status) or start)
     deletion = _timestamp(metadata.get("deletionTimestamp"))
+    if status.get("phase") in TERMINAL_PHASES or (deletion is not None and _containers_terminated(status)):
+        ends.append(_pod_finish(status) or start)
     if deletion is not None:
-        grace = int(metadata.get("deletionGracePeriodSeconds") or 0)
-        ends.append(from_epoch(to_epoch(deletion) - grace))
+        ends.append(deletion)
     end = None
     if ends:
         end = from_epoch(max(to_epoch(start), min(to_epoch(moment) for moment in ends)))

@@ -1,5 +1,9 @@
 """Writes of the usage ledger (GpuUsage records) and the release of the pods' usage finalizer.
 
+The usage finalizer keeps a pod's object until its GPUs are released and booked: a pod being deleted
+keeps it until its containers are reported terminated or its deletionTimestamp (the kubelet's kill
+deadline) has passed; meanwhile it is booked up to now.
+
 Order matters for exactness: records are written first, finalizers removed after. A crash in between
 leaves pods whose intervals are already booked; the next flush books nothing more for them (every
 month record carries its own watermarks) and then releases them.
@@ -36,7 +40,10 @@ class LedgerPod:
     uid: str
     interval: PodInterval | None
     has_finalizer: bool
-    finished: bool  # terminal phase or being deleted
+    # Terminal phase or being deleted: the pod's interval has an end. Its finalizer is removed only once
+    # `flush` releases it, i.e. once now has passed that end (a pod being deleted that has not terminated
+    # yet ends at its kill deadline, still ahead) and the whole interval is booked.
+    finished: bool
 
 
 @dataclass

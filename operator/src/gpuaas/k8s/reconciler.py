@@ -297,7 +297,8 @@ class PoolReconciler:
             idle=idle,
         )
         if outcome.objects_applied and not outcome.settling and not spec.exclusive_nodes:  # exclusive: node health
-            self.cache[view.uid] = _Cached(fingerprint, self._recheck_at(view.uid, spec, status, now), sample)
+            pods = snap.pods_by_namespace.get(spec.target_namespace, [])
+            self.cache[view.uid] = _Cached(fingerprint, self._recheck_at(view.uid, spec, status, pods, now), sample)
         return sample
 
     def _fingerprint(self, job: _Job, decision: AdmissionDecision, snap: PoolSnapshot) -> tuple[object, ...]:
@@ -325,10 +326,17 @@ class PoolReconciler:
             ("RoleBinding", namespace, OWNERS_BINDING_NAME),
         ]
 
-    def _recheck_at(self, uid: str, spec: GpuAllocationSpec, status: GpuAllocationStatus, now: datetime) -> datetime:
+    def _recheck_at(
+        self, uid: str, spec: GpuAllocationSpec, status: GpuAllocationStatus, pods: list[PodView], now: datetime
+    ) -> datetime:
         """The next moment time alone changes something: window edges, the idle threshold, a due ledger
-        flush, and a metrics refresh."""
+        flush, the kill deadline of a pod being deleted (booked and released once it passes), and a
+        metrics refresh."""
         moments = [now + METRICS_REFRESH, self.ledger.next_due(uid, now)]
+        for pod in pods:
+            interval = pod.ledger.interval
+            if interval is not None and interval.end is not None and interval.end > now:
+                moments.append(interval.end)
         for edge in (
             spec.window.start,
             spec.window.end,
