@@ -155,6 +155,7 @@ class _SilentHandler(WSGIRequestHandler):
 
 
 _last_pass = 0.0
+_running_daemons = 0
 READY_WITHIN_SECONDS = 30.0
 
 
@@ -164,8 +165,19 @@ def mark_pass() -> None:
     _last_pass = time.monotonic()
 
 
+def daemon_started() -> None:
+    global _running_daemons  # noqa: PLW0603 - one process-wide count
+    _running_daemons += 1
+
+
+def daemon_stopped() -> None:
+    """kopf stops the pool daemons when peering pauses this replica: it is no longer the active one."""
+    global _running_daemons  # noqa: PLW0603 - one process-wide count
+    _running_daemons = max(0, _running_daemons - 1)
+
+
 def is_ready() -> bool:
-    return time.monotonic() - _last_pass < READY_WITHIN_SECONDS
+    return _running_daemons > 0 and time.monotonic() - _last_pass < READY_WITHIN_SECONDS
 
 
 def _app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:

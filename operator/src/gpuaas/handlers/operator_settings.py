@@ -9,7 +9,7 @@ from typing import Any
 import kopf
 
 from gpuaas.handlers.runner import OperatorOptions, webhook_cert_dir
-from gpuaas.k8s import webhooks
+from gpuaas.k8s import serving, webhooks
 
 
 @kopf.on.login()
@@ -36,6 +36,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Log
     # A standby replica takes over this long after the active one stops heart-beating.
     settings.peering.lifetime = options.peering_lifetime
     memo.operator_username = webhooks.whoami()
+    memo.serving = serving.claim_from_environment()
     logger.info(f"operator identity: {memo.operator_username}")
     if not options.webhook_port:
         return

@@ -109,8 +109,28 @@ async def reconcile_pool(
         time_zone=memo.options.time_zone, flush_interval=timedelta(seconds=memo.options.ledger_flush_seconds)
     )
     reconciler = PoolReconciler(pool=name, ledger=ledger)
-    registered = False
     wake = wakeup(memo, name)
+    metrics.daemon_started()
+    try:
+        await _run_passes(name, body, stopped, memo, logger, indexes, reconciler, wake)
+    finally:
+        metrics.daemon_stopped()
+        if memo.serving is not None:
+            await asyncio.to_thread(memo.serving.release, name)
+
+
+async def _run_passes(
+    name: str,
+    body: kopf.Body,
+    stopped: kopf.DaemonStopped,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    indexes: dict[str, Any],
+    reconciler: PoolReconciler,
+    wake: asyncio.Event,
+) -> None:
+    registered = False
+    serving = False
     while not stopped:
         wake.clear()
         snap = snapshot(name, body, indexes)
@@ -127,6 +147,10 @@ async def reconcile_pool(
             if not registered and memo.options.webhook_url:
                 await asyncio.to_thread(register_webhooks, memo.options)
                 registered = True
+            if not serving and memo.serving is not None:
+                # Admission requests come here only now that this replica's indexes are live.
+                await asyncio.to_thread(memo.serving.acquire, name)
+                serving = True
             metrics.mark_pass()
         except Exception:
             metrics.reconcile_errors.labels(name).inc()

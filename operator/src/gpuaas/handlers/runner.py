@@ -64,7 +64,7 @@ def run_operator(options: OperatorOptions) -> None:
         priority=priority,
         liveness_endpoint=f"http://0.0.0.0:{options.health_port}/healthz" if options.health_port else None,
         # Each object gets a shallow copy of this memo, so the wake-up events must already live in it.
-        memo=kopf.Memo(options=options, pool_wakeups={}),
+        memo=kopf.Memo(options=options, pool_wakeups={}, serving=None),
     )
 
 

@@ -49,8 +49,11 @@ POD_SUBNET = ipaddress.ip_network("10.244.0.0/24")
 # kwokctl's default Service range; KWOK's fake pod IPs come from it too.
 SERVICE_SUBNET = ipaddress.ip_network("10.0.0.0/24")
 KUBERNETES_SERVICE_IP = "10.0.0.1"
-# Traffic to cluster addresses that no local rule claims must never leave the machine.
-BLACKHOLE_ROUTES = (str(SERVICE_SUBNET),)
+# Traffic to cluster addresses that no local rule claims must never leave the machine: they are routed to a portless
+# bridge, which drops what it gets. Not a blackhole route: the host's own connects (the API server calling a webhook
+# Service) are routed before kube-proxy's DNAT, and a blackhole fails them with EINVAL.
+CLUSTER_ROUTES = (str(SERVICE_SUBNET),)
+SINK_LINK = "gpuaas-sink"
 
 SYSTEM_NODE_LABEL = "gpuaas.io/system"
 NODE_ROLE_LABEL = "node-role.kubernetes.io/system"
@@ -95,7 +98,7 @@ class HostSnapshot:
     sysctls: dict[str, str] = field(default_factory=dict)
     iptables: dict[str, str] = field(default_factory=dict)  # command -> iptables-save output
     nft_tables: list[str] = field(default_factory=list)
-    routes_added: list[str] = field(default_factory=list)
+    sink_link_added: bool = False
     kubelet_root_existed: bool = False
     log_dirs_created: list[str] = field(default_factory=list)
 
@@ -254,12 +257,14 @@ def _restore_iptables(saved: dict[str, str], tables_before: list[str]) -> None:
         _run([save.replace("-save", "-restore")], input=rules + flush)
 
 
-def _add_blackhole_routes(snapshot: HostSnapshot) -> None:
-    existing = _run(["ip", "route", "show", "type", "blackhole"]).stdout
-    for cidr in BLACKHOLE_ROUTES:
-        if cidr not in existing.split():
-            _run(["ip", "route", "add", "blackhole", cidr])
-            snapshot.routes_added.append(cidr)
+def _add_cluster_routes(snapshot: HostSnapshot) -> None:
+    if Path(f"/sys/class/net/{SINK_LINK}").exists():
+        return
+    _run(["ip", "link", "add", SINK_LINK, "type", "bridge"])  # a bridge with no ports: this kernel has no dummy
+    snapshot.sink_link_added = True
+    _run(["ip", "link", "set", SINK_LINK, "up"])
+    for cidr in CLUSTER_ROUTES:
+        _run(["ip", "route", "replace", cidr, "dev", SINK_LINK])
 
 
 def _mounts_under(prefixes: Iterable[Path]) -> list[str]:
@@ -397,7 +402,8 @@ def kube_proxy_config(kubeconfig: Path, metrics_port: int, healthz_port: int) ->
         "oomScoreAdj": 0,
         # Leave the host's conntrack sysctls alone.
         "conntrack": {"maxPerCore": 0, "min": 0},
-        "iptables": {"localhostNodePorts": False},
+        # Apply endpoint changes at once (default: at most once a second): a webhook fail-over shows sooner.
+        "iptables": {"localhostNodePorts": False, "minSyncPeriod": "0s"},
         # kwokctl's own ports fall in the NodePort range: serve NodePorts on the bridge only.
         "nodePortAddresses": [f"{gateway}/32"],
         "metricsBindAddress": f"127.0.0.1:{metrics_port}",
@@ -533,7 +539,7 @@ def start_real_node(
     work.mkdir(parents=True, exist_ok=True)
     state = RealNodeState(cluster=cluster, node=spec.name, work=str(work), host=snapshot_host())
     _save(state)
-    _add_blackhole_routes(state.host)
+    _add_cluster_routes(state.host)
     for log_dir in ("/var/log/pods", "/var/log/containers"):
         if not Path(log_dir).exists():
             state.host.log_dirs_created.append(log_dir)
@@ -682,8 +688,8 @@ def stop_real_node(work: Path, admin_kubeconfig: Path | None = None, binaries: N
         netns.unlink(missing_ok=True)
     _run(["ip", "link", "delete", BRIDGE], check=False)
     _restore_iptables(state.host.iptables, state.host.nft_tables)
-    for cidr in state.host.routes_added:
-        _run(["ip", "route", "delete", "blackhole", cidr], check=False)
+    if state.host.sink_link_added:
+        _run(["ip", "link", "delete", SINK_LINK], check=False)  # its routes go with it
     _restore_sysctls(state.host.sysctls)
     _remove_cgroups("kubepods")
     shutil.rmtree(STATE_ROOT / state.cluster, ignore_errors=True)
