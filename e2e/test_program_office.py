@@ -210,8 +210,15 @@ def test_monthly_report(cluster: E2ECluster, operator: E2EOperator, tmp_path: Pa
         timeout=90,
         message="used GPU-seconds booked in the ledger",
     )
-    usages = cluster.get_table("gpuusages").get("default", [])
-    assert {row["ALLOCATION"] for row in usages} >= {"kaist-vision-2026", "fm-team-a-2026"}
+    # Each allocation's record is first written at its own first flush (within the flush interval).
+    wait_for(
+        lambda: (
+            {row["ALLOCATION"] for row in cluster.get_table("gpuusages").get("default", [])}
+            >= {"kaist-vision-2026", "fm-team-a-2026"}
+        ),
+        timeout=90,
+        message="ledger records of both granted allocations",
+    )
     out = tmp_path / "reports"
     out.mkdir()
     result = subprocess.run(

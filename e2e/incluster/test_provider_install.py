@@ -288,12 +288,16 @@ def test_real_kubelet_keeps_a_deleted_pod_for_its_grace_period(tenant: Tenant) -
     tenant.assert_ledger_matches()
 
 
-def test_no_forbidden_calls_in_the_operator_logs(real_cluster: RealCluster, chart: InstalledChart) -> None:
-    """The chart's ClusterRole covers every call the operator made so far; a missing verb shows as a 403."""
-    for pod in real_cluster.operator_pods():
-        log = real_cluster.logs(pod["metadata"]["name"])
+def assert_no_forbidden_calls(cluster: RealCluster) -> None:
+    """The chart's ClusterRole covers every call the operator made; a missing verb shows as a 403 in its log."""
+    for pod in cluster.operator_pods():
+        log = cluster.logs(pod["metadata"]["name"])
         denied = [line for line in log.splitlines() if "403" in line or "forbidden" in line.lower()]
         assert not denied, f"{pod['metadata']['name']}:\n" + "\n".join(denied[:10])
+
+
+def test_no_forbidden_calls_after_grants_and_fencing(real_cluster: RealCluster, chart: InstalledChart) -> None:
+    assert_no_forbidden_calls(real_cluster)
 
 
 def test_leader_killed_webhooks_and_passes_resume(real_cluster: RealCluster, tenant: Tenant) -> None:
@@ -420,6 +424,10 @@ def test_report_cronjob_writes_to_its_volume(real_cluster: RealCluster, chart: I
     files = sorted(real_cluster.reports_dir.glob("gpuaas-report-*.csv"))
     assert files, f"no report in {real_cluster.reports_dir}"
     assert files[0].stat().st_uid == 65532
+
+
+def test_no_forbidden_calls_after_drills_expiry_and_report(real_cluster: RealCluster) -> None:
+    assert_no_forbidden_calls(real_cluster)
 
 
 def test_operator_pods_use_only_their_service_account(real_cluster: RealCluster) -> None:

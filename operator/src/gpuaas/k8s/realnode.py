@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -487,7 +488,44 @@ def restart_component(work: Path, name: str, signal_number: int = signal.SIGTERM
             os.kill(pid, signal.SIGKILL)
     command, env = state.commands[name]
     _spawn(state, name, command, env)
+    _wait_healthy(state, name)
     return time.monotonic() - started
+
+
+def _wait_healthy(state: RealNodeState, name: str, timeout: float = 60.0) -> None:
+    """Like systemd with Restart=always: a component that exits is started again (the kubelet exits when
+    containerd's CRI is not initialized yet), until it answers its health check."""
+    work = Path(state.work)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(state.pids[name]):
+            time.sleep(1)
+            command, env = state.commands[name]
+            _spawn(state, name, command, env)
+            continue
+        if _component_healthy(state, name):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{name} did not become healthy within {timeout:.0f}s; see {work / (name + '.log')}")
+
+
+def _component_healthy(state: RealNodeState, name: str) -> bool:
+    if name == "containerd":
+        ctr = Path(state.commands[name][0][0]).with_name("ctr")
+        # The CRI plugin answers only once initialised; `ctr version` alone would pass earlier.
+        result = _run([str(ctr), "--address", str(state.containerd_socket), "plugins", "ls"], check=False)
+        return (
+            result.returncode == 0
+            and re.search(r"io\.containerd\.grpc\.v1\s+cri\s+.*\bok\b", result.stdout) is not None
+        )
+    if name == "kubelet":
+        port = yaml.safe_load((Path(state.work) / "kubelet.yaml").read_text())["healthzPort"]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+    return True
 
 
 def _alive(pid: int) -> bool:
