@@ -1,7 +1,7 @@
 """The provider's path on the program scenario: helm install on the real node, leader fail-over, the node's memory.
 
 Usage: python bench/real_node.py [--kills N] [--scenario program|small]. Needs root (the real node) and the
-binaries built. Writes bench/results/real_node.json. It measures:
+binaries built. Writes bench/results/real_node-<scenario>-lifetime<N>.json. It measures:
 - `helm install --wait` of the chart (2 replicas, image built here) until both operator pods are Ready and one
   serves the webhooks;
 - after the serving pod is deleted with --grace-period=0: until the fence webhook answers again (a server-side
@@ -101,6 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--scenario", default="program", choices=sorted(SCENARIOS))
+    parser.add_argument("--peering-lifetime", type=int, default=3, help="operator.peering.lifetimeSeconds")
     args = parser.parse_args()
     scenario = SCENARIOS[args.scenario]
     binaries = localcluster.ensure_binaries()
@@ -108,8 +109,12 @@ def main() -> None:
     localcluster.stop_local_real_node(binaries, CLUSTER, kubeconfig)
     localcluster.delete_cluster(binaries, CLUSTER, kubeconfig)
     localcluster.create_cluster(binaries, CLUSTER, kubeconfig)
-    result: dict[str, Any] = {"date": dt.date.today().isoformat(), "scenario": scenario.name,
-                              "nodes": scenario.node_count + 1}  # fmt: skip
+    result: dict[str, Any] = {
+        "date": dt.date.today().isoformat(),
+        "scenario": scenario.name,
+        "nodes": scenario.node_count + 1,
+        "peering_lifetime_seconds": args.peering_lifetime,
+    }
     try:
         localcluster.wait_for_apiserver(kubeconfig)
         localcluster.create_nodes(kubeconfig, scenario, lambda _: None)
@@ -122,7 +127,8 @@ def main() -> None:
         tag = node.operator_image.rpartition(":")[2]
         started = time.monotonic()
         cluster.helm("install", RELEASE, str(CHART), "-n", RELEASE_NAMESPACE, "--create-namespace", "-f", str(VALUES),
-                     "-f", str(values), "--set", f"image.tag={tag}", "--wait", "--timeout=5m")  # fmt: skip
+                     "-f", str(values), "--set", f"image.tag={tag}", "--set",
+                     f"operator.peering.lifetimeSeconds={args.peering_lifetime}", "--wait", "--timeout=5m")  # fmt: skip
         wait(lambda: len(cluster.serving()) == 1, 120, "a serving pod")
         result["helm_install_to_both_ready_seconds"] = round(time.monotonic() - started, 2)
         cluster.kubectl("create", "namespace", "bench-tenant")
@@ -163,7 +169,7 @@ def main() -> None:
     finally:
         localcluster.stop_local_real_node(binaries, CLUSTER, kubeconfig)
         localcluster.delete_cluster(binaries, CLUSTER, kubeconfig)
-    out = REPO / "bench" / "results" / "real_node.json"
+    out = REPO / "bench" / "results" / f"real_node-{scenario.name}-lifetime{args.peering_lifetime}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
