@@ -17,12 +17,12 @@ from gpuaas.api.usage import DEFAULT_TIME_ZONE, GpuUsage
 from gpuaas.domain.ledger import month_of, parse_month
 from gpuaas.domain.report import build_report
 from gpuaas.domain.scenarios import REAL_NODE_POOL, SCENARIOS, pool_manifest
-from gpuaas.handlers.runner import OperatorOptions, run_operator
 from gpuaas.k8s import localcluster
 from gpuaas.k8s.client import new_api_client
 from gpuaas.k8s.manifests import load_manifests, server_side_apply
 from gpuaas.k8s.resources import list_pools, wait_for_pool_status
 from gpuaas.k8s.usage import list_usage
+from gpuaas.options import OperatorOptions
 from gpuaas.reporting.formats import FORMATS, render
 
 app = typer.Typer(help="gpuaas: GPU-as-a-Service control plane for Kubernetes.", no_args_is_help=True)
@@ -64,6 +64,9 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the operator until interrupted."""
+    # Imported here: kopf and the handlers load only for `gpuaas run`, not for `report` or `cluster`.
+    from gpuaas.handlers.runner import run_operator
+
     run_operator(
         OperatorOptions(
             kubeconfig=kubeconfig,

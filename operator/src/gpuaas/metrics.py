@@ -176,6 +176,10 @@ def daemon_stopped() -> None:
     _running_daemons = max(0, _running_daemons - 1)
 
 
+def running_daemons() -> int:
+    return _running_daemons
+
+
 def is_ready() -> bool:
     return _running_daemons > 0 and time.monotonic() - _last_pass < READY_WITHIN_SECONDS
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import kopf
 
-from gpuaas.handlers.runner import OperatorOptions, webhook_cert_dir
 from gpuaas.k8s import serving, webhooks
+from gpuaas.options import OperatorOptions, webhook_cert_dir
 
 
 @kopf.on.login()

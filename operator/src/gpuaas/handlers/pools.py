@@ -20,10 +20,10 @@ from gpuaas.api.pool import POOL_LABEL, POOL_PLURAL, GpuPoolSpec
 from gpuaas.domain.nodes import NodeInfo
 from gpuaas.domain.tenant import LIMIT_RANGE_NAME, OWNERS_BINDING_NAME, QUOTA_NAME
 from gpuaas.handlers.indexes import MANAGED, exclusive_holders
-from gpuaas.handlers.runner import OperatorOptions, webhook_cert_dir
 from gpuaas.k8s import webhooks
 from gpuaas.k8s.ledger import LedgerWriter
 from gpuaas.k8s.reconciler import AllocationView, PodView, PoolReconciler, PoolSnapshot
+from gpuaas.options import OperatorOptions, WebhookRegistration, webhook_cert_dir
 
 MIN_PASS_INTERVAL_SECONDS = 0.2
 PASS_DUTY_FACTOR = 5.0
@@ -36,6 +36,14 @@ def register_webhooks(options: OperatorOptions) -> None:
     assert options.webhook_url is not None
     tls = webhooks.ensure_self_signed(webhook_cert_dir(options), webhooks.url_host(options.webhook_url))
     webhooks.apply_configurations(options.webhook_url, tls.ca_file.read_bytes())
+
+
+async def _register_once(memo: kopf.Memo) -> None:
+    registration: WebhookRegistration = memo.webhook_registration
+    async with registration.lock:
+        if not registration.done:
+            await asyncio.to_thread(register_webhooks, memo.options)
+            registration.done = True
 
 
 def wakeup(memo: kopf.Memo, pool: str) -> asyncio.Event:
@@ -115,6 +123,9 @@ async def reconcile_pool(
         await _run_passes(name, body, stopped, memo, logger, indexes, reconciler, wake)
     finally:
         metrics.daemon_stopped()
+        if not metrics.running_daemons():
+            # Paused or stopping: another replica may point the webhooks elsewhere; register again on resume.
+            memo.webhook_registration.done = False
         if memo.serving is not None:
             await asyncio.to_thread(memo.serving.release, name)
 
@@ -129,7 +140,6 @@ async def _run_passes(
     reconciler: PoolReconciler,
     wake: asyncio.Event,
 ) -> None:
-    registered = False
     serving = False
     while not stopped:
         wake.clear()
@@ -144,9 +154,8 @@ async def _run_passes(
             metrics.record_pool(name, GpuPoolSpec.model_validate(snap.spec), result.pool)
             metrics.record_allocations(name, result.samples)
             heavy = result.processed >= HEAVY_PASS_ALLOCATIONS
-            if not registered and memo.options.webhook_url:
-                await asyncio.to_thread(register_webhooks, memo.options)
-                registered = True
+            if memo.options.webhook_url:
+                await _register_once(memo)
             if not serving and memo.serving is not None:
                 # Admission requests come here only now that this replica's indexes are live.
                 await asyncio.to_thread(memo.serving.acquire, name)

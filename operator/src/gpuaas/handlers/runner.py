@@ -5,36 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import random
-from dataclasses import dataclass
-from pathlib import Path
 
 import kopf
 
 from gpuaas import metrics
 from gpuaas.k8s.client import load_config
-
-
-@dataclass(frozen=True)
-class OperatorOptions:
-    kubeconfig: str | None = None
-    metrics_port: int = 8080
-    health_port: int = 8081
-    pool_resync_seconds: float = 2.0
-    peering: str | None = None
-    # kopf pauses every peer that shares the top priority, so replicas must differ; None picks one at random.
-    peering_priority: int | None = None
-    peering_lifetime: int = 20
-    verbose: bool = False
-    webhook_port: int = 9443
-    # Directory with tls.crt and tls.key (a mounted Secret in the cluster).
-    webhook_cert_dir: str | None = None
-    # When the operator runs outside the cluster: the URL the API server calls. The operator then makes
-    # its own self-signed certificate (in webhook_cert_dir) and webhook configurations.
-    webhook_url: str | None = None
-    # Month boundaries of the usage ledger.
-    time_zone: str = "Asia/Seoul"
-    # How stale a running allocation's GpuUsage record may get; ended pods are written at once.
-    ledger_flush_seconds: float = 60.0
+from gpuaas.options import OperatorOptions, WebhookRegistration
 
 
 def run_operator(options: OperatorOptions) -> None:
@@ -64,9 +40,6 @@ def run_operator(options: OperatorOptions) -> None:
         priority=priority,
         liveness_endpoint=f"http://0.0.0.0:{options.health_port}/healthz" if options.health_port else None,
         # Each object gets a shallow copy of this memo, so the wake-up events must already live in it.
-        memo=kopf.Memo(options=options, pool_wakeups={}, serving=None),
+        # The webhook registration lock is shared too: the first pool daemon of an active replica registers.
+        memo=kopf.Memo(options=options, pool_wakeups={}, serving=None, webhook_registration=WebhookRegistration()),
     )
-
-
-def webhook_cert_dir(options: OperatorOptions) -> Path:
-    return Path(options.webhook_cert_dir or ".cluster/webhook")
