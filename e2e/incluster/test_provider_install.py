@@ -333,7 +333,11 @@ def test_kubelet_and_containerd_restart_under_running_pods(real_cluster: RealClu
         timeout=60, message="the node Ready again")  # fmt: skip
     after = tenant.wait_running("train-1")["status"]["containerStatuses"][0]
     assert (after["containerID"], after["restartCount"]) == (before["containerID"], before["restartCount"])
-    tenant.delete("train-1")
+    # The restarted kubelet forgot the device plugin; the plugin registers again, so new GPU pods still run.
+    tenant.create("after-restart", grace=2)
+    tenant.wait_running("after-restart", timeout=90)
+    for name in ("train-1", "after-restart"):
+        tenant.delete(name)
     tenant.wait_all_gone(timeout=90)
     tenant.assert_ledger_matches()
 

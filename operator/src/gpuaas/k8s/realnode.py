@@ -575,6 +575,8 @@ def start_real_node(
         raise RuntimeError(f"another real node runs on this host ({other}); one per host: stop it first")
 
     work.mkdir(parents=True, exist_ok=True)
+    for old_log in work.glob("*.log"):  # a fresh node, fresh logs (restarts within a run append)
+        old_log.unlink()
     state = RealNodeState(cluster=cluster, node=spec.name, work=str(work), host=snapshot_host())
     _save(state)
     _add_cluster_routes(state.host)

@@ -95,18 +95,25 @@ func serve(p *plugin, dir, socketName, resource string) (*grpc.Server, error) {
 	return server, nil
 }
 
-// kubeletSocketID identifies the kubelet's socket file: a restarted kubelet recreates it (new inode) and forgets
-// every plugin, so a changed ID means "register again", as NVIDIA's plugin does.
-func kubeletSocketID(dir string) uint64 {
+// socketID identifies one incarnation of the kubelet's socket file.
+type socketID struct {
+	inode    uint64
+	changeNs int64
+}
+
+// kubeletSocketID: a restarted kubelet recreates its socket and forgets every plugin, so a changed ID means
+// "register again", as NVIDIA's plugin does. The inode alone is not enough: a file deleted and created again at
+// once often gets the same inode number back; its change time differs.
+func kubeletSocketID(dir string) socketID {
 	info, err := os.Stat(filepath.Join(dir, "kubelet.sock"))
 	if err != nil {
-		return 0
+		return socketID{}
 	}
 	stat, ok := info.Sys().(*syscall.Stat_t)
 	if !ok {
-		return 0
+		return socketID{}
 	}
-	return stat.Ino
+	return socketID{inode: stat.Ino, changeNs: stat.Ctim.Nano()}
 }
 
 func main() {
@@ -125,11 +132,11 @@ func main() {
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
 	var server *grpc.Server
-	var registeredWith uint64
+	var registeredWith socketID
 	ticker := time.NewTicker(500 * time.Millisecond)
 	defer ticker.Stop()
 	for {
-		if current := kubeletSocketID(*dir); current != 0 && current != registeredWith {
+		if current := kubeletSocketID(*dir); current != (socketID{}) && current != registeredWith {
 			if server != nil {
 				server.Stop()
 				server = nil
