@@ -178,7 +178,7 @@ class Tenant:
 
     def expected_gpu_seconds(self) -> float:
         with self.lock:
-            return sum(life.gpus * life.seconds for life in self.lives.values() if life.started)
+            return sum(life.gpus * life.seconds for life in self.lives.values() if life.started and life.gpus)
 
     def booked(self) -> int:
         record = self.cluster.get_json("gpuusage", f"{ALLOCATION}-{seoul_month()}", "--ignore-not-found") or {}
@@ -274,6 +274,27 @@ def test_grant_and_a_real_gpu_container(real_cluster: RealCluster, chart: Instal
     devices = visible[0].split(",")
     assert len(devices) == GPUS_PER_POD, devices
     assert all(d.startswith("GPU-fake-") for d in devices), devices
+
+
+def test_containers_without_gpus_see_no_device(tenant: Tenant) -> None:
+    """The fence's NVIDIA_VISIBLE_DEVICES=void beats what an image or envFrom says (CUDA images say `all`); on a GPU
+    node, NVIDIA's runtime would otherwise expose every GPU to a container that requested none."""
+    tenant.kubectl("create", "configmap", "cuda-defaults", "--from-literal=NVIDIA_VISIBLE_DEVICES=all")
+    manifest = yaml.safe_load(
+        gpu_pod("notebook", gpus=0, grace=1, script='echo "visible=$NVIDIA_VISIBLE_DEVICES"; sleep 600')
+    )
+    manifest["spec"]["containers"][0]["envFrom"] = [{"configMapRef": {"name": "cuda-defaults"}}]
+    tenant.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
+    tenant.wait_running("notebook")
+    seen = wait_for(lambda: re.findall(r"visible=(\S+)", tenant.kubectl("logs", "notebook").stdout), message="its env")
+    assert seen == ["void"]
+    # A GPU container may not take unprefixed variables from a ConfigMap: they would override the device plugin's.
+    gpu = yaml.safe_load(gpu_pod("greedy"))
+    gpu["spec"]["containers"][0]["envFrom"] = [{"configMapRef": {"name": "cuda-defaults"}}]
+    refused = tenant.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(gpu), check=False)
+    assert refused.returncode != 0
+    assert "envFrom without a safe prefix" in refused.stderr, refused.stderr
+    tenant.kubectl("delete", "pod", "notebook", "--wait=false")
 
 
 def test_real_kubelet_keeps_a_deleted_pod_for_its_grace_period(tenant: Tenant) -> None:

@@ -7,7 +7,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpuaas.domain.fence import USAGE_FINALIZER, Fence, mutate_pod, pod_gpus, validate_pod
+from gpuaas.domain.fence import (
+    NO_DEVICES,
+    USAGE_FINALIZER,
+    VISIBLE_DEVICES_ENV,
+    Fence,
+    mutate_pod,
+    pod_gpus,
+    validate_pod,
+)
 
 POOL_SELECTOR = {"gpuaas.io/pool": "nhn-b200-a", "nvidia.com/gpu.product": "NVIDIA-B200"}
 OTHER_POOLS = {
@@ -48,7 +56,7 @@ def apply_patch(document: dict[str, Any], patch: list[dict[str, Any]]) -> dict[s
         tokens = [t.replace("~1", "/").replace("~0", "~") for t in op["path"].split("/")[1:]]
         target: Any = result
         for token in tokens[:-1]:
-            target = target[token]
+            target = target[int(token)] if isinstance(target, list) else target[token]
         last = tokens[-1]
         assert op["op"] in ("add", "replace")
         if isinstance(target, list):
@@ -295,3 +303,77 @@ def test_mutated_pods_always_validate_and_mutation_is_idempotent(
         assert mutated["spec"]["nodeSelector"][key] == value
     has_finalizer = USAGE_FINALIZER in (mutated["metadata"].get("finalizers") or [])
     assert has_finalizer == (pod_gpus(pod) > 0)
+    # Every container without a GPU request sees no device; GPU containers get theirs from the device plugin.
+    for container in [*mutated["spec"]["containers"], *mutated["spec"]["initContainers"]]:
+        hidden = {"name": VISIBLE_DEVICES_ENV, "value": NO_DEVICES} in (container.get("env") or [])
+        assert hidden == (pod_gpus({"spec": {"containers": [container]}}) == 0), container
+
+
+# --- device visibility ----------------------------------------------------------------------------
+
+
+def test_containers_without_gpus_see_no_device() -> None:
+    pod = make_pod(
+        containers=[
+            gpu_container("trainer", limits=2),
+            {"name": "sidecar", "image": "busybox", "env": [{"name": "A", "value": "1"}]},
+        ],
+        initContainers=[{"name": "fetch", "image": "busybox"}],
+    )
+    mutated = apply_patch(pod, mutate_pod(pod, FENCE))
+    sidecar, trainer, fetch = (
+        mutated["spec"]["containers"][1],
+        mutated["spec"]["containers"][0],
+        mutated["spec"]["initContainers"][0],
+    )
+    assert sidecar["env"] == [{"name": "A", "value": "1"}, {"name": VISIBLE_DEVICES_ENV, "value": NO_DEVICES}]
+    assert fetch["env"] == [{"name": VISIBLE_DEVICES_ENV, "value": NO_DEVICES}]
+    assert "env" not in trainer, "the device plugin sets the GPU container's devices"
+    assert validate_pod(mutated, FENCE) == []
+
+
+@pytest.mark.parametrize(
+    ("container", "fragment"),
+    [
+        ({"name": "c", "env": [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"}]}, "sets NVIDIA_VISIBLE_DEVICES"),
+        (
+            {
+                "name": "c",
+                "env": [
+                    {"name": "NVIDIA_VISIBLE_DEVICES", "valueFrom": {"configMapKeyRef": {"name": "x", "key": "k"}}}
+                ],
+            },
+            "sets NVIDIA_VISIBLE_DEVICES",
+        ),
+        (
+            {"name": "c", "env": [{"name": "NVIDIA_MIG_CONFIG_DEVICES", "value": "all"}]},
+            "sets NVIDIA_MIG_CONFIG_DEVICES",
+        ),
+        (
+            {**gpu_container("c", limits=1), "env": [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"}]},
+            "sets NVIDIA_VISIBLE_DEVICES",
+        ),
+        (
+            {**gpu_container("c", limits=1), "envFrom": [{"configMapRef": {"name": "settings"}}]},
+            "envFrom without a safe prefix",
+        ),
+        (
+            {**gpu_container("c", limits=1), "envFrom": [{"prefix": "NV", "secretRef": {"name": "s"}}]},
+            "envFrom without a safe prefix",
+        ),
+    ],
+)
+def test_device_selection_by_environment_is_refused(container: dict[str, Any], fragment: str) -> None:
+    pod = make_pod(containers=[{"image": "busybox", **container}])
+    mutated = apply_patch(pod, mutate_pod(pod, FENCE))
+    problems = validate_pod(mutated, FENCE)
+    assert any(fragment in problem for problem in problems), problems
+
+
+def test_gpu_containers_may_take_prefixed_env_from_config_maps() -> None:
+    pod = make_pod(
+        containers=[
+            {**gpu_container("c", limits=1), "envFrom": [{"prefix": "APP_", "configMapRef": {"name": "settings"}}]}
+        ]
+    )
+    assert validate_pod(apply_patch(pod, mutate_pod(pod, FENCE)), FENCE) == []

@@ -1,9 +1,10 @@
 """The pool fence: admission decisions for pods in a managed namespace.
 
 `mutate_pod` runs on CREATE and pins the pod to its pool (nodeSelector, toleration of the pool
-taint, and the allocation's node label and taint when nodes are exclusive) and adds the usage
-finalizer to GPU pods. `validate_pod` runs after mutation, on the final pod, and rejects what would
-let a pod escape the fence. Validation accepts every pod that mutation produced, so the two can run
+taint, and the allocation's node label and taint when nodes are exclusive), sets NVIDIA_VISIBLE_DEVICES=void
+on every container that requests no GPU, and adds the usage finalizer to GPU pods. `validate_pod` runs
+after mutation, on the final pod, and rejects what would let a pod escape the fence (also NVIDIA_* device
+variables a tenant sets itself). Validation accepts every pod that mutation produced, so the two can run
 in either webhook order.
 
 Pod placement fields are immutable after creation, except that tolerations may be added; on UPDATE
@@ -25,6 +26,26 @@ USAGE_FINALIZER = "gpuaas.io/usage-ledger"
 FENCE_TAINT_EFFECT = "NoSchedule"
 
 JsonPatch = list[dict[str, Any]]
+
+# NVIDIA's container stack gives a container the GPUs its NVIDIA_VISIBLE_DEVICES names, whatever it requested; "void"
+# means none. Containers that request no GPU get "void" explicitly: an env entry beats the image's ENV and envFrom.
+VISIBLE_DEVICES_ENV = "NVIDIA_VISIBLE_DEVICES"
+NO_DEVICES = "void"
+# Variables the NVIDIA container toolkit reads to expose devices (GPUs, MIG control, IMEX channels, NVSwitch,
+# GDRCopy, GDS, MOFED); only the device plugin may set them, from what was counted and allocated.
+DEVICE_ENV = frozenset(
+    {
+        VISIBLE_DEVICES_ENV,
+        "NVIDIA_MIG_CONFIG_DEVICES",
+        "NVIDIA_MIG_MONITOR_DEVICES",
+        "NVIDIA_IMEX_CHANNELS",
+        "NVIDIA_NVSWITCH",
+        "NVIDIA_GDRCOPY",
+        "NVIDIA_GDS",
+        "NVIDIA_MOFED",
+    }
+)
+CONTAINER_LISTS = ("initContainers", "containers", "ephemeralContainers")
 
 
 @dataclass(frozen=True)
@@ -153,6 +174,8 @@ def mutate_pod(pod: Mapping[str, Any], fence: Fence) -> JsonPatch:
     else:
         patch.extend({"op": "add", "path": "/spec/tolerations/-", "value": t} for t in missing)
 
+    patch.extend(_hide_devices(spec))
+
     if _safe_pod_gpus(pod) > 0:
         metadata = pod.get("metadata") or {}
         finalizers = metadata.get("finalizers")
@@ -161,6 +184,57 @@ def mutate_pod(pod: Mapping[str, Any], fence: Fence) -> JsonPatch:
         elif USAGE_FINALIZER not in finalizers:
             patch.append({"op": "add", "path": "/metadata/finalizers/-", "value": USAGE_FINALIZER})
     return patch
+
+
+def _requests_gpus(container: Mapping[str, Any]) -> bool:
+    try:
+        return container_gpus(container) > 0
+    except ValueError:
+        return False  # validate_pod rejects the malformed quantity
+
+
+def _hide_devices(spec: Mapping[str, Any]) -> JsonPatch:
+    """NVIDIA_VISIBLE_DEVICES=void for every container that requests no GPU (and sets no such variable itself:
+    validation refuses that)."""
+    patch: JsonPatch = []
+    forced = {"name": VISIBLE_DEVICES_ENV, "value": NO_DEVICES}
+    for kind in CONTAINER_LISTS:
+        for index, container in enumerate(spec.get(kind) or []):
+            if _requests_gpus(container):
+                continue
+            env = container.get("env")
+            if env is None:
+                patch.append({"op": "add", "path": f"/spec/{kind}/{index}/env", "value": [forced]})
+            elif not any(entry.get("name") == VISIBLE_DEVICES_ENV for entry in env):
+                patch.append({"op": "add", "path": f"/spec/{kind}/{index}/env/-", "value": forced})
+    return patch
+
+
+def _device_env_problems(spec: Mapping[str, Any]) -> list[str]:
+    problems: list[str] = []
+    for kind in CONTAINER_LISTS:
+        for container in spec.get(kind) or []:
+            where = f"spec.{kind}[{container.get('name', '')}]"
+            gpus = _requests_gpus(container)
+            for entry in container.get("env") or []:
+                name = entry.get("name") or ""
+                if name not in DEVICE_ENV:
+                    continue
+                if not gpus and entry == {"name": VISIBLE_DEVICES_ENV, "value": NO_DEVICES}:
+                    continue  # the fence's own entry
+                problems.append(
+                    f"{where}.env sets {name}, which makes NVIDIA's container runtime expose devices that were not "
+                    f"requested; remove it and request {GPU_RESOURCE} instead (the device plugin sets it)"
+                )
+            if gpus:
+                for source in container.get("envFrom") or []:
+                    prefix = source.get("prefix") or ""
+                    if not prefix or prefix.startswith("NVIDIA_") or "NVIDIA_".startswith(prefix):
+                        problems.append(
+                            f"{where}.envFrom without a safe prefix could set {VISIBLE_DEVICES_ENV} and override the "
+                            f"GPUs the device plugin allocated; give it a prefix such as APP_"
+                        )
+    return problems
 
 
 def _safe_pod_gpus(pod: Mapping[str, Any]) -> int:
@@ -182,6 +256,7 @@ def validate_pod(pod: Mapping[str, Any], fence: Fence, *, creating: bool = True)
     problems.extend(_toleration_problems(spec.get("tolerations") or [], fence))
     problems.extend(_node_selector_problems(spec.get("nodeSelector") or {}, fence))
     problems.extend(_affinity_problems(spec.get("affinity") or {}, fence))
+    problems.extend(_device_env_problems(spec))
     try:
         pod_gpus(pod)
     except ValueError as error:
