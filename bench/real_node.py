@@ -16,7 +16,6 @@ import argparse
 import datetime as dt
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,14 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from e2e.conftest import CHART, RELEASE, RELEASE_NAMESPACE  # noqa: E402
+from e2e.incluster.conftest import RealCluster  # noqa: E402
 
 from gpuaas.domain.scenarios import REAL_NODE_POOL, SCENARIOS, ScenarioPool  # noqa: E402
 from gpuaas.k8s import localcluster, realnode  # noqa: E402
-from gpuaas.k8s.serving import SERVING_LABEL  # noqa: E402
 
 CLUSTER = "gpuaas-bench-real"
 VALUES = CHART / "ci" / "real-node-values.yaml"
-SELECTOR = "app.kubernetes.io/name=gpuaas,app.kubernetes.io/component=operator"
 
 
 def kib(pid: int, field: str) -> int:
@@ -67,27 +65,6 @@ def pool_values(pools: tuple[ScenarioPool, ...]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-class Cluster:
-    def __init__(self, binaries: localcluster.Binaries, kubeconfig: Path) -> None:
-        self.binaries, self.kubeconfig = binaries, kubeconfig
-
-    def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(self.binaries.kubectl), "--kubeconfig", str(self.kubeconfig), *args],
-                              input=stdin, text=True, capture_output=True, check=check)  # fmt: skip
-
-    def helm(self, *args: str) -> None:
-        subprocess.run([str(self.binaries.helm), "--kubeconfig", str(self.kubeconfig), *args], cwd=REPO,
-                       check=True, capture_output=True, text=True)  # fmt: skip
-
-    def operator_pods(self) -> list[dict[str, Any]]:
-        items = json.loads(self.kubectl("get", "pods", "-n", RELEASE_NAMESPACE, "-l", SELECTOR, "-o", "json").stdout)
-        return [p for p in items["items"] if not p["metadata"].get("deletionTimestamp")]
-
-    def serving(self) -> list[str]:
-        return [p["metadata"]["name"] for p in self.operator_pods()
-                if (p["metadata"].get("labels") or {}).get(SERVING_LABEL) == "true"]  # fmt: skip
-
-
 def wait(predicate: Any, timeout: float, what: str) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout:
@@ -106,7 +83,7 @@ def main() -> None:
     scenario = SCENARIOS[args.scenario]
     binaries = localcluster.ensure_binaries()
     kubeconfig = localcluster.default_kubeconfig(CLUSTER)
-    localcluster.stop_local_real_node(binaries, CLUSTER, kubeconfig)
+    localcluster.stop_local_real_node(CLUSTER, kubeconfig)
     localcluster.delete_cluster(binaries, CLUSTER, kubeconfig)
     localcluster.create_cluster(binaries, CLUSTER, kubeconfig)
     result: dict[str, Any] = {
@@ -121,7 +98,7 @@ def main() -> None:
         started = time.monotonic()
         node = localcluster.start_local_real_node(binaries, CLUSTER, kubeconfig, on_progress=lambda _: None)
         result["real_node_start_seconds"] = round(time.monotonic() - started, 1)
-        cluster = Cluster(binaries, kubeconfig)
+        cluster = RealCluster(CLUSTER, kubeconfig, binaries, external=False, work=Path(node.state.work))
         values = Path(node.state.work) / "bench-pools.yaml"
         values.write_text(yaml.safe_dump(pool_values((*scenario.pools, REAL_NODE_POOL))))
         tag = node.operator_image.rpartition(":")[2]
@@ -129,13 +106,15 @@ def main() -> None:
         cluster.helm("install", RELEASE, str(CHART), "-n", RELEASE_NAMESPACE, "--create-namespace", "-f", str(VALUES),
                      "-f", str(values), "--set", f"image.tag={tag}", "--set",
                      f"operator.peering.lifetimeSeconds={args.peering_lifetime}", "--wait", "--timeout=5m")  # fmt: skip
-        wait(lambda: len(cluster.serving()) == 1, 120, "a serving pod")
+        wait(lambda: cluster.leader() is not None, 120, "a serving pod")
         result["helm_install_to_both_ready_seconds"] = round(time.monotonic() - started, 2)
         cluster.kubectl("create", "namespace", "bench-tenant")
         cluster.kubectl("label", "namespace", "bench-tenant", "gpuaas.io/managed=true")
         kills = []
         for _ in range(args.kills):
-            old = cluster.serving()[0]
+            leader = cluster.leader()
+            assert leader is not None
+            old = leader["metadata"]["name"]
             started = time.monotonic()
             cluster.kubectl("delete", "pod", "-n", RELEASE_NAMESPACE, old, "--grace-period=0", "--force")
 
@@ -147,7 +126,11 @@ def main() -> None:
                 return out.returncode == 0 or "denied the request" in out.stderr
 
             webhook = wait(answers, 120, "the webhook answering")
-            passed = wait(lambda old=old: cluster.serving() not in ([], [old]), 120, "a new serving pod")
+            passed = wait(
+                lambda old=old: (new := cluster.leader()) is not None and new["metadata"]["name"] != old,
+                120,
+                "a new serving pod",
+            )
             kills.append({"webhook_seconds": round(webhook, 2), "pass_seconds": round(webhook + passed, 2)})
             wait(lambda: len(cluster.operator_pods()) == 2, 120, "the Deployment back at 2 pods")
             time.sleep(5)
@@ -159,15 +142,10 @@ def main() -> None:
         result["peak_rss_mib"] = {name: round(kib(pid, "VmHWM") / 1024, 1) for name, pid in state.pids.items()}
         result["peak_rss_mib_total"] = round(sum(result["peak_rss_mib"].values()), 1)
         result["shims_rss_mib"] = round(shims_rss_kib() / 1024, 1)
-        result["pods_on_the_real_node"] = len(
-            json.loads(
-                cluster.kubectl(
-                    "get", "pods", "-A", "--field-selector", f"spec.nodeName={node.state.node}", "-o", "json"
-                ).stdout
-            )["items"]
-        )
+        on_node = cluster.get_json("pods", "-A", "--field-selector", f"spec.nodeName={node.state.node}")
+        result["pods_on_the_real_node"] = len(on_node["items"])
     finally:
-        localcluster.stop_local_real_node(binaries, CLUSTER, kubeconfig)
+        localcluster.stop_local_real_node(CLUSTER, kubeconfig)
         localcluster.delete_cluster(binaries, CLUSTER, kubeconfig)
     out = REPO / "bench" / "results" / f"real_node-{scenario.name}-lifetime{args.peering_lifetime}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

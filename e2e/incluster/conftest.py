@@ -102,7 +102,7 @@ def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealClust
     binaries = localcluster.ensure_binaries()
     work = tmp_path_factory.mktemp("real")
     kubeconfig = localcluster.default_kubeconfig(CLUSTER_NAME)
-    localcluster.stop_local_real_node(binaries, CLUSTER_NAME, kubeconfig)
+    localcluster.stop_local_real_node(CLUSTER_NAME, kubeconfig)
     localcluster.delete_cluster(binaries, CLUSTER_NAME, kubeconfig)
     host_before = realnode.host_state_fingerprint()
     localcluster.create_cluster(binaries, CLUSTER_NAME, kubeconfig)
@@ -118,7 +118,7 @@ def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealClust
         yield state
     finally:
         if not os.environ.get("GPUAAS_KEEP_CLUSTER"):
-            localcluster.stop_local_real_node(binaries, CLUSTER_NAME, kubeconfig)
+            localcluster.stop_local_real_node(CLUSTER_NAME, kubeconfig)
             localcluster.delete_cluster(binaries, CLUSTER_NAME, kubeconfig)
 
 

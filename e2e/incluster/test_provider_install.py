@@ -464,7 +464,7 @@ def test_operator_pods_use_only_their_service_account(real_cluster: RealCluster)
 
 
 def test_cluster_down_restores_the_host(real_cluster: RealCluster) -> None:
-    assert localcluster.stop_local_real_node(real_cluster.binaries, real_cluster.name, real_cluster.kubeconfig)
+    assert localcluster.stop_local_real_node(real_cluster.name, real_cluster.kubeconfig)
     after = realnode.host_state_fingerprint()
     assert real_cluster.host_before is not None
     for key, value in real_cluster.host_before.items():

@@ -160,7 +160,7 @@ def cluster_down(name: ClusterName = "gpuaas", kubeconfig: KubeconfigOption = No
     """Stop the local cluster and delete its state; a real node is stopped first and the host restored."""
     binaries = localcluster.ensure_binaries()
     kubeconfig = kubeconfig or localcluster.default_kubeconfig(name)
-    if localcluster.stop_local_real_node(binaries, name, kubeconfig):
+    if localcluster.stop_local_real_node(name, kubeconfig):
         console.print("real node stopped; host restored")
     localcluster.delete_cluster(binaries, name, kubeconfig)
     console.print(f"cluster {name} deleted")

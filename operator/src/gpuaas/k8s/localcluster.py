@@ -27,7 +27,6 @@ from gpuaas.k8s.realnode import (
     RealNodeSpec,
     RealNodeState,
     kwokctl_config,
-    load_state,
     real_node_labels,
     start_real_node,
     stop_real_node,
@@ -57,12 +56,17 @@ class Binaries:
     helm: Path
 
 
-def ensure_binaries(components: tuple[str, ...] = ("kubernetes", "etcd", "kwok", "helm")) -> Binaries:
-    """Build (or find in the cache) the pinned binaries; the build prints progress on stderr."""
+def _build(*components: str) -> dict[str, Path]:
+    """Build (or find in the cache) pinned components with tools/build.sh; their cache directories by name. The
+    build prints progress on stderr."""
     script = repo_root() / "tools" / "build.sh"
     result = subprocess.run(["bash", str(script), *components], check=True, stdout=subprocess.PIPE, text=True)
-    dirs = [Path(line) for line in result.stdout.split()]
-    by_name = {path.parent.name: path for path in dirs}
+    return {path.parent.name: path for path in (Path(line) for line in result.stdout.split())}
+
+
+def ensure_binaries(components: tuple[str, ...] = ("kubernetes", "etcd", "kwok", "helm")) -> Binaries:
+    """The control plane's pinned binaries, kubectl and helm."""
+    by_name = _build(*components)
     kube, etcd, kwok, helm = by_name["kubernetes"], by_name["etcd"], by_name["kwok"], by_name["helm"]
     return Binaries(
         kube_apiserver=kube / "kube-apiserver",
@@ -79,11 +83,8 @@ def ensure_binaries(components: tuple[str, ...] = ("kubernetes", "etcd", "kwok",
 def ensure_node_binaries(binaries: Binaries) -> NodeBinaries:
     """containerd and gpuaas's node tools (built and cached like the rest); kubelet and kube-proxy sit beside
     kube-apiserver."""
-    script = repo_root() / "tools" / "build.sh"
-    result = subprocess.run(
-        ["bash", str(script), "containerd", "nodetools"], check=True, stdout=subprocess.PIPE, text=True
-    )
-    containerd_dir, nodetools = (Path(line) for line in result.stdout.split())
+    by_name = _build("containerd", "nodetools")
+    containerd_dir, nodetools = by_name["containerd"], by_name["nodetools"]
     kube = binaries.kubectl.parent
     return NodeBinaries(
         containerd_dir=containerd_dir,
@@ -271,8 +272,6 @@ def start_local_real_node(
     return LocalRealNode(state, images)
 
 
-def stop_local_real_node(binaries: Binaries, name: str, kubeconfig: Path) -> bool:
+def stop_local_real_node(name: str, kubeconfig: Path) -> bool:
     """Stop the cluster's real node, if it has one, and restore the host."""
-    if load_state(node_work_dir(name)) is None:
-        return False
-    return stop_real_node(node_work_dir(name), kubeconfig, ensure_node_binaries(binaries))
+    return stop_real_node(node_work_dir(name), kubeconfig)

@@ -118,6 +118,11 @@ class RealNodeState:
     def containerd_socket(self) -> Path:
         return RUN_ROOT / self.cluster / "containerd" / "containerd.sock"
 
+    def ctr(self, *args: str) -> list[str]:
+        """A `ctr` command against this node's containerd (ctr sits beside the containerd that was started)."""
+        ctr = Path(self.commands["containerd"][0][0]).with_name("ctr")
+        return [str(ctr), "--address", str(self.containerd_socket), *args]
+
 
 def require_host_tools() -> list[str]:
     """What this host lacks for a real node, as messages a person can act on (empty: ready)."""
@@ -209,15 +214,18 @@ def _read_sysctl(name: str) -> str | None:
         return None
 
 
+def _iptables_rules() -> dict[str, str]:
+    """iptables-save and ip6tables-save output, by command."""
+    return {save: _run([save]).stdout for save in ("iptables-save", "ip6tables-save") if shutil.which(save)}
+
+
 def snapshot_host() -> HostSnapshot:
     snapshot = HostSnapshot()
     for name in HOST_SYSCTLS:
         value = _read_sysctl(name)
         if value is not None:
             snapshot.sysctls[name] = value
-    for save in ("iptables-save", "ip6tables-save"):
-        if shutil.which(save):
-            snapshot.iptables[save] = _run([save]).stdout
+    snapshot.iptables = _iptables_rules()
     snapshot.nft_tables = nft_tables()
     snapshot.kubelet_root_existed = KUBELET_ROOT.exists()
     return snapshot
@@ -470,7 +478,7 @@ def _spawn(state: RealNodeState, name: str, command: list[str], env: dict[str, s
     _save(state)
 
 
-def restart_component(work: Path, name: str, signal_number: int = signal.SIGTERM) -> float:
+def restart_component(work: Path, name: str) -> float:
     """Stop one of the node's processes (kubelet, containerd, kube-proxy, device-plugin) and start it again as it
     was started, as systemd would after a crash or an upgrade. Containers keep running: their shims outlive
     containerd. Returns the seconds it was down."""
@@ -478,14 +486,8 @@ def restart_component(work: Path, name: str, signal_number: int = signal.SIGTERM
     if state is None or name not in state.pids:
         raise RuntimeError(f"no real node component {name!r} recorded in {work}")
     started = time.monotonic()
-    pid = state.pids[name]
-    if _alive(pid):
-        os.kill(pid, signal_number)
-        deadline = time.monotonic() + 15
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
+    # Only the process, not its group: the shims containerd started must keep the containers running.
+    _terminate(state.pids[name], timeout=15, whole_group=False)
     command, env = state.commands[name]
     _spawn(state, name, command, env)
     _wait_healthy(state, name)
@@ -511,9 +513,8 @@ def _wait_healthy(state: RealNodeState, name: str, timeout: float = 60.0) -> Non
 
 def _component_healthy(state: RealNodeState, name: str) -> bool:
     if name == "containerd":
-        ctr = Path(state.commands[name][0][0]).with_name("ctr")
         # The CRI plugin answers only once initialised; `ctr version` alone would pass earlier.
-        result = _run([str(ctr), "--address", str(state.containerd_socket), "plugins", "ls"], check=False)
+        result = _run(state.ctr("plugins", "ls"), check=False)
         return (
             result.returncode == 0
             and re.search(r"io\.containerd\.grpc\.v1\s+cri\s+.*\bok\b", result.stdout) is not None
@@ -541,13 +542,17 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}").exists()
 
 
-def _terminate(pid: int, timeout: float = 10.0) -> None:
+def _terminate(pid: int, timeout: float = 10.0, whole_group: bool = True) -> None:
+    """SIGTERM (to its process group, when it leads one and `whole_group`), then SIGKILL after `timeout`."""
     if not _alive(pid):
         return
-    os.killpg(pid, signal.SIGTERM) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGTERM)
+    if whole_group and os.getpgid(pid) == pid:
+        os.killpg(pid, signal.SIGTERM)
+    else:
+        os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.05)
     if _alive(pid):
         os.kill(pid, signal.SIGKILL)
 
@@ -570,7 +575,7 @@ def start_real_node(
         on_progress(f"real node {previous.node} is already running")
         return previous
     if previous is not None:
-        stop_real_node(work, admin_kubeconfig, binaries)
+        stop_real_node(work, admin_kubeconfig)
     for other in RUN_ROOT.glob("*/containerd/containerd.sock") if RUN_ROOT.exists() else []:
         raise RuntimeError(f"another real node runs on this host ({other}); one per host: stop it first")
 
@@ -587,10 +592,9 @@ def start_real_node(
     kubelet_kubeconfig, proxy_kubeconfig = _write_credentials(cluster, admin_kubeconfig, work, spec.name)
     on_progress("starting containerd")
     _start_containerd(state, binaries, pause_image)
-    ctr = [str(binaries.containerd_dir / "ctr"), "--address", str(state.containerd_socket), "-n", "k8s.io"]
     for image in spec.images:
         on_progress(f"importing {image.name}")
-        _run([*ctr, "images", "import", str(image)])
+        _run(state.ctr("-n", "k8s.io", "images", "import", str(image)))
     on_progress("starting the kubelet, the device plugin and kube-proxy")
     _start_kubelet(state, binaries, spec, kubelet_kubeconfig, KWOK_CLUSTERS / cluster / "pki" / "ca.crt")
     if spec.gpus:
@@ -705,7 +709,7 @@ def _delete_node_pods(admin_kubeconfig: Path, node: str, timeout: float = 40.0) 
         return
 
 
-def stop_real_node(work: Path, admin_kubeconfig: Path | None = None, binaries: NodeBinaries | None = None) -> bool:
+def stop_real_node(work: Path, admin_kubeconfig: Path | None = None) -> bool:
     """Stop the node and restore the host as it was before `start_real_node`. Returns False if none was recorded."""
     state = load_state(work)
     if state is None:
@@ -715,10 +719,9 @@ def stop_real_node(work: Path, admin_kubeconfig: Path | None = None, binaries: N
     for name in ("device-plugin", "kube-proxy", "kubelet"):
         if name in state.pids:
             _terminate(state.pids[name])
-    if binaries is not None and _alive(state.pids.get("containerd", -1)):
-        ctr = [str(binaries.containerd_dir / "ctr"), "--address", str(state.containerd_socket), "-n", "k8s.io"]
-        for task in _run([*ctr, "tasks", "ls", "-q"], check=False).stdout.split():
-            _run([*ctr, "tasks", "kill", "-s", "SIGKILL", task], check=False)
+    if _alive(state.pids.get("containerd", -1)):
+        for task in _run(state.ctr("-n", "k8s.io", "tasks", "ls", "-q"), check=False).stdout.split():
+            _run(state.ctr("-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL", task), check=False)
     if "containerd" in state.pids:
         _terminate(state.pids["containerd"])
     _kill_leftover_shims(state)
@@ -780,11 +783,7 @@ def host_state_fingerprint() -> dict[str, Any]:
         "mounts": sorted(line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()),
         "links": links,
         "routes": routes,
-        "iptables": {
-            save: normalized_rules(_run([save]).stdout)
-            for save in ("iptables-save", "ip6tables-save")
-            if shutil.which(save)
-        },
+        "iptables": {save: normalized_rules(rules) for save, rules in _iptables_rules().items()},
         "nft_tables": nft_tables(),
         "cgroups": sorted(str(p) for p in CGROUP_ROOT.glob("*/kubepods")) if CGROUP_ROOT.exists() else [],
     }
