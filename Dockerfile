@@ -31,7 +31,7 @@ LABEL org.opencontainers.image.title="gpuaas" \
       org.opencontainers.image.description="GPU-as-a-Service control plane for Kubernetes" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="0.1.0"
-# A named user with uid/gid 65532, so getpass and kopf's peering identity resolve a user name.
+# A named user with uid/gid 65532, so getpass resolves a user name.
 RUN groupadd --system --gid 65532 gpuaas \
  && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin gpuaas

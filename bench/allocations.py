@@ -5,13 +5,15 @@
    server-side-apply script that writes the same Namespaces, ResourceQuotas, LimitRanges and RoleBindings
    (bench/ssa_baseline.py) on a fresh cluster.
 
-Usage: python bench/allocations.py [--latency-samples 50] [--bulk 3000]. Writes bench/results/allocations.json.
+Usage: python bench/allocations.py [--latency-samples 50] [--bulk 3000 (0: latency only)] [--out allocations.json]
+[--profile flame.svg]. Writes bench/results/allocations.json (or the --out name).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -149,21 +151,41 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--latency-samples", type=int, default=50)
     parser.add_argument("--bulk", type=int, default=3000)
+    parser.add_argument("--out", default="allocations.json", help="File name under bench/results/.")
+    parser.add_argument(
+        "--profile", help="Flame graph (SVG) of the operator during the latency samples, by py-spy (on PATH)."
+    )
     options = parser.parse_args()
     result: dict[str, Any] = {"scenario": "program", "nodes": 1307}
 
-    fresh_cluster()
-    with new_api_client(str(KUBECONFIG), pool_size=32) as api:
-        started = time.monotonic()
-        write_all(api, baseline_objects(options.bulk), workers=16)
-        result["baseline_ssa_seconds"] = round(time.monotonic() - started, 1)
-        result["baseline_objects"] = options.bulk * 4
+    if options.bulk:
+        fresh_cluster()
+        with new_api_client(str(KUBECONFIG), pool_size=32) as api:
+            started = time.monotonic()
+            write_all(api, baseline_objects(options.bulk), workers=16)
+            result["baseline_ssa_seconds"] = round(time.monotonic() - started, 1)
+            result["baseline_objects"] = options.bulk * 4
 
     fresh_cluster()
     operator = start_operator()
     try:
         with new_api_client(str(KUBECONFIG), pool_size=32) as api:
+            profiler = None
+            if options.profile:
+                command = [
+                    "py-spy",
+                    "record",
+                    "--pid",
+                    str(operator.pid),
+                    "--output",
+                    options.profile,
+                    "--subprocesses",
+                ]
+                profiler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             samples = latency(api, options.latency_samples)
+            if profiler is not None:
+                profiler.send_signal(signal.SIGINT)  # py-spy writes the flame graph when interrupted
+                profiler.wait(timeout=60)
             result["apply_to_ready_seconds"] = {
                 "samples": len(samples),
                 "p50": round(statistics.median(samples), 3),
@@ -171,13 +193,15 @@ def main() -> None:
                 "p99": round(percentile(samples, 0.99), 3),
                 "max": round(max(samples), 3),
             }
-            result["bulk"] = bulk(api, options.bulk)
+            if options.bulk:
+                result["bulk"] = bulk(api, options.bulk)
     finally:
         operator.terminate()
         operator.wait()
-    result["bulk_vs_baseline"] = round(result["bulk"]["all_decided_seconds"] / result["baseline_ssa_seconds"], 2)
+    if options.bulk:
+        result["bulk_vs_baseline"] = round(result["bulk"]["all_decided_seconds"] / result["baseline_ssa_seconds"], 2)
     gpuaas("cluster", "down", "--name", CLUSTER)
-    out = REPO / "bench" / "results" / "allocations.json"
+    out = REPO / "bench" / "results" / options.out
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--churn-rate", type=float, default=10, help="pod ends per second (and as many starts)")
     parser.add_argument("--churn-seconds", type=float, default=60)
     parser.add_argument("--settle-seconds", type=float, default=60)
+    parser.add_argument("--out", default="usage.json", help="File name under bench/results/.")
     options = parser.parse_args()
     result: dict[str, Any] = {"scenario": "program", "nodes": 1307}
     fresh_cluster()
@@ -178,11 +179,14 @@ def main() -> None:
             cpu0, writes0 = cpu_seconds(operator.pid), metric_value(scrape()[1], "gpuaas_ledger_writes_total")
             churn_started = time.monotonic()
             peak = 0.0
+            churn_scrapes: list[float] = []
             with ThreadPoolExecutor(1) as executor:
                 future = executor.submit(churn)
                 while not future.done():
+                    tick = time.monotonic()
                     peak = max(peak, rss_mib(operator.pid))
-                    time.sleep(1)
+                    churn_scrapes.append(scrape()[0])  # as Prometheus would, once a second
+                    time.sleep(max(0.0, 1 - (time.monotonic() - tick)))
                 future.result()
             elapsed = time.monotonic() - churn_started
             writes1 = metric_value(scrape()[1], "gpuaas_ledger_writes_total")
@@ -204,6 +208,9 @@ def main() -> None:
                 "operator_peak_rss_mib": round(peak, 1),
                 "ledger_writes_per_second": round((writes1 - writes0) / elapsed, 2),
                 "ended_pods_not_yet_released_after_2_minutes": len(lingering),
+                "metrics_scrapes": len(churn_scrapes),
+                "metrics_scrape_p50_seconds": round(statistics.median(churn_scrapes), 3),
+                "metrics_scrape_max_seconds": round(max(churn_scrapes), 3),
                 "starts_refused_because_the_ended_pod_still_held_quota": len(failed_starts),
             }
 
@@ -219,7 +226,7 @@ def main() -> None:
         operator.terminate()
         operator.wait()
         gpuaas("cluster", "down", "--name", "gpuaas-bench")
-    out = REPO / "bench" / "results" / "usage.json"
+    out = REPO / "bench" / "results" / options.out
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -16,7 +16,6 @@ import os
 import re
 import string
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import yaml
 from tests.integration.conftest import OperatorProcess
+from tests.waiting import wait_for
 
 from gpuaas.domain.scenarios import KWOK_NODE_ANNOTATION, SCENARIOS
 from gpuaas.k8s import localcluster
@@ -41,25 +41,6 @@ CLUSTER_NAME = os.environ.get("GPUAAS_E2E_CLUSTER", "gpuaas-e2e")
 RELEASE = "gpuaas"
 RELEASE_NAMESPACE = "gpuaas-system"
 REPORT_TIME_ZONE = ZoneInfo("Asia/Seoul")
-
-
-def wait_for(
-    predicate: Callable[[], Any],
-    timeout: float = 60.0,
-    interval: float = 0.5,
-    message: str = "",
-    last: Callable[[], Any] | None = None,
-) -> Any:
-    """Poll until predicate() returns a truthy value and return it; on timeout, report last() (or the last value)."""
-    deadline = time.monotonic() + timeout
-    value: Any = None
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    seen = last() if last else value
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {message or 'condition'}; last: {seen!r}")
 
 
 def wait_for_steady(
@@ -226,29 +207,7 @@ class E2EOperator(OperatorProcess):
     then runs in a container and reaches this machine through the Docker network's gateway)."""
 
     def __init__(self, kubeconfig: Path, log_path: Path, webhook_host: str) -> None:
-        super().__init__(kubeconfig, log_path)
-        self.webhook_host = webhook_host
-
-    def start(self) -> None:
-        if self.webhook_host == "127.0.0.1":
-            super().start()
-            return
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [
-                sys.executable, "-m", "gpuaas", "run",
-                "--kubeconfig", str(self.kubeconfig),
-                "--metrics-port", str(self.metrics_port),
-                "--health-port", str(self.health_port),
-                "--pool-resync-seconds", "0.5",
-                "--webhook-port", str(self.webhook_port),
-                "--webhook-url", f"https://{self.webhook_host}:{self.webhook_port}",
-                "--webhook-cert-dir", str(self.log_path.parent / "webhook"),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        self.wait_healthy()
+        super().__init__(kubeconfig, log_path, webhook_host=webhook_host)
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:

@@ -1,10 +1,11 @@
-"""The chart itself: `helm lint`, and `helm template` of every ci/*-values.yaml validated by the API server.
+"""The chart's rendered objects, `helm template` of every ci/*-values.yaml, validated by the API server (the checks
+that need no cluster, `helm lint` and the values schema, are in tests/unit/test_chart.py).
 
 Validation is a server-side dry run (`kubectl apply --dry-run=server`): the real API server runs its schema
 validation, defaulting and admission on every rendered object without persisting it. It runs after the e2e
 release is installed, so the gpuaas CRDs and the release namespace exist. Objects of kinds the cluster does not
-serve (ServiceMonitor and PrometheusRule without the Prometheus Operator, cert-manager's Certificate and Issuer,
-kopf's ClusterKopfPeering whose CRD the same render would create) are skipped, each with the reason logged.
+serve (ServiceMonitor and PrometheusRule without the Prometheus Operator, cert-manager's Certificate and Issuer)
+are skipped, each with the reason logged.
 """
 
 from __future__ import annotations
@@ -24,25 +25,6 @@ pytestmark = pytest.mark.e2e
 log = logging.getLogger(__name__)
 
 CI_FILES = sorted(CI_VALUES.glob("*-values.yaml"))
-
-
-def test_ci_values_exist() -> None:
-    names = {path.name for path in CI_FILES}
-    assert {"default-values.yaml", "external-operator-values.yaml", "two-replicas-values.yaml"} <= names
-
-
-@pytest.mark.parametrize("values", CI_FILES, ids=[path.stem for path in CI_FILES])
-def test_helm_lint(cluster: E2ECluster, values: Path) -> None:
-    result = cluster.helm("lint", str(CHART), "--strict", "-f", str(values), check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_schema_rejects_wrong_values(cluster: E2ECluster) -> None:
-    result = cluster.helm(
-        "template", RELEASE, str(CHART), "--set", "operator.replicas=two", "--set", "unknownKey=1", check=False
-    )
-    assert result.returncode != 0
-    assert "values don't meet the specifications of the schema" in result.stderr, result.stderr
 
 
 def _served_kinds(cluster: E2ECluster, api_version: str) -> set[str]:
@@ -78,7 +60,7 @@ def test_rendered_objects_pass_server_side_dry_run(cluster: E2ECluster, release:
             continue
         kept.append(doc)
     # Only optional integrations may be skipped; everything gpuaas needs must validate.
-    allowed = ("monitoring.coreos.com/", "cert-manager.io/", "kopf.dev/")
+    allowed = ("monitoring.coreos.com/", "cert-manager.io/")
     assert all(reason.startswith(allowed) for reason in skipped), skipped
     stream = "\n---\n".join(yaml.safe_dump(doc, sort_keys=False) for doc in kept)
     result = cluster.kubectl("apply", "--dry-run=server", "-f", "-", stdin=stream, check=False)

@@ -28,6 +28,7 @@ from e2e.conftest import (
     wait_for,
     wait_for_steady,
 )
+from gpuaas.reporting.formats import csv_cell_text
 
 pytestmark = pytest.mark.e2e
 
@@ -203,7 +204,7 @@ def test_monthly_report(cluster: E2ECluster, operator: E2EOperator, tmp_path: Pa
     wait_for(
         lambda: (
             (cluster.get_json("gpuusage", f"kaist-vision-2026-{month}", "--ignore-not-found") or {})
-            .get("status", {})
+            .get("ledger", {})
             .get("usedGPUSeconds", 0)
             > 0
         ),
@@ -236,7 +237,7 @@ def test_monthly_report(cluster: E2ECluster, operator: E2EOperator, tmp_path: Pa
     assert len(files) == 1, files
     data = files[0].read_bytes()
     assert data.startswith(b"\xef\xbb\xbf"), "CSV for Excel: UTF-8 with BOM"
-    rows = list(csv.reader(io.StringIO(data.decode("utf-8-sig"))))
+    rows = [[csv_cell_text(field) for field in row] for row in csv.reader(io.StringIO(data.decode("utf-8-sig")))]
     header = rows[0]
     records = [dict(zip(header, row, strict=False)) for row in rows[1:] if row and row[0] == month]
     by_allocation = {record["Allocation"]: record for record in records}

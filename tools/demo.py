@@ -42,7 +42,7 @@ def training_pod(name: str, namespace: str, owner: str) -> dict[str, Any]:
             "containers": [
                 {
                     "name": "train",
-                    "image": "nvcr.io/nvidia/pytorch:25.01-py3",
+                    "image": "pytorch:25.01-py3",
                     "resources": {"limits": {"nvidia.com/gpu": "8"}, "requests": {"cpu": "96", "memory": "900Gi"}},
                 }
             ]

@@ -193,7 +193,7 @@ def render_crd(crd: dict[str, Any]) -> list[str]:
                 )
             lines.append("")
         properties = schema.get("properties", {})
-        for section in ("spec", "status"):
+        for section in ("spec", "ledger", "status"):
             if section not in properties:
                 continue
             fields = list(walk(properties[section], section, section in schema.get("required", [])))

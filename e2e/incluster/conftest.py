@@ -21,16 +21,18 @@ from typing import Any
 
 import pytest
 import yaml
-from e2e.conftest import CHART, RELEASE, RELEASE_NAMESPACE, E2ECluster, wait_for
+from e2e.conftest import CHART, RELEASE, RELEASE_NAMESPACE, E2ECluster
+from tests.waiting import wait_for
 
 from gpuaas.domain.scenarios import SCENARIOS
 from gpuaas.k8s import localcluster, realnode
-from gpuaas.k8s.serving import SERVING_LABEL
+from gpuaas.k8s.leadership import LAST_PASS_ANNOTATION
 
 CLUSTER_NAME = os.environ.get("GPUAAS_REAL_CLUSTER", "gpuaas-real")
 REAL_VALUES = CHART / "ci" / "real-node-values.yaml"
 OPERATOR_SELECTOR = "app.kubernetes.io/name=gpuaas,app.kubernetes.io/component=operator"
 REPORTS_CLAIM = "gpuaas-reports"
+LEASE = "gpuaas"  # operator.leaderElection.leaseName
 
 
 @dataclass
@@ -48,10 +50,25 @@ class RealCluster(E2ECluster):
         pods: list[dict[str, Any]] = self.get_json("pods", "-n", RELEASE_NAMESPACE, "-l", OPERATOR_SELECTOR)["items"]
         return [pod for pod in pods if not pod["metadata"].get("deletionTimestamp")]
 
+    def ready_operator_pods(self) -> int:
+        return len([pod for pod in self.operator_pods() if is_ready(pod)])
+
+    def lease(self) -> dict[str, Any] | None:
+        found = self.kubectl("get", "lease", "-n", RELEASE_NAMESPACE, LEASE, "-o", "json", check=False)
+        lease: dict[str, Any] | None = json.loads(found.stdout) if found.returncode == 0 else None
+        return lease
+
     def leader(self) -> dict[str, Any] | None:
-        """The replica that reconciles: it labels its own pod for the webhook Service (exactly one, or None)."""
-        serving = [p for p in self.operator_pods() if (p["metadata"].get("labels") or {}).get(SERVING_LABEL) == "true"]
-        return serving[0] if len(serving) == 1 else None
+        """The pod that holds the Lease and has run a pass since it took it (None while no pod does)."""
+        lease = self.lease()
+        if lease is None:
+            return None
+        spec = lease.get("spec") or {}
+        last_pass = (lease["metadata"].get("annotations") or {}).get(LAST_PASS_ANNOTATION)
+        acquired = spec.get("acquireTime")
+        if not (spec.get("holderIdentity") and last_pass and acquired) or parse_time(last_pass) < parse_time(acquired):
+            return None
+        return next((p for p in self.operator_pods() if p["metadata"]["name"] == spec["holderIdentity"]), None)
 
     def logs(self, pod: str, since: str | None = None) -> str:
         args = ["logs", "-n", RELEASE_NAMESPACE, pod]
@@ -139,7 +156,7 @@ class InstalledChart:
 
 @pytest.fixture(scope="package")
 def chart(real_cluster: RealCluster) -> Iterator[InstalledChart]:
-    """`helm install` of the chart with the image built here; returns once both pods are Ready and one serves."""
+    """`helm install` of the chart with the image built here; returns once both pods are Ready and one leads."""
     tag = real_cluster.operator_image.rpartition(":")[2]
     started = time.monotonic()
     installed = InstalledChart(real_cluster, 0.0, tag)
@@ -151,11 +168,11 @@ def chart(real_cluster: RealCluster) -> Iterator[InstalledChart]:
         pods = real_cluster.operator_pods()
         return len([p for p in pods if is_ready(p)]) == 2 and real_cluster.leader() is not None
 
-    wait_for(settled, timeout=180, interval=0.2, message="two operator pods Ready, one serving webhooks",
+    wait_for(settled, timeout=180, interval=0.2, message="two operator pods Ready, one leading",
              last=lambda: [(p["metadata"]["name"], p.get("status", {}).get("phase"), is_ready(p))
                            for p in real_cluster.operator_pods()])  # fmt: skip
     installed.install_seconds = time.monotonic() - started
-    print(f"helm install -> both operator pods Ready, one serving webhooks: {installed.install_seconds:.1f}s")
+    print(f"helm install -> both operator pods Ready, one leading: {installed.install_seconds:.1f}s")
     yield installed
     real_cluster.helm("uninstall", RELEASE, "-n", RELEASE_NAMESPACE, check=False)
 

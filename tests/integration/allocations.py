@@ -12,7 +12,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from gpuaas.api.common import GROUP, VERSION
-from tests.integration.conftest import LocalCluster, wait_for
+from tests.integration.conftest import LocalCluster
+from tests.waiting import wait_for
 
 NOW = datetime.now(UTC)
 
@@ -136,7 +137,7 @@ def gpu_pod(name: str, namespace: str, gpus: int, **spec: Any) -> dict[str, Any]
             "containers": [
                 {
                     "name": "train",
-                    "image": "nvcr.io/nvidia/pytorch:25.01-py3",
+                    "image": "pytorch:25.01-py3",
                     "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
                 }
             ],

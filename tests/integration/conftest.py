@@ -12,7 +12,6 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from kubernetes import client
@@ -21,6 +20,7 @@ from gpuaas.domain.scenarios import SCENARIOS, pool_manifest
 from gpuaas.k8s import localcluster
 from gpuaas.k8s.client import new_api_client
 from gpuaas.k8s.manifests import load_manifests, server_side_apply
+from tests.waiting import wait_for
 
 # Concurrent test runs on one machine need different clusters.
 CLUSTER_NAME = os.environ.get("GPUAAS_TEST_CLUSTER", "gpuaas-test")
@@ -81,8 +81,11 @@ def cluster() -> Iterator[LocalCluster]:
 class OperatorProcess:
     """`gpuaas run` as a real subprocess, so tests can kill and restart it like a crashed pod."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, kubeconfig: Path, log_path: Path, extra_args: tuple[str, ...] = (), webhook_host: str = "127.0.0.1"
+    ) -> None:
         self.extra_args = extra_args
+        self.webhook_host = webhook_host  # the address the API server calls the webhooks at
         self.kubeconfig = kubeconfig
         self.log_path = log_path
         self.metrics_port = free_port()
@@ -90,7 +93,7 @@ class OperatorProcess:
         self.webhook_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, ready: bool = True) -> None:
+    def start(self, ready: bool = True, env: dict[str, str] | None = None) -> None:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [
@@ -100,12 +103,13 @@ class OperatorProcess:
                 "--health-port", str(self.health_port),
                 "--pool-resync-seconds", "0.5",
                 "--webhook-port", str(self.webhook_port),
-                "--webhook-url", f"https://127.0.0.1:{self.webhook_port}",
+                "--webhook-url", f"https://{self.webhook_host}:{self.webhook_port}",
                 "--webhook-cert-dir", str(self.log_path.parent / "webhook"),
                 *self.extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )  # fmt: skip
         self.wait_healthy(ready=ready)
 
@@ -126,6 +130,19 @@ class OperatorProcess:
             except OSError:
                 time.sleep(0.2)
         raise TimeoutError(f"operator not healthy within {timeout}s; see {self.log_path}")
+
+    def passes(self, pool: str) -> int:
+        """The pool's reconcile passes so far, from the operator's /metrics."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        prefix = f'gpuaas_reconcile_duration_seconds_count{{pool="{pool}"}} '
+        return next((int(float(line.removeprefix(prefix))) for line in text.splitlines() if line.startswith(prefix)), 0)
+
+    def wait_passes(self, pool: str, count: int = 3) -> None:
+        """Until the pool has run `count` more passes: what a later pass could change, it has changed by then."""
+        target = self.passes(pool) + count
+        wait_for(lambda: self.passes(pool) >= target, timeout=30, message=f"{count} more passes of pool {pool}")
 
     def kill(self) -> None:
         """SIGKILL: no graceful shutdown, as when a node dies under the operator."""
@@ -148,15 +165,3 @@ def operator(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) ->
     process.start()
     yield process
     process.stop()
-
-
-def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.2, message: str = "condition") -> Any:
-    """Poll until predicate() returns a truthy value; return it."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {message}; last value: {last!r}")

@@ -3,15 +3,40 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from kubernetes import client
 
+from gpuaas.api.common import GROUP, VERSION
 from gpuaas.domain.scenarios import SCENARIOS
-from tests.integration.allocations import allocation, allocation_manifest, unique, wait_for_ready
+from tests.integration.allocations import (
+    allocation,
+    allocation_exists,
+    allocation_manifest,
+    condition,
+    create_allocation,
+    delete_allocation,
+    unique,
+    wait_for_ready,
+)
 from tests.integration.conftest import LocalCluster, OperatorProcess
+from tests.waiting import wait_for
+
+
+def event_reasons(cluster: LocalCluster, allocation_name: str) -> set[str]:
+    events = client.CoreV1Api(cluster.api).list_namespaced_event(
+        "default", field_selector=f"involvedObject.name={allocation_name}"
+    )
+    return {event.reason for event in events.items}
+
+
+def operator_metrics(operator: OperatorProcess) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5) as response:
+        return str(response.read().decode())
+
 
 pytestmark = pytest.mark.integration
 B200, H200 = SCENARIOS["small"].pools
@@ -78,3 +103,44 @@ def test_namespace_clash_between_allocations(cluster: LocalCluster, operator: Op
         wait_for_ready(cluster, name)
         second = with_spec(namespace=name)
         assert f"namespace {name} already belongs to allocation {name}" in apply(cluster, second)
+
+
+def test_a_namespace_held_by_a_finalizer_is_reported_truthfully(
+    cluster: LocalCluster, operator: OperatorProcess
+) -> None:
+    """Issue 14, item 5: a tenant's object with a finalizer keeps the namespace Terminating. gpuaas says so, and what
+    holds it, instead of "namespace deleted"; a new grant for the same namespace hears what is really in the way."""
+    core, custom = client.CoreV1Api(cluster.api), client.CustomObjectsApi(cluster.api)
+    old = allocation_manifest(unique("stuck"), H200.name, 8)
+    name = old["metadata"]["name"]
+    hold = {"metadata": {"name": "results", "finalizers": ["example.com/never-released"]}, "data": {"acc": "0.9"}}
+    create_allocation(cluster, old)
+    wait_for_ready(cluster, name)
+    core.create_namespaced_config_map(name, hold)
+    delete_allocation(cluster, name, wait=False)
+
+    def released_condition() -> dict[str, Any]:
+        status = (custom.get_cluster_custom_object(GROUP, VERSION, "gpuallocations", name).get("status")) or {}
+        return condition(status, "Released")
+
+    held = wait_for(lambda: "example.com/never-released" in (c := released_condition()).get("message", "") and c,
+                    message="the Released condition saying what holds the namespace")  # fmt: skip
+    assert (held["status"], held["reason"]) == ("False", "NamespaceTerminating")
+    reasons = event_reasons(cluster, name)
+    assert "NamespaceTerminating" in reasons
+    assert "Released" not in reasons  # nothing claims the namespace is gone
+    assert f'gpuaas_namespace_terminating{{allocation="{name}",namespace="{name}",pool="{H200.name}"}} 1.0' in (
+        operator_metrics(operator)
+    )
+    # A new grant for the same namespace is told what is in the way.
+    again = allocation_manifest(unique("again"), H200.name, 8, namespace=name)
+    error = apply(cluster, again)
+    assert f"namespace {name} is still being deleted" in error, error
+    assert "example.com/never-released" in error
+    # The tenant's finalizer goes: the namespace goes, and only now is the allocation released.
+    core.patch_namespaced_config_map("results", name, {"metadata": {"finalizers": None}})
+    wait_for(lambda: not allocation_exists(cluster, name), timeout=60, message="the allocation released")
+    assert "Released" in event_reasons(cluster, name)
+    wait_for(lambda: f'allocation="{name}"' not in operator_metrics(operator), message="the metric series gone")
+    with allocation(cluster, again) as again_name:
+        wait_for_ready(cluster, again_name)

@@ -17,7 +17,8 @@ from tests.integration.allocations import (
     unique,
     wait_for_ready,
 )
-from tests.integration.conftest import LocalCluster, OperatorProcess, wait_for
+from tests.integration.conftest import LocalCluster, OperatorProcess
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 B200, H200 = SCENARIOS["small"].pools

@@ -10,7 +10,8 @@ from kubernetes import client
 
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.domain.scenarios import SCENARIOS, node_manifest, node_name
-from tests.integration.conftest import LocalCluster, OperatorProcess, wait_for
+from tests.integration.conftest import LocalCluster, OperatorProcess
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 SMALL = SCENARIOS["small"]

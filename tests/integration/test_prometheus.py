@@ -26,13 +26,14 @@ from kubernetes.client.exceptions import ApiException
 
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.domain.scenarios import SCENARIOS
+from tests.dashboards import dashboards, panel_queries, template_variables
 from tests.integration.allocations import allocation_manifest, gpu_pod
-from tests.integration.conftest import LocalCluster, OperatorProcess, free_port, wait_for
+from tests.integration.conftest import LocalCluster, OperatorProcess, free_port
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-DASHBOARDS = REPO / "helm" / "gpuaas" / "dashboards"
 H200 = next(pool for pool in SCENARIOS["small"].pools if pool.name == "test-h200")
 ORGANIZATION = "서울대학교 AI연구원"
 
@@ -193,28 +194,6 @@ def busy_allocation(cluster: LocalCluster, operator: OperatorProcess) -> Iterato
 # --- The dashboards ------------------------------------------------------------------------------
 
 
-def dashboards() -> dict[str, dict[str, Any]]:
-    found = {path.name: json.loads(path.read_text(encoding="utf-8")) for path in sorted(DASHBOARDS.glob("*.json"))}
-    assert set(found) >= {"program-overview.json", "tenant.json", "operations.json"}, sorted(found)
-    return found
-
-
-def panels(panel_list: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    for panel in panel_list:
-        yield panel
-        yield from panels(panel.get("panels") or [])  # collapsed rows hold their panels
-
-
-def panel_queries(board: dict[str, Any]) -> list[tuple[str, str]]:
-    """(panel title / refId, expr) of every Prometheus target of the dashboard."""
-    return [
-        (f"{panel.get('title', '?')} / {target.get('refId', '?')}", target["expr"])
-        for panel in panels(board.get("panels") or [])
-        for target in panel.get("targets") or []
-        if "expr" in target
-    ]
-
-
 def substitute(expr: str, variables: dict[str, str]) -> str:
     def replace(match: re.Match[str]) -> str:
         name = match.group(1) or match.group(2)
@@ -225,10 +204,6 @@ def substitute(expr: str, variables: dict[str, str]) -> str:
         raise AssertionError(f"unknown template variable ${name} in {expr!r}")
 
     return _VARIABLE.sub(replace, expr)
-
-
-def template_variables(board: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {variable["name"]: variable for variable in board["templating"]["list"]}
 
 
 def run_queries(server: Prometheus, variables: dict[str, str]) -> tuple[int, list[str]]:
@@ -264,27 +239,6 @@ def wait_for_scrapes(server: Prometheus, allocation: str) -> None:
 
 
 # --- Tests ---------------------------------------------------------------------------------------
-
-
-def test_dashboards_are_grafana_json() -> None:
-    for file_name, board in dashboards().items():
-        assert board["uid"].startswith("gpuaas-"), file_name
-        assert 36 <= board["schemaVersion"] <= 41, file_name
-        variables = template_variables(board)
-        assert variables["datasource"]["type"] == "datasource", file_name
-        assert variables["datasource"]["query"] == "prometheus", file_name
-        assert {"provider", "pool"} <= set(variables), file_name
-        for name in ("provider", "pool", "tenant"):
-            if name in variables:
-                assert variables[name]["includeAll"] is True, (file_name, name)
-                assert variables[name]["allValue"] == ".*", (file_name, name)
-        ids = [panel["id"] for panel in panels(board["panels"])]
-        assert len(ids) == len(set(ids)), file_name
-        for panel in panels(board["panels"]):
-            if panel["type"] != "row":
-                assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
-                assert panel["targets"], panel["title"]
-    assert "tenant" in template_variables(dashboards()["tenant.json"])
 
 
 def test_every_panel_query_returns_data(prometheus: Prometheus, busy_allocation: str) -> None:

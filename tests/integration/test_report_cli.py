@@ -25,8 +25,10 @@ from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.usage import USAGE_PLURAL, usage_name
 from gpuaas.domain.ledger import month_of
 from gpuaas.domain.scenarios import SCENARIOS
+from gpuaas.reporting.formats import csv_cell_text
 from tests.integration.allocations import allocation_manifest, gpu_pod
-from tests.integration.conftest import LocalCluster, OperatorProcess, wait_for
+from tests.integration.conftest import LocalCluster, OperatorProcess
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -76,7 +78,7 @@ def usage_record(cluster: LocalCluster, name: str) -> dict[str, Any] | None:
 
 
 def used_seconds(record: dict[str, Any] | None) -> int:
-    return int(((record or {}).get("status") or {}).get("usedGPUSeconds", 0))
+    return int(((record or {}).get("ledger") or {}).get("usedGPUSeconds", 0))
 
 
 def run_report(cluster: LocalCluster, month: str, out: Path, format_name: str) -> None:
@@ -111,7 +113,7 @@ def csv_row(path: Path, allocation: str) -> dict[str, str]:
     assert data.startswith(b"\xef\xbb\xbf"), "the CSV must start with a UTF-8 BOM for Excel"
     text = data.decode("utf-8-sig")
     rows_part = text.split("\r\n\r\n", 1)[0]  # rows, a blank line, then the totals
-    rows = list(csv.DictReader(io.StringIO(rows_part)))
+    rows = [{k: csv_cell_text(v) for k, v in row.items()} for row in csv.DictReader(io.StringIO(rows_part))]
     matches = [row for row in rows if row["Allocation"] == allocation]
     assert len(matches) == 1, f"{allocation} appears {len(matches)} times in {path}"
     return matches[0]
@@ -233,9 +235,9 @@ def test_report_of_the_current_month_in_every_format(
 
 def settled(cluster: LocalCluster, record_name: str) -> bool:
     """The record's status stops changing once the allocation is gone (its final flush is written)."""
-    before = (usage_record(cluster, record_name) or {}).get("status")
+    before = (usage_record(cluster, record_name) or {}).get("ledger")
     time.sleep(1.5)
-    return before == (usage_record(cluster, record_name) or {}).get("status")
+    return before == (usage_record(cluster, record_name) or {}).get("ledger")
 
 
 def delete_allocation(cluster: LocalCluster, name: str) -> None:

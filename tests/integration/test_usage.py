@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client, watch
 
 from gpuaas.api.common import GROUP, VERSION
+from gpuaas.api.usage import GpuUsage, GpuUsageSpec, UsageLedger
+from gpuaas.domain.ledger import month_of
 from gpuaas.domain.scenarios import SCENARIOS
+from gpuaas.k8s import usage
+from gpuaas.k8s.client import load_config
+from gpuaas.k8s.writer import CRASH_AFTER_ENV
 from tests.integration.allocations import (
     allocation,
     allocation_manifest,
@@ -25,7 +33,8 @@ from tests.integration.allocations import (
     wait_for_phase,
     wait_for_ready,
 )
-from tests.integration.conftest import LocalCluster, OperatorProcess, wait_for
+from tests.integration.conftest import LocalCluster, OperatorProcess
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 B200, H200 = SCENARIOS["small"].pools
@@ -41,7 +50,7 @@ def usage_records(cluster: LocalCluster, allocation_name: str) -> list[dict[str,
 
 
 def used_seconds(cluster: LocalCluster, allocation_name: str) -> int:
-    return sum((r.get("status") or {}).get("usedGPUSeconds", 0) for r in usage_records(cluster, allocation_name))
+    return sum((r.get("ledger") or {}).get("usedGPUSeconds", 0) for r in usage_records(cluster, allocation_name))
 
 
 class Timeline:
@@ -102,6 +111,7 @@ def test_ledger_matches_the_timeline(cluster: LocalCluster, operator: OperatorPr
         timeline.start("b", 4)
         time.sleep(3)
         timeline.end("a")
+        wait_for(lambda: pod_phase(cluster, "a", name) is None, message="a booked and released")
         timeline.start("c", 4)
         time.sleep(2)
         timeline.end("b")
@@ -109,8 +119,9 @@ def test_ledger_matches_the_timeline(cluster: LocalCluster, operator: OperatorPr
         timeline.wait_all_gone()
         assert_exact(cluster, name, timeline)
         record = usage_records(cluster, name)[0]
-        assert record["status"]["podCount"] == 3
-        assert record["status"]["peakGPUsInUse"] in (12, 16)
+        assert record["ledger"]["podCount"] == 3
+        # c started after a was gone (a's end is its deletion request, at or before c's start): 8+4, then 4+4.
+        assert record["ledger"]["peakGPUsInUse"] == 12
 
 
 def test_operator_down_while_pods_start_finish_and_are_deleted(
@@ -134,27 +145,52 @@ def test_operator_down_while_pods_start_finish_and_are_deleted(
         timeline.wait_all_gone()
         assert_exact(cluster, name, timeline)
         booked = used_seconds(cluster, name)
-        time.sleep(3)  # more passes must not book the same pod again
+        operator.wait_passes(B200.name)  # more passes must not book the same pod again
         assert used_seconds(cluster, name) == booked
 
 
-def test_operator_killed_during_flushes(cluster: LocalCluster, operator: OperatorProcess) -> None:
-    name = unique("flushkill")
-    with allocation(cluster, allocation_manifest(name, B200.name, 32)):
+@pytest.mark.parametrize(
+    ("crash_after", "pods_left"),
+    [
+        ("CreateUsage", 2),  # the month's record is created, booked, and no pod released
+        ("WriteUsageLedger", 2),  # the record is rewritten, and no pod released
+        ("ReleasePod", 1),  # booked, one of the two pods released
+    ],
+)
+def test_operator_crash_between_ledger_writes_neither_loses_nor_doubles(
+    cluster: LocalCluster, operator: OperatorProcess, crash_after: str, pods_left: int
+) -> None:
+    name = unique("crash")
+    with allocation(cluster, allocation_manifest(name, B200.name, 16)):
         wait_for_ready(cluster, name)
         timeline = Timeline(cluster, name)
-        for round_number in range(3):
-            pods = [f"r{round_number}-{i}" for i in range(2)]
-            for pod in pods:
+        if crash_after != "CreateUsage":  # the month's record exists before the crash
+            timeline.start("first", 8)
+            time.sleep(1)  # a pod that starts and ends within one second books 0 s and creates no record
+            timeline.end("first")
+            timeline.wait_all_gone()
+            assert used_seconds(cluster, name) > 0
+        operator.stop()
+        operator.start(env={CRASH_AFTER_ENV: f"{crash_after}:{name}"})
+        try:
+            for pod in ("a", "b"):
                 timeline.start(pod, 8)
             time.sleep(1)
-            for pod in pods:
+            for pod in ("a", "b"):
                 timeline.end(pod)
-            time.sleep(0.3 + 0.2 * round_number)  # lands in the pass that books and releases them
-            operator.kill()
+            assert operator.process is not None
+            assert operator.process.wait(timeout=60) == 137
+            assert f"crash point: exiting right after {crash_after} for {name}" in operator.log_path.read_text()
+            left = [pod for pod in ("a", "b") if pod_phase(cluster, pod, name) is not None]
+            assert len(left) == pods_left, left  # the crash came before the rest of the releases
+        finally:
+            operator.stop()
             operator.start()
         timeline.wait_all_gone()
         assert_exact(cluster, name, timeline)
+        booked = used_seconds(cluster, name)
+        operator.wait_passes(B200.name)  # more passes must not book the same pods again
+        assert used_seconds(cluster, name) == booked
 
 
 def test_deleted_namespace_pods_are_booked(cluster: LocalCluster, operator: OperatorProcess) -> None:
@@ -233,3 +269,165 @@ def test_idle_allocation_is_reclaimed_and_resumes_through_the_queue(
         )
         wait_for_ready(cluster, idle_name)
         assert status_of(cluster, idle_name)["grantedGPUs"] == H200.gpus
+
+
+# --- backup and restore ------------------------------------------------------------------------------
+
+# What a backup keeps of an object and what a restore into another cluster drops (Velero by default drops status).
+RESTORE_DROPS = ("uid", "resourceVersion", "creationTimestamp", "generation", "managedFields")
+
+
+def report_bytes(cluster: LocalCluster, out: Path) -> dict[str, bytes]:
+    month = month_of(datetime.now(UTC), "Asia/Seoul")
+    files: dict[str, bytes] = {}
+    for format_name in ("csv", "json"):
+        subprocess.run(
+            [
+                sys.executable, "-m", "gpuaas", "report", "--month", month, "--format", format_name,
+                "--out", f"{out}/", "--kubeconfig", str(cluster.kubeconfig), "--time-zone", "Asia/Seoul",
+            ],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        (path,) = out.glob(f"*.{format_name}")
+        files[format_name] = path.read_bytes()
+        path.unlink()
+    return files
+
+
+def back_up_and_restore_ledger(cluster: LocalCluster) -> int:
+    """Every GpuUsage as `kubectl get -o yaml` gives it, without status, deleted and created again. Returns how many."""
+    api = client.CustomObjectsApi(cluster.api)
+    backup = api.list_cluster_custom_object(GROUP, VERSION, "gpuusages")["items"]
+    for record in backup:
+        api.delete_cluster_custom_object(GROUP, VERSION, "gpuusages", record["metadata"]["name"])
+    wait_for(lambda: not api.list_cluster_custom_object(GROUP, VERSION, "gpuusages")["items"], message="ledger empty")
+    for record in backup:
+        record.pop("status", None)
+        for dropped in RESTORE_DROPS:
+            record["metadata"].pop(dropped, None)
+        api.create_cluster_custom_object(GROUP, VERSION, "gpuusages", record)
+    return len(backup)
+
+
+def test_the_ledger_survives_a_backup_and_restore_that_drops_status(
+    cluster: LocalCluster, operator: OperatorProcess, tmp_path: Path
+) -> None:
+    name = unique("restore")
+    with allocation(cluster, allocation_manifest(name, H200.name, 16)):
+        wait_for_ready(cluster, name)
+        timeline = Timeline(cluster, name)
+        timeline.start("a", 8)
+        timeline.start("b", 8)
+        time.sleep(3)
+        timeline.end("a")  # booked and released before the backup; b runs on across it
+        wait_for(lambda: pod_phase(cluster, "a", name) is None, message="a booked and released")
+        operator.stop()
+        before = report_bytes(cluster, tmp_path)
+        assert back_up_and_restore_ledger(cluster) >= 1
+        assert report_bytes(cluster, tmp_path) == before  # the same report, to the byte
+        operator.start()
+        time.sleep(2)
+        timeline.end("b")
+        timeline.wait_all_gone()
+        assert_exact(cluster, name, timeline)  # a is not lost, b is not booked twice
+        (record,) = usage_records(cluster, name)
+        assert record["ledger"]["podCount"] == 2
+        assert "status" not in record
+
+
+def test_a_record_written_before_the_ledger_field_is_read_and_moved_on_its_next_write(
+    cluster: LocalCluster, operator: OperatorProcess
+) -> None:
+    name = unique("legacy")
+    api = client.CustomObjectsApi(cluster.api)
+    with allocation(cluster, allocation_manifest(name, H200.name, 8)):
+        wait_for_ready(cluster, name)
+        timeline = Timeline(cluster, name)
+        timeline.start("a", 8)
+        time.sleep(2)
+        timeline.end("a")
+        timeline.wait_all_gone()
+        (record,) = usage_records(cluster, name)
+        booked = record["ledger"]["usedGPUSeconds"]
+        operator.stop()
+        # As an older gpuaas left it: the booked totals and watermarks in status.
+        api.patch_cluster_custom_object(
+            GROUP, VERSION, "gpuusages", record["metadata"]["name"], {"ledger": None, "status": record["ledger"]}
+        )
+        operator.start()
+        timeline.start("b", 8)
+        time.sleep(2)
+        timeline.end("b")
+        timeline.wait_all_gone()
+        assert_exact(cluster, name, timeline)
+        (moved,) = usage_records(cluster, name)
+        assert moved["ledger"]["usedGPUSeconds"] > booked
+        assert moved["ledger"]["podCount"] == 2
+        assert "status" not in moved
+
+
+def test_creating_a_record_that_exists_leaves_its_ledger_alone(cluster: LocalCluster) -> None:
+    """A replica whose index has not shown a record yet plans a create from an empty ledger; if the record exists
+    (another replica wrote it a moment ago), writing that plan's ledger would drop what the record holds."""
+    load_config(str(cluster.kubeconfig))
+    name = unique("exists")
+    spec = GpuUsageSpec.model_validate(
+        {
+            "allocation": name,
+            "allocationUID": "6d4c7cdd-0000-4000-8000-000000000001",
+            "tenant": {"name": name, "organization": "KAIST", "contact": "lab@kaist.ac.kr"},
+            "pool": H200.name,
+            "gpuModel": "H200",
+            "provider": "nhn",
+            "month": "2026-12",
+            "timeZone": "UTC",
+        }
+    )
+    held = GpuUsage(name=f"{name}-2026-12", spec=spec, ledger=UsageLedger(used_gpu_seconds=3600, pod_count=2))
+    api = client.CustomObjectsApi(cluster.api)
+    usage.create_usage(held)
+    try:
+        with pytest.raises(usage.UsageRecordExistsError, match="booked from on the next pass"):
+            usage.create_usage(held.model_copy(update={"ledger": UsageLedger(used_gpu_seconds=8, pod_count=1)}))
+        stored = api.get_cluster_custom_object(GROUP, VERSION, "gpuusages", held.name)
+        assert (stored["ledger"]["usedGPUSeconds"], stored["ledger"]["podCount"]) == (3600, 2)
+    finally:
+        api.delete_cluster_custom_object(GROUP, VERSION, "gpuusages", held.name)
+
+
+def test_a_pod_gone_without_its_finalizer_is_booked_from_its_last_state(
+    cluster: LocalCluster, operator: OperatorProcess
+) -> None:
+    """The finalizer is the ledger's first guard, not its only one: when a privileged hand removes it (the webhook
+    refuses tenants), the watch's DELETED event still books the pod's whole interval."""
+    name = unique("bypass")
+    core = client.CoreV1Api(cluster.api)
+    with allocation(cluster, allocation_manifest(name, H200.name, 8)):
+        wait_for_ready(cluster, name)
+        timeline = Timeline(cluster, name)
+        timeline.start("kept", 4)
+        timeline.start("bypassed", 2)
+        # The tenant cannot change what is billed: its removal of the finalizer is refused; the booking below is exact.
+        removal = '[{"op":"remove","path":"/metadata/finalizers"}]'
+        tried = cluster.kubectl(
+            "--as", "alice", "-n", name, "patch", "pod", "kept", "--type=json", "-p", removal, check=False
+        )
+        assert tried.returncode != 0
+        assert "gpuaas.io/usage-ledger is removed by gpuaas" in tried.stderr
+        time.sleep(3)
+        # Well within the flush interval: nothing of it is written yet when the finalizer goes.
+        core.patch_namespaced_pod(
+            "bypassed",
+            name,
+            [{"op": "remove", "path": "/metadata/finalizers"}],
+            _content_type="application/json-patch+json",
+        )
+        timeline.end("bypassed")
+        timeline.end("kept")
+        timeline.wait_all_gone()
+        assert_exact(cluster, name, timeline)
+        (record,) = usage_records(cluster, name)
+        assert record["ledger"]["podCount"] == 2
+        log = operator.log_path.read_text()
+        assert f"pod {name}/bypassed went without gpuaas releasing it" in log
+        assert f"pod {name}/kept went without" not in log  # released by gpuaas: its watermark holds its whole interval

@@ -31,3 +31,22 @@ def test_run_loads_the_handlers() -> None:
     code = "import sys\nimport gpuaas.handlers.runner\nprint('kopf' in sys.modules)\n"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.stdout.strip() == "True", result.stderr
+
+
+def test_the_report_loads_neither_the_local_cluster_nor_the_spreadsheet_writer_until_asked() -> None:
+    """Start-up is most of a CSV report's time (issue 11): openpyxl is loaded for --format xlsx only, and the local
+    cluster's modules for `gpuaas cluster` only."""
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from gpuaas.cli import app\n"
+        "assert CliRunner().invoke(app, ['report', '--help']).exit_code == 0\n"
+        "print(sorted(m for m in ('openpyxl', 'gpuaas.k8s.localcluster', 'rich.progress') if m in sys.modules))\n"
+        "from gpuaas.reporting.formats import render\n"
+        "from gpuaas.domain.report import Report\n"
+        "render(Report(month='2026-11', time_zone='UTC', rows=(), totals=()), 'xlsx')\n"
+        "print('openpyxl' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[]", "True"]

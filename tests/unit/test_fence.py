@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import pytest
@@ -37,7 +38,7 @@ def gpu_container(name: str = "main", requests: int | None = None, limits: int |
         resources["requests"] = {"nvidia.com/gpu": str(requests)}
     if limits is not None:
         resources["limits"] = {"nvidia.com/gpu": limits}
-    return {"name": name, "image": "nvcr.io/nvidia/pytorch:25.01-py3", "resources": resources}
+    return {"name": name, "image": "pytorch:25.01-py3", "resources": resources}
 
 
 def make_pod(**spec: Any) -> dict[str, Any]:
@@ -377,3 +378,77 @@ def test_gpu_containers_may_take_prefixed_env_from_config_maps() -> None:
         ]
     )
     assert validate_pod(apply_patch(pod, mutate_pod(pod, FENCE)), FENCE) == []
+
+
+def test_priority_classes_only_as_the_pool_allows() -> None:
+    pod = make_pod(priorityClassName="system-node-critical")
+    problems = validate_pod(pod, FENCE)
+    expected = "priorityClassName system-node-critical is not allowed in pool nhn-b200-a (allowed: none)"
+    assert any(expected in problem for problem in problems), problems
+    allowed = dataclasses.replace(FENCE, allowed_priority_classes=frozenset({"research-high"}))
+    pod["spec"]["priorityClassName"] = "research-high"
+    assert validate_pod(pod, allowed) == []
+    del pod["spec"]["priorityClassName"]
+    assert validate_pod(pod, FENCE) == []
+
+
+def test_gpu_pods_get_a_bounded_grace() -> None:
+    pod = make_pod(terminationGracePeriodSeconds=301)
+    assert any("longer than pool nhn-b200-a allows for GPU pods (300s)" in p for p in validate_pod(pod, FENCE))
+    pod["spec"]["terminationGracePeriodSeconds"] = 300
+    assert validate_pod(pod, FENCE) == []
+    # A pod without GPUs holds nothing of the pool, whatever its grace.
+    cpu_only = make_pod(containers=[{"name": "db", "image": "x"}], terminationGracePeriodSeconds=3600)
+    assert validate_pod(cpu_only, FENCE) == []
+
+
+@pytest.mark.parametrize(
+    ("annotation", "fragment"),
+    [
+        ("cdi.k8s.io/gpus", "metadata.annotations[cdi.k8s.io/gpus]"),
+        ("nvidia.cdi.k8s.io/all", "metadata.annotations[nvidia.cdi.k8s.io/all]"),
+        ("cdi-devices.nri.io/container.main", "asks the container runtime for devices"),
+        ("devices.nri.io", "asks the container runtime for devices"),
+    ],
+)
+def test_device_injection_annotations_are_refused(annotation: str, fragment: str) -> None:
+    pod = make_pod(containers=[{"name": "main"}])
+    pod["metadata"]["annotations"] = {annotation: "nvidia.com/gpu=all", "team": "vision"}
+    problems = validate_pod(pod, FENCE)
+    assert len(problems) == 1
+    assert fragment in problems[0]
+
+
+def test_an_update_is_refused_only_for_device_annotations_it_adds() -> None:
+    admitted = make_pod(containers=[{"name": "main"}])
+    admitted["metadata"]["annotations"] = {"cdi.k8s.io/old": "nvidia.com/gpu=0"}
+    relabelled = {**admitted, "metadata": {**admitted["metadata"], "labels": {"x": "y"}}}
+    assert validate_pod(relabelled, FENCE, creating=False, previous=admitted) == []
+    added = {**admitted, "metadata": {**admitted["metadata"], "annotations": {"cdi.k8s.io/new": "nvidia.com/gpu=all"}}}
+    (problem,) = validate_pod(added, FENCE, creating=False, previous=admitted)
+    assert "cdi.k8s.io/new" in problem
+
+
+@pytest.mark.parametrize(
+    ("resources", "fragment"),
+    [
+        ({"limits": {"nvidia.com/mig-1g.18gb": "1"}}, "requests nvidia.com/mig-1g.18gb, which this grant's quota"),
+        ({"requests": {"nvidia.com/gpu.shared": "1"}}, "requests nvidia.com/gpu.shared"),
+        ({"claims": [{"name": "gpu"}]}, "resources.claims: gpuaas grants GPUs as nvidia.com/gpu"),
+    ],
+)
+def test_gpus_the_quota_and_ledger_do_not_count_are_refused(resources: dict[str, Any], fragment: str) -> None:
+    pod = make_pod(containers=[{"name": "main", "resources": resources}])
+    problems = validate_pod(pod, FENCE)
+    assert any(fragment in problem for problem in problems), problems
+
+
+def test_a_dra_claim_on_the_pod_is_refused_and_other_extended_resources_are_not() -> None:
+    claims = make_pod(
+        containers=[gpu_container(requests=1)],
+        resourceClaims=[{"name": "gpu", "resourceClaimTemplateName": "one-gpu"}],
+    )
+    (problem,) = validate_pod(claims, FENCE)
+    assert problem.startswith("spec.resourceClaims:")
+    rdma = make_pod(containers=[{"name": "main", "resources": {"limits": {"rdma/hca": "1", "nvidia.com/gpu": "1"}}}])
+    assert validate_pod(rdma, FENCE) == []

@@ -15,12 +15,20 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpuaas.api.usage import GpuUsage, GpuUsageSpec, GpuUsageStatus, PodWatermark, UsageTenant, usage_name
+from gpuaas.api.usage import (
+    GpuUsage,
+    GpuUsageSpec,
+    PodWatermark,
+    UsageLedger,
+    UsageTenant,
+    ledger_patch,
+    usage_name,
+)
 from gpuaas.domain.ledger import (
-    FlushResult,
+    Booking,
     GrantState,
     PodInterval,
-    flush,
+    book_up_to,
     from_epoch,
     month_bounds,
     month_of,
@@ -203,14 +211,14 @@ def reference(pods: list[TruePod], grant: GrantState | None, now: int, zone: str
     return expected
 
 
-def observed(records: dict[str, GpuUsageStatus]) -> dict[str, Expected]:
+def observed(records: dict[str, UsageLedger]) -> dict[str, Expected]:
     return {
         month: Expected(r.used_gpu_seconds, r.granted_gpu_seconds, r.idle_seconds, r.peak_gpus_in_use, r.pod_count)
         for month, r in records.items()
     }
 
 
-def apply(records: dict[str, GpuUsageStatus], result: FlushResult) -> dict[str, GpuUsageStatus]:
+def apply(records: dict[str, UsageLedger], result: Booking) -> dict[str, UsageLedger]:
     return {**records, **result.records}
 
 
@@ -242,7 +250,7 @@ PROPERTY_SETTINGS = settings(max_examples=300, deadline=None, suppress_health_ch
 def test_one_flush_books_exactly_what_the_reference_says(
     pods: list[TruePod], grant: GrantState | None, now: int, zone: str
 ) -> None:
-    result = flush({}, visible(pods, now), grant, at(now), zone)
+    result = book_up_to({}, visible(pods, now), grant, at(now), zone)
     assert observed(result.records) == reference(pods, grant, now, zone)
     assert result.created == frozenset(result.records)
     assert sorted(result.records) == months_touched(visible(pods, now), grant, at(now), zone)
@@ -252,13 +260,13 @@ def test_one_flush_books_exactly_what_the_reference_says(
 @given(pods=true_pods(), grant=grants(), now=instants, zone=zones)
 def test_flushing_again_books_nothing_more(pods: list[TruePod], grant: GrantState | None, now: int, zone: str) -> None:
     shown = visible(pods, now)
-    first = flush({}, shown, grant, at(now), zone)
-    second = flush(first.records, shown, grant, at(now), zone)
+    first = book_up_to({}, shown, grant, at(now), zone)
+    second = book_up_to(first.records, shown, grant, at(now), zone)
     assert second.records == {}
     assert second.created == frozenset()
     assert second.released == first.released
     # Order of pods does not matter either.
-    shuffled = flush({}, list(reversed(shown)), grant, at(now), zone)
+    shuffled = book_up_to({}, list(reversed(shown)), grant, at(now), zone)
     assert shuffled == first
 
 
@@ -275,17 +283,17 @@ def test_incremental_flushes_with_crashes_add_up_to_the_whole(
 ) -> None:
     """Flush at increasing instants; sometimes only some month writes land before a "crash";
     released pods disappear (their finalizer is removed). The ledger must equal the whole truth."""
-    records: dict[str, GpuUsageStatus] = {}
+    records: dict[str, UsageLedger] = {}
     gone: set[str] = set()
     for now in sorted(nows):
         alive = [pod for pod in pods if pod.uid not in gone]
         shown = visible(alive, now)
-        result = flush(records, shown, grant, at(now), zone)
+        result = book_up_to(records, shown, grant, at(now), zone)
         if chooser.random() < 0.4 and result.records:
             # Crash after writing a random subset of the months: nothing is released.
             landed = chooser.sample(sorted(result.records), chooser.randint(0, len(result.records) - 1))
             records = {**records, **{month: result.records[month] for month in landed}}
-            result = flush(records, shown, grant, at(now), zone)
+            result = book_up_to(records, shown, grant, at(now), zone)
         records = apply(records, result)
         gone |= set(result.released)
         live = {pod.uid for pod in alive if pod.uid not in gone}
@@ -301,7 +309,7 @@ def test_released_only_when_the_whole_interval_is_booked(
     pods: list[TruePod], grant: GrantState | None, now: int, zone: str
 ) -> None:
     shown = visible(pods, now)
-    result = flush({}, shown, grant, at(now), zone)
+    result = book_up_to({}, shown, grant, at(now), zone)
     records = result.records
     for pod in shown:
         if pod.end is None:
@@ -322,12 +330,12 @@ def test_a_crash_between_month_writes_is_repaired_without_double_counting() -> N
     pod = PodInterval("p", 8, datetime(2026, 9, 30, 12, tzinfo=UTC), datetime(2026, 9, 30, 18, tzinfo=UTC))
     grant = GrantState(16, datetime(2026, 9, 30, 12, tzinfo=UTC))
     now = datetime(2026, 9, 30, 20, tzinfo=UTC)
-    result = flush({}, [pod], grant, now, zone)
+    result = book_up_to({}, [pod], grant, now, zone)
     assert sorted(result.records) == ["2026-09", "2026-10"]
     assert result.released == ("p",)
     # Only September reached the API server before the crash.
     partial = {"2026-09": result.records["2026-09"]}
-    replay = flush(partial, [pod], grant, now, zone)
+    replay = book_up_to(partial, [pod], grant, now, zone)
     assert sorted(replay.records) == ["2026-10"]
     assert replay.created == frozenset({"2026-10"})
     assert replay.records["2026-10"] == result.records["2026-10"]
@@ -336,7 +344,7 @@ def test_a_crash_between_month_writes_is_repaired_without_double_counting() -> N
     assert result.records["2026-10"].granted_gpu_seconds == 16 * 5 * 3600
     assert result.records["2026-10"].idle_seconds == 2 * 3600
     # Until October is written, the pod is not fully booked and must keep its finalizer.
-    assert flush(partial, [pod], grant, datetime(2026, 9, 30, 14, 30, tzinfo=UTC), zone).released == ()
+    assert book_up_to(partial, [pod], grant, datetime(2026, 9, 30, 14, 30, tzinfo=UTC), zone).released == ()
 
 
 def test_overlapping_pods_add_up_and_set_the_peak() -> None:
@@ -347,7 +355,7 @@ def test_overlapping_pods_add_up_and_set_the_peak() -> None:
         PodInterval("c", 2, day + timedelta(hours=4), None),  # starts as "a" ends: no overlap
     ]
     grant = GrantState(16, day - timedelta(hours=1))
-    result = flush({}, pods, grant, day + timedelta(hours=6), "UTC")
+    result = book_up_to({}, pods, grant, day + timedelta(hours=6), "UTC")
     october = result.records["2026-10"]
     assert october.used_gpu_seconds == (8 * 4 + 4 * 1 + 2 * 2) * 3600
     assert october.peak_gpus_in_use == 12
@@ -361,8 +369,8 @@ def test_overlapping_pods_add_up_and_set_the_peak() -> None:
 def test_a_grant_change_is_booked_by_flushing_each_state_up_to_the_change() -> None:
     start = datetime(2026, 10, 5, tzinfo=UTC)
     change = start + timedelta(hours=2)
-    first = flush({}, [], GrantState(8, start), change, "UTC")
-    second = flush(first.records, [], GrantState(16, change), change + timedelta(hours=1), "UTC")
+    first = book_up_to({}, [], GrantState(8, start), change, "UTC")
+    second = book_up_to(first.records, [], GrantState(16, change), change + timedelta(hours=1), "UTC")
     october = second.records["2026-10"]
     assert october.granted_gpu_seconds == (8 * 2 + 16 * 1) * 3600
     assert october.granted_gpus == 16
@@ -373,13 +381,13 @@ def test_a_clock_going_backwards_books_nothing() -> None:
     now = datetime(2026, 10, 5, tzinfo=UTC)
     grant = GrantState(8, now - timedelta(days=1))
     pods = [PodInterval("a", 1, now - timedelta(hours=3), None)]
-    first = flush({}, pods, grant, now, "UTC")
-    assert flush(first.records, pods, grant, now - timedelta(minutes=5), "UTC").records == {}
+    first = book_up_to({}, pods, grant, now, "UTC")
+    assert book_up_to(first.records, pods, grant, now - timedelta(minutes=5), "UTC").records == {}
 
 
 def test_prune_drops_only_pods_that_are_gone() -> None:
     moment = datetime(2026, 10, 1, tzinfo=UTC)
-    record = GpuUsageStatus(
+    record = UsageLedger(
         pods={"a": PodWatermark(gpus=1, booked_until=moment), "b": PodWatermark(gpus=2, booked_until=moment)}
     )
     assert set(prune(record, ["b", "c"]).pods) == {"b"}
@@ -444,12 +452,12 @@ def terminated(finished: str) -> list[dict[str, Any]]:
 
 
 def used_and_released(
-    shown: dict[str, Any], now: datetime, records: dict[str, GpuUsageStatus] | None = None
-) -> tuple[dict[str, GpuUsageStatus], int, tuple[str, ...]]:
+    shown: dict[str, Any], now: datetime, records: dict[str, UsageLedger] | None = None
+) -> tuple[dict[str, UsageLedger], int, tuple[str, ...]]:
     """Flush one pod as the API shows it at `now`: the records after, the pod's GPU-seconds, released uids."""
     interval = pod_interval_from_pod(shown)
     assert interval is not None
-    result = flush(records or {}, [interval], None, now, "UTC")
+    result = book_up_to(records or {}, [interval], None, now, "UTC")
     after = {**(records or {}), **result.records}
     return after, sum(record.used_gpu_seconds for record in after.values()), result.released
 
@@ -607,8 +615,8 @@ def test_effective_gpu_request_follows_the_scheduler() -> None:
 # --- the API model and its CRD -------------------------------------------------------------------
 
 
-def test_status_wire_names_and_round_trip() -> None:
-    status = GpuUsageStatus(
+def test_ledger_wire_names_and_round_trip() -> None:
+    status = UsageLedger(
         used_gpu_seconds=7200,
         granted_gpu_seconds=14400,
         granted_gpus=2,
@@ -620,7 +628,7 @@ def test_status_wire_names_and_round_trip() -> None:
     wire = status.to_wire()
     assert {"usedGPUSeconds", "grantedGPUSeconds", "grantedGPUs", "peakGPUsInUse", "usedGPUHours"} <= set(wire)
     assert wire["bookedUntil"] == "2026-10-01T00:00:00Z"
-    assert GpuUsageStatus.model_validate(wire) == status
+    assert UsageLedger.model_validate(wire) == status
 
 
 def test_the_crd_schema_knows_every_field_of_the_model() -> None:
@@ -628,9 +636,12 @@ def test_the_crd_schema_knows_every_field_of_the_model() -> None:
     version = crd["spec"]["versions"][0]
     schema = version["schema"]["openAPIV3Schema"]["properties"]
     spec_fields = {field.alias for field in GpuUsageSpec.model_fields.values()}
-    status_fields = {field.alias for field in GpuUsageStatus.model_fields.values()}
+    ledger_fields = {field.alias for field in UsageLedger.model_fields.values()}
     assert spec_fields == set(schema["spec"]["properties"])
-    assert status_fields == set(schema["status"]["properties"])
+    assert ledger_fields == set(schema["ledger"]["properties"])
+    # No status subresource: the ledger is written with the record, and a restore that drops status keeps it.
+    assert "subresources" not in version
+    assert schema["status"]["x-kubernetes-preserve-unknown-fields"] is True
     assert crd["spec"]["names"]["shortNames"] == ["gu"]
     assert [column["name"] for column in version["additionalPrinterColumns"]] == [
         "Allocation",
@@ -642,7 +653,6 @@ def test_the_crd_schema_knows_every_field_of_the_model() -> None:
         "Pods",
         "Age",
     ]
-    assert version["subresources"] == {"status": {}}
 
 
 def test_a_record_object_round_trips_with_its_name_and_labels() -> None:
@@ -661,4 +671,33 @@ def test_a_record_object_round_trips_with_its_name_and_labels() -> None:
         "name": "snu-ai-lab-2026-10",
         "labels": {"gpuaas.io/allocation": "snu-ai-lab", "gpuaas.io/month": "2026-10", "gpuaas.io/pool": "nhn-b200-a"},
     }
-    assert GpuUsage.from_object({**body, "status": {}}) == record
+    assert GpuUsage.from_object(body) == record
+
+
+def test_a_record_from_before_the_ledger_field_is_read_from_its_status_and_moved_on_its_next_write() -> None:
+    spec = GpuUsageSpec(
+        allocation="a", tenant=UsageTenant(name="a"), pool="p", gpu_model="H200", provider="naver", month="2026-10"
+    )
+    ledger = UsageLedger(
+        used_gpu_seconds=3600, pods={"u": PodWatermark(gpus=1, booked_until=datetime(2026, 10, 2, tzinfo=UTC))}
+    )
+    legacy = {**GpuUsage(name="a-2026-10", spec=spec).to_object(), "status": ledger.to_wire()}
+    del legacy["ledger"]
+    assert GpuUsage.from_object(legacy).ledger == ledger
+    pruned = ledger.model_copy(update={"pods": {}})
+    assert ledger_patch(pruned, ["u"]) == {"ledger": {**pruned.to_wire(), "pods": {"u": None}}, "status": None}
+
+
+def test_a_pod_whose_finish_never_comes_is_billed_to_its_deadline_and_counted_once() -> None:
+    lost = pod(statuses=RUNNING, deletionTimestamp=DEADLINE, deletionGracePeriodSeconds=30)
+    records, used, released = used_and_released(lost, REQUESTED + timedelta(seconds=10))
+    assert sum(r.pods_billed_to_deadline for r in records.values()) == 0  # still inside its grace
+    records, used, released = used_and_released(lost, REQUESTED + timedelta(seconds=60), records)
+    assert used == 8 * (to_epoch(REQUESTED) + 30 - to_epoch(STARTED))
+    assert released == ("uid-1",)
+    assert sum(r.pods_billed_to_deadline for r in records.values()) == 1
+    records, _, _ = used_and_released(lost, REQUESTED + timedelta(seconds=90), records)
+    assert sum(r.pods_billed_to_deadline for r in records.values()) == 1  # a replay counts nothing more
+    reported = pod("Failed", statuses=terminated("2026-10-01T05:00:25Z"), deletionTimestamp=DEADLINE)
+    records, _, _ = used_and_released(reported, REQUESTED + timedelta(seconds=60))
+    assert sum(r.pods_billed_to_deadline for r in records.values()) == 0

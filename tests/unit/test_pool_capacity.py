@@ -9,6 +9,7 @@ from gpuaas.api.pool import POOL_LABEL, GpuPoolSpec, GpuPoolStatus
 from gpuaas.domain.nodes import NodeInfo, node_info_from_manifest
 from gpuaas.domain.pool import measure_capacity, pool_status
 from gpuaas.domain.scenarios import SCENARIOS, node_manifest
+from gpuaas.k8s.resources import pool_settled
 
 SPEC = GpuPoolSpec.model_validate({"gpuModel": "B200", "provider": "nhn", "nodeSelector": {POOL_LABEL: "a"}})
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
@@ -94,3 +95,19 @@ def test_program_scenario_matches_the_government_share() -> None:
     program = SCENARIOS["program"]
     assert program.node_count == 1307
     assert program.gpus_by_model() == {"B200": 8160, "H200": 2296}
+
+
+def test_pool_totals_are_printed_only_once_every_node_of_every_pool_is_healthy() -> None:
+    def pool(generation: int, observed: int | None, nodes: int, degraded: str | None) -> dict[str, object]:
+        status: dict[str, object] = {"nodes": nodes}
+        if observed is not None:
+            status["observedGeneration"] = observed
+        if degraded is not None:
+            status["conditions"] = [{"type": "Degraded", "status": degraded}]
+        return {"metadata": {"name": "p", "generation": generation}, "status": status}
+
+    assert pool_settled(pool(2, 2, 510, "False"))
+    assert not pool_settled(pool(2, 2, 510, "True"))  # nodes Ready but still tainted not-ready, or without GPUs
+    assert not pool_settled(pool(2, 1, 510, "False"))  # status of an older spec
+    assert not pool_settled(pool(2, 2, 510, None))  # no status conditions yet
+    assert not pool_settled(pool(1, 1, 0, "False"))  # no node selected yet

@@ -10,7 +10,13 @@ import pytest
 from gpuaas.api.allocation import GpuAllocationStatus
 from gpuaas.domain.capacity import AdmissionDecision
 from gpuaas.domain.drift import has_drifted, parse_quantity
-from gpuaas.domain.guard import Requester, managed_change_problem, unfenced_pod_problems
+from gpuaas.domain.guard import (
+    Requester,
+    exposure_problems,
+    managed_change_problem,
+    pod_change_problems,
+    unfenced_pod_problems,
+)
 from gpuaas.domain.lifecycle import ReconcileOutcome, allocation_status, is_idle
 from gpuaas.domain.nodes import NodeInfo, taints_with, taints_without
 from gpuaas.domain.scenarios import SCENARIOS, demo_grants
@@ -68,6 +74,21 @@ def test_operator_admins_and_control_plane_pass_the_guard() -> None:
     assert managed_change_problem("RoleBinding", "DELETE", {"metadata": {}}, None, Requester("alice"), OPERATOR) is None
 
 
+def test_only_gpuaas_removes_the_usage_finalizer() -> None:
+    booked = {"metadata": {"finalizers": ["gpuaas.io/usage-ledger"]}}
+    other = {"metadata": {"finalizers": ["example.com/keep"]}}
+    tenant = Requester("alice", ("system:authenticated",))
+    assert pod_change_problems(booked, {"metadata": {}}, tenant, OPERATOR)
+    assert pod_change_problems(booked, other, tenant, OPERATOR)
+    assert pod_change_problems(booked, {"metadata": {}}, Requester(OPERATOR), OPERATOR) == []
+    assert pod_change_problems(booked, {"metadata": {}}, Requester("root", ("system:masters",)), OPERATOR) == []
+    # Adding or keeping it, and any other finalizer change, is the tenant's own business.
+    more = {"metadata": {"finalizers": ["gpuaas.io/usage-ledger", "x/y"]}}
+    assert pod_change_problems(booked, more, tenant, OPERATOR) == []
+    assert pod_change_problems(other, {"metadata": {}}, tenant, OPERATOR) == []
+    assert pod_change_problems(None, {"metadata": {}}, tenant, OPERATOR) == []
+
+
 def test_released_namespace_pods_get_no_gpus_and_no_pool() -> None:
     pools = {"test-b200": {"gpuaas.io/pool": "test-b200"}}
     gpu = {"spec": {"containers": [{"name": "c", "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}
@@ -98,6 +119,24 @@ def test_idle_counts_from_the_last_moment_nothing_ran() -> None:
     assert not is_idle(busy)
     queued = allocation_status(GpuAllocationStatus(), decision("Queued"), outcome(0), False, 1, NOW, after)
     assert queued.idle_since is None
+
+
+def test_the_idle_condition_says_what_is_true_in_every_phase() -> None:
+    after = timedelta(hours=1)
+
+    def idle(status: GpuAllocationStatus) -> tuple[str, str, str]:
+        condition = next(c for c in status.conditions if c.type == "Idle")
+        return condition.status, condition.reason, condition.message
+
+    queued = allocation_status(GpuAllocationStatus(), decision("Queued"), outcome(0), False, 1, NOW, after)
+    assert idle(queued) == ("False", "NotActive", "idle time runs only while Active (phase Queued)")
+    busy = allocation_status(GpuAllocationStatus(), decision(), outcome(8), False, 1, NOW, after)
+    assert idle(busy) == ("False", "InUse", "8 GPUs held by pods")
+    quiet = allocation_status(GpuAllocationStatus(), decision(), outcome(0), False, 1, NOW, after)
+    waiting = ("False", "NoGPUsInUse", f"no GPU in use since {NOW.isoformat()} (idle.after 1:00:00)")
+    assert idle(quiet) == waiting
+    later = allocation_status(quiet, decision(), outcome(0), False, 1, NOW + after, after)
+    assert idle(later) == ("True", *waiting[1:])
 
 
 def test_ready_needs_active_applied_and_fenced() -> None:
@@ -131,3 +170,16 @@ def test_demo_program_oversubscribes_only_the_small_h200_pool() -> None:
     assert demand["naver-h200-b"] > capacity["naver-h200-b"]
     assert all(demand[p] <= capacity[p] for p in capacity if p != "naver-h200-b")
     assert demo_grants() == grants  # deterministic
+
+
+def test_tenants_open_no_path_outside_their_namespace() -> None:
+    tenant = Requester("alice", ("system:authenticated",))
+    cluster_ip = {"spec": {"type": "ClusterIP", "selector": {"app": "x"}}}
+    assert exposure_problems("Service", cluster_ip, tenant, OPERATOR) == []
+    bad = {"spec": {"type": "LoadBalancer", "externalIPs": ["203.0.113.10"], "loadBalancerIP": "203.0.113.11"}}
+    assert len(exposure_problems("Service", bad, tenant, OPERATOR)) == 3
+    assert exposure_problems("EndpointSlice", {}, tenant, OPERATOR)
+    assert exposure_problems("Endpoints", {}, tenant, OPERATOR)
+    controller = Requester("system:serviceaccount:kube-system:endpointslice-controller")
+    assert exposure_problems("EndpointSlice", {}, controller, OPERATOR) == []
+    assert exposure_problems("Service", bad, Requester(OPERATOR), OPERATOR) == []

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from openpyxl import load_workbook
 
-from gpuaas.api.usage import GpuUsage, GpuUsageSpec, GpuUsageStatus, UsageTenant, usage_name
+from gpuaas.api.usage import GpuUsage, GpuUsageSpec, UsageLedger, UsageTenant, usage_name
 from gpuaas.domain.report import Report, build_report, utilisation_percent
 from gpuaas.reporting import render, to_csv, to_html, to_json, to_xlsx
 from gpuaas.reporting.formats import ROW_COLUMNS, TOTAL_COLUMNS
@@ -57,7 +57,7 @@ def record(
             provider=provider,
             month=month,
         ),
-        status=GpuUsageStatus(
+        ledger=UsageLedger(
             used_gpu_seconds=used_gpu_seconds,
             granted_gpu_seconds=gpus * OCTOBER_HOURS * 3600,
             idle_seconds=idle_seconds,
@@ -212,6 +212,24 @@ def test_text_that_looks_like_a_formula_stays_text() -> None:
     assert sheet["C2"].value == '=HYPERLINK("http://evil")'
 
 
+def test_ids_and_months_survive_a_spreadsheet() -> None:
+    """Issue 14: a 20-digit contract id written bare became 2.026E+19 in Excel; ids with leading zeros, and months,
+    would change too. Read back as a spreadsheet reads a CSV, every text cell is the text written."""
+    contract = "20260000000000000001"
+    odd = build_report([record("x", "00123", "1E5", "nhn-b200-a", 8, 10, contract=contract)], MONTH)
+    data = to_csv(odd)
+    line = next(csv.reader(io.StringIO(data.decode("utf-8-sig").split("\r\n")[1])))
+    cells = dict(zip([column.key for column in ROW_COLUMNS], line, strict=True))
+    assert spreadsheet_value(cells["contract"]) == contract
+    assert spreadsheet_value(cells["tenant"]) == "00123"
+    assert spreadsheet_value(cells["organization"]) == "1E5"
+    assert spreadsheet_value(cells["month"]) == MONTH
+    assert spreadsheet_value(cells["grantedGPUs"]) == 8.0  # numbers stay numbers
+    sneaky = build_report([record("x", '1"2', "=1+1", "nhn-b200-a", 8, 10, contract='"5')], MONTH)
+    row = csv_tables(to_csv(sneaky))[0][0]
+    assert (row["tenant"], row["organization"], row["contract"]) == ('1"2', "'=1+1", '"5')
+
+
 # --- the same numbers everywhere -----------------------------------------------------------------
 
 
@@ -230,11 +248,28 @@ def same(expected: dict[str, Any], actual: dict[str, Any], where: str) -> None:
             assert as_number(actual[key]) == as_number(value), f"{where}.{key}: {actual[key]!r} != {value!r}"
 
 
+def spreadsheet_value(field: str) -> str | float:
+    """A CSV field as a spreadsheet reads it: a constant text formula shows its text, anything that parses as a
+    number becomes a double (15 significant digits), the rest stays text."""
+    if field.startswith('="') and field.endswith('"'):
+        return field[2:-1].replace('""', '"')
+    assert not field.startswith("="), f"a formula a spreadsheet would run: {field}"
+    try:
+        return float(field)
+    except ValueError:
+        return field
+
+
+def unwrap_text(field: str) -> str:
+    value = spreadsheet_value(field)
+    return value if isinstance(value, str) else field
+
+
 def csv_tables(data: bytes) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     text = data.decode("utf-8-sig")
     rows_part, totals_part = text.split("\r\n\r\n")
-    rows = list(csv.reader(io.StringIO(rows_part)))
-    totals = list(csv.reader(io.StringIO(totals_part)))
+    rows = [[unwrap_text(field) for field in line] for line in csv.reader(io.StringIO(rows_part))]
+    totals = [[unwrap_text(field) for field in line] for line in csv.reader(io.StringIO(totals_part))]
     assert rows[0] == [column.title for column in ROW_COLUMNS]
     assert totals[0] == [column.title for column in TOTAL_COLUMNS]
     keys_of_rows = [column.key for column in ROW_COLUMNS]

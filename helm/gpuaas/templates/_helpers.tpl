@@ -74,11 +74,6 @@ app.kubernetes.io/component: operator
 {{- if not .Values.operator.external -}}true{{- end -}}
 {{- end -}}
 
-{{/* True when kopf peering is used: more than one in-cluster replica. */}}
-{{- define "gpuaas.peering" -}}
-{{- if and (not .Values.operator.external) (gt (int .Values.operator.replicas) 1) -}}true{{- end -}}
-{{- end -}}
-
 {{- define "gpuaas.webhookServiceName" -}}
 {{- printf "%s-webhook" (include "gpuaas.fullname" .) -}}
 {{- end -}}
@@ -174,7 +169,7 @@ timeoutSeconds: {{ .Values.webhook.timeoutSeconds }}
 {{- end -}}
 
 {{/*
-Fails on Helm 3 for objects applied as hooks with the hook-failed delete policy (pools, the peering object):
+Fails on Helm 3 for objects applied as hooks with the hook-failed delete policy (the pools):
 Helm 3 creates hook objects client-side and would fail on upgrade with "already exists".
 Argument: list (root context) (what needs it).
 */}}

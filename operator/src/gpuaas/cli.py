@@ -11,13 +11,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from gpuaas.api.usage import DEFAULT_TIME_ZONE, GpuUsage
 from gpuaas.domain.ledger import month_of, parse_month
 from gpuaas.domain.report import build_report
 from gpuaas.domain.scenarios import REAL_NODE_POOL, SCENARIOS, pool_manifest
-from gpuaas.k8s import localcluster
 from gpuaas.k8s.client import new_api_client
 from gpuaas.k8s.manifests import load_manifests, server_side_apply
 from gpuaas.k8s.resources import list_pools, wait_for_pool_status
@@ -40,15 +38,22 @@ KubeconfigOption = Annotated[
 def run(
     kubeconfig: Annotated[str | None, typer.Option(help="Kubeconfig; default in-cluster or $KUBECONFIG.")] = None,
     metrics_port: Annotated[int, typer.Option(help="Port of /metrics; 0 disables.")] = 8080,
+    metrics_auth: Annotated[
+        bool,
+        typer.Option(help="Serve /metrics only to bearer tokens whose subject may get it (as the chart runs it)."),
+    ] = False,
     health_port: Annotated[int, typer.Option(help="Port of /healthz (kopf liveness); 0 disables.")] = 8081,
     pool_resync_seconds: Annotated[float, typer.Option(help="How often pool status is re-derived.")] = 2.0,
-    peering: Annotated[str | None, typer.Option(help="ClusterKopfPeering name; unset runs standalone.")] = None,
-    peering_priority: Annotated[
-        int | None, typer.Option(help="Peering priority; the highest reconciles. Default: random per process.")
+    leader_lease: Annotated[
+        str | None,
+        typer.Option(help="Lease electing the one replica that reconciles (the others stand by, warm); unset: none."),
     ] = None,
-    peering_lifetime: Annotated[
-        int, typer.Option(help="Seconds after the active replica's last heartbeat before a standby takes over.")
-    ] = 20,
+    leader_lease_namespace: Annotated[
+        str, typer.Option(help="Namespace of the Lease; default the pod's namespace ($POD_NAMESPACE), else default.")
+    ] = "",
+    leader_lease_seconds: Annotated[
+        int, typer.Option(min=2, help="Seconds after the holder's last renewal before a standby takes over.")
+    ] = 4,
     webhook_port: Annotated[int, typer.Option(help="Port of the admission webhooks; 0 disables them.")] = 9443,
     webhook_cert_dir: Annotated[
         str | None, typer.Option(help="Directory with tls.crt and tls.key (default .cluster/webhook).")
@@ -71,11 +76,12 @@ def run(
         OperatorOptions(
             kubeconfig=kubeconfig,
             metrics_port=metrics_port,
+            metrics_auth=metrics_auth,
             health_port=health_port,
             pool_resync_seconds=pool_resync_seconds,
-            peering=peering,
-            peering_priority=peering_priority,
-            peering_lifetime=peering_lifetime,
+            leader_lease=leader_lease,
+            leader_lease_namespace=leader_lease_namespace,
+            leader_lease_seconds=leader_lease_seconds,
             verbose=verbose,
             webhook_port=webhook_port,
             webhook_cert_dir=webhook_cert_dir,
@@ -87,6 +93,8 @@ def run(
 
 
 def crd_paths() -> list[Path]:
+    from gpuaas.k8s import localcluster
+
     return sorted((localcluster.repo_root() / "crds").glob("*.yaml"))
 
 
@@ -105,6 +113,11 @@ def cluster_up(
     ] = 0,
 ) -> None:
     """Start the local cluster (building pinned binaries on first use) and create fake GPU nodes."""
+    # Imported per command: `gpuaas report` starts faster without the local cluster's modules.
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from gpuaas.k8s import localcluster
+
     if scenario not in SCENARIOS:
         raise typer.BadParameter(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
     if real_nodes not in (0, 1):
@@ -158,6 +171,8 @@ def cluster_up(
 @cluster_app.command("down")
 def cluster_down(name: ClusterName = "gpuaas", kubeconfig: KubeconfigOption = None) -> None:
     """Stop the local cluster and delete its state; a real node is stopped first and the host restored."""
+    from gpuaas.k8s import localcluster
+
     binaries = localcluster.ensure_binaries()
     kubeconfig = kubeconfig or localcluster.default_kubeconfig(name)
     if localcluster.stop_local_real_node(name, kubeconfig):
@@ -169,6 +184,8 @@ def cluster_down(name: ClusterName = "gpuaas", kubeconfig: KubeconfigOption = No
 @cluster_app.command("status")
 def cluster_status(name: ClusterName = "gpuaas", kubeconfig: KubeconfigOption = None) -> None:
     """Say whether the local cluster runs, and how many nodes it has."""
+    from gpuaas.k8s import localcluster
+
     kubeconfig = kubeconfig or localcluster.default_kubeconfig(name)
     binaries = localcluster.ensure_binaries()
     if not localcluster.cluster_exists(binaries, name) or not kubeconfig.exists():
@@ -187,11 +204,17 @@ def cluster_status(name: ClusterName = "gpuaas", kubeconfig: KubeconfigOption = 
 @app.command()
 def pools(
     kubeconfig: Annotated[str | None, typer.Option(help="Kubeconfig; default $KUBECONFIG.")] = None,
-    wait: Annotated[float, typer.Option(help="Seconds to wait for every pool to report status.")] = 0,
+    wait: Annotated[
+        float, typer.Option(help="Seconds to wait for every pool's status to be current and all its nodes healthy.")
+    ] = 0,
 ) -> None:
     """Print GPU totals by model from the pools' status."""
     with new_api_client(kubeconfig) as api:
-        items = wait_for_pool_status(api, timeout=wait) if wait else list_pools(api)
+        try:
+            items = wait_for_pool_status(api, timeout=wait) if wait else list_pools(api)
+        except TimeoutError as error:
+            typer.echo(f"gpuaas pools: {error}", err=True)
+            raise typer.Exit(1) from None
     totals: dict[str, dict[str, int]] = {}
     for pool in items:
         status = pool.get("status") or {}

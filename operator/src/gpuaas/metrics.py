@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
@@ -34,8 +34,15 @@ reconcile_duration = Histogram(
     ("pool",),
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-ledger_writes = Counter("gpuaas_ledger_writes_total", "Writes of GpuUsage records (creates and status).")
+ledger_writes = Counter("gpuaas_ledger_writes_total", "Writes of GpuUsage records (creates and ledger updates).")
 reconcile_errors = Counter("gpuaas_reconcile_errors_total", "Reconcile passes that failed.", ("pool",))
+namespace_terminating = Gauge(
+    "gpuaas_namespace_terminating",
+    "1 while a deleted allocation waits for its namespace to be deleted (something in it holds it).",
+    ("pool", "allocation", "namespace"),
+)
+_terminating_series: dict[str, set[tuple[str, str]]] = {}
+
 
 _POOL_GAUGES = (
     (pool_nodes, "nodes"),
@@ -85,40 +92,37 @@ def _sample_lines(sample: AllocationSample) -> dict[str, str]:
 
 
 class AllocationSeries:
-    """Per-allocation series from the latest pass of each pool, rendered as exposition text once per
-    change (a scrape of 3,000 allocations must not re-render 18,000 series). The counters are the ledger's
-    totals (records plus what is booked but not yet written), so they never go backwards across restarts,
-    and a deleted allocation's series vanish with it."""
+    """Per-allocation series from the latest pass of each pool, rendered as exposition text by the pass that
+    produced them, so that a scrape only joins text (a scrape of 3,000 allocations must not render 18,000
+    series, nor wait behind a render). The counters are the ledger's totals (records plus what is booked but
+    not yet written), so they never go backwards across restarts, and a deleted allocation's series vanish
+    with it."""
 
     def __init__(self) -> None:
-        self._by_pool: dict[str, list[AllocationSample]] = {}
         self._rendered: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
 
     def replace(self, pool: str, samples: Iterable[AllocationSample]) -> None:
+        merged: dict[str, list[str]] = {name: [] for name, _, _ in ALLOCATION_METRICS}
+        for sample in samples:
+            for name, line in _sample_lines(sample).items():
+                merged[name].append(line)
+        rendered = {name: "".join(lines) for name, lines in merged.items()}
         with self._lock:
-            self._by_pool[pool] = list(samples)
-            self._rendered.pop(pool, None)
+            self._rendered[pool] = rendered
 
     def drop(self, pool: str) -> None:
         with self._lock:
-            self._by_pool.pop(pool, None)
             self._rendered.pop(pool, None)
 
     def text(self) -> str:
         with self._lock:
-            for pool, samples in self._by_pool.items():
-                if pool not in self._rendered:
-                    merged: dict[str, list[str]] = {name: [] for name, _, _ in ALLOCATION_METRICS}
-                    for sample in samples:
-                        for name, line in _sample_lines(sample).items():
-                            merged[name].append(line)
-                    self._rendered[pool] = {name: "".join(lines) for name, lines in merged.items()}
-            parts = []
-            for name, kind, help_text in ALLOCATION_METRICS:
-                parts.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
-                parts.extend(rendered[name] for rendered in self._rendered.values())
-            return "".join(parts)
+            pools = list(self._rendered.values())
+        parts = []
+        for name, kind, help_text in ALLOCATION_METRICS:
+            parts.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+            parts.extend(rendered[name] for rendered in pools)
+        return "".join(parts)
 
 
 allocations = AllocationSeries()
@@ -134,9 +138,21 @@ def record_pool(name: str, spec: GpuPoolSpec, status: GpuPoolStatus) -> None:
         gauge.labels(name, spec.gpu_model, spec.provider).set(getattr(status, field))
 
 
+def record_terminating(pool: str, waiting: dict[str, str]) -> None:
+    """allocation -> namespace, for this pool's deleted allocations whose namespace has not gone yet."""
+    current = set(waiting.items())
+    for allocation, namespace in _terminating_series.get(pool, set()) - current:
+        with contextlib.suppress(KeyError):
+            namespace_terminating.remove(pool, allocation, namespace)
+    for allocation, namespace in current:
+        namespace_terminating.labels(pool, allocation, namespace).set(1)
+    _terminating_series[pool] = current
+
+
 def forget_pool(name: str, spec: GpuPoolSpec) -> None:
     """Deleted pools drop their series instead of freezing at the last value."""
     allocations.drop(name)
+    record_terminating(name, {})
     for metric in (reconcile_errors, reconcile_duration):
         with contextlib.suppress(KeyError):
             metric.remove(name)
@@ -154,15 +170,34 @@ class _SilentHandler(WSGIRequestHandler):
         """Scrapes every few seconds would flood the log."""
 
 
-_last_pass = 0.0
+leader = Gauge("gpuaas_leader", "1 on the replica that holds the leader Lease and runs pool passes, 0 on a standby.")
 _running_daemons = 0
-READY_WITHIN_SECONDS = 30.0
 
 
-def mark_pass() -> None:
-    """A pool pass ran: this replica is the active one and its indexes are live."""
-    global _last_pass  # noqa: PLW0603 - one process-wide heartbeat
-    _last_pass = time.monotonic()
+@dataclass
+class Readiness:
+    """Ready means: this replica can answer the admission requests sent to it. Standbys are ready too (their indexes
+    are as live as the leader's); outside the cluster, the leader first points the webhooks at itself."""
+
+    indexes_warm: bool = False
+    registration_needed: bool = False
+    registered: bool = False
+    leading: bool = False
+
+    def problem(self) -> str | None:
+        if not self.indexes_warm:
+            return "indexes still loading"
+        if self.leading and self.registration_needed and not self.registered:
+            return "webhooks not registered yet"
+        return None
+
+
+readiness = Readiness()
+
+
+def set_leading(leading: bool) -> None:
+    readiness.leading = leading
+    leader.set(1 if leading else 0)
 
 
 def daemon_started() -> None:
@@ -171,7 +206,6 @@ def daemon_started() -> None:
 
 
 def daemon_stopped() -> None:
-    """kopf stops the pool daemons when peering pauses this replica: it is no longer the active one."""
     global _running_daemons  # noqa: PLW0603 - one process-wide count
     _running_daemons = max(0, _running_daemons - 1)
 
@@ -180,22 +214,45 @@ def running_daemons() -> int:
     return _running_daemons
 
 
-def is_ready() -> bool:
-    return _running_daemons > 0 and time.monotonic() - _last_pass < READY_WITHIN_SECONDS
+class MetricsAccess(Protocol):
+    """An authoriser's answer (k8s/metrics_access.py): an HTTP status, and why."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def reason(self) -> str: ...
 
 
-def _app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-    """/metrics, and /readyz for the Service in front of the webhooks: only the active replica
-    (whose pool daemons run, so whose indexes are fresh) answers admission requests."""
-    if environ.get("PATH_INFO") == "/readyz":
-        ready = is_ready()
-        start_response("200 OK" if ready else "503 Service Unavailable", [("Content-Type", "text/plain")])
-        return [b"ok\n" if ready else b"standby or not reconciling\n"]
-    body = generate_latest(REGISTRY) + allocations.text().encode()
-    start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
-    return [body]
+Authorize = Callable[[str | None], MetricsAccess]
+_STATUS_LINES = {401: "401 Unauthorized", 403: "403 Forbidden", 503: "503 Service Unavailable"}
 
 
-def serve(port: int) -> None:
-    server = make_server("0.0.0.0", port, _app, ThreadingWSGIServer, handler_class=_SilentHandler)  # noqa: S104
+def _app(authorize: Authorize | None) -> Callable[[dict[str, Any], Any], Iterable[bytes]]:
+    """/metrics (for authorised scrapers when `authorize` is set), and /readyz, open, for the readiness probe (the
+    Services route only to ready replicas)."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/readyz":
+            problem = readiness.problem()
+            start_response("503 Service Unavailable" if problem else "200 OK", [("Content-Type", "text/plain")])
+            role = "leader" if readiness.leading else "standby"
+            return [f"{problem}\n".encode() if problem else f"ok ({role})\n".encode()]
+        if authorize is not None:
+            access = authorize(environ.get("HTTP_AUTHORIZATION"))
+            if access.status != 200:
+                headers = [("Content-Type", "text/plain")]
+                if access.status == 401:
+                    headers.append(("WWW-Authenticate", 'Bearer realm="gpuaas metrics"'))
+                start_response(_STATUS_LINES.get(access.status, "403 Forbidden"), headers)
+                return [f"{access.reason}\n".encode()]
+        body = generate_latest(REGISTRY) + allocations.text().encode()
+        start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
+        return [body]
+
+    return app
+
+
+def serve(port: int, authorize: Authorize | None = None) -> None:
+    server = make_server("0.0.0.0", port, _app(authorize), ThreadingWSGIServer, handler_class=_SilentHandler)  # noqa: S104
     threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()

@@ -12,12 +12,16 @@ from pathlib import Path
 class OperatorOptions:
     kubeconfig: str | None = None
     metrics_port: int = 8080
+    # Serve /metrics only to bearer tokens whose subject may `get` it (TokenReview + SubjectAccessReview).
+    metrics_auth: bool = False
     health_port: int = 8081
     pool_resync_seconds: float = 2.0
-    peering: str | None = None
-    # kopf pauses every peer that shares the top priority, so replicas must differ; None picks one at random.
-    peering_priority: int | None = None
-    peering_lifetime: int = 20
+    # Name of the coordination.k8s.io Lease that elects the one replica that writes; None runs standalone.
+    leader_lease: str | None = None
+    # Namespace of that Lease; empty means the pod's own namespace (POD_NAMESPACE), else "default".
+    leader_lease_namespace: str = ""
+    # A standby takes over this long after the holder's last renewal; the holder renews every quarter of it.
+    leader_lease_seconds: int = 4
     verbose: bool = False
     webhook_port: int = 9443
     # Directory with tls.crt and tls.key (a mounted Secret in the cluster).

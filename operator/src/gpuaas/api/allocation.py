@@ -140,6 +140,33 @@ class GpuAllocationSpec(ApiModel):
         return self.namespace or self.tenant.name
 
 
+class ConditionType:
+    """Condition types of a GpuAllocation's status (kubectl wait --for=condition=<type>)."""
+
+    ADMITTED = "Admitted"
+    QUOTA_APPLIED = "QuotaApplied"
+    FENCED = "Fenced"
+    IDLE = "Idle"
+    READY = "Ready"
+    RELEASED = "Released"
+
+
+class ConditionReason:
+    """Reasons of those conditions (and of the events that go with them) that are not a phase's name."""
+
+    ADMITTED = "Admitted"
+    QUOTA_APPLIED = "QuotaApplied"
+    APPLY_FAILED = "ApplyFailed"
+    FENCED = "Fenced"
+    NODES_SHORT = "NodesShort"
+    NOT_FENCED = "NotFenced"
+    IN_USE = "InUse"
+    NOT_ACTIVE = "NotActive"
+    NO_GPUS_IN_USE = "NoGPUsInUse"
+    READY = "Ready"
+    NAMESPACE_TERMINATING = "NamespaceTerminating"
+
+
 class GpuAllocationStatus(ApiModel):
     phase: Phase = "Pending"
     namespace: str | None = None

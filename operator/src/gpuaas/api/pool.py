@@ -19,6 +19,10 @@ class GpuPoolSpec(ApiModel):
     gpus_per_node: int = Field(default=8, ge=1, le=64)
     program_gpus: int | None = Field(default=None, ge=0, alias="programGPUs")
     taint: bool = True
+    # PriorityClasses the pool's tenants may name; none by default, so no tenant can preempt another.
+    allowed_priority_classes: list[str] = Field(default_factory=list, max_length=32)
+    # Longest terminationGracePeriodSeconds of a GPU pod: how long GPUs may outlive a delete, an expiry or a reclaim.
+    max_termination_grace_period_seconds: int = Field(default=300, ge=0, le=86400)
 
 
 class GpuPoolStatus(ApiModel):

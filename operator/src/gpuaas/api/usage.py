@@ -1,19 +1,22 @@
 """The GpuUsage kind: the usage ledger, one record per allocation and month.
 
 A record is named `<allocation>-<yyyy-mm>` and outlives its allocation: the monthly report is computed
-from these records alone. Its spec is the allocation's identity, copied once at creation; its status
-holds the booked totals and the watermarks that make booking idempotent.
+from these records alone. Its spec is the allocation's identity, copied once at creation; its `ledger` holds the
+booked totals and the watermarks that make booking idempotent. The ledger is not status: status is what a controller
+can rebuild from the world, and backup tools (Velero) drop it on restore, while the booked seconds cannot be rebuilt
+from anything. Records written before the move kept them in `status`; they are read from there until their next
+write moves them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
 from pydantic import Field
 
-from gpuaas.api.common import API_VERSION, ApiModel, Condition
+from gpuaas.api.common import API_VERSION, ApiModel
 from gpuaas.api.pool import POOL_LABEL
 
 USAGE_KIND = "GpuUsage"
@@ -56,7 +59,7 @@ class PodWatermark(ApiModel):
     booked_until: datetime
 
 
-class GpuUsageStatus(ApiModel):
+class UsageLedger(ApiModel):
     """Booked totals of one allocation in one month, and the watermarks up to which they are booked."""
 
     used_gpu_seconds: int = Field(default=0, ge=0, alias="usedGPUSeconds")
@@ -68,9 +71,10 @@ class GpuUsageStatus(ApiModel):
     granted_gpus: int = Field(default=0, ge=0, alias="grantedGPUs")
     peak_gpus_in_use: int = Field(default=0, ge=0, alias="peakGPUsInUse")
     pod_count: int = Field(default=0, ge=0)
+    # Pods whose finish the kubelet never reported, billed to their kill deadline (deletion request + allowed grace).
+    pods_billed_to_deadline: int = Field(default=0, ge=0)
     booked_until: datetime | None = None
     pods: dict[str, PodWatermark] = Field(default_factory=dict)
-    conditions: list[Condition] = Field(default_factory=list)
 
 
 class GpuUsage(ApiModel):
@@ -78,24 +82,33 @@ class GpuUsage(ApiModel):
 
     name: str
     spec: GpuUsageSpec
-    status: GpuUsageStatus = Field(default_factory=GpuUsageStatus)
+    ledger: UsageLedger = Field(default_factory=UsageLedger)
 
     @classmethod
     def from_object(cls, obj: Mapping[str, Any]) -> GpuUsage:
-        """Parse a GpuUsage as the API server returns it (a dict with metadata, spec and status)."""
+        """Parse a GpuUsage as the API server returns it; a record not written since the ledger left `status` is
+        read from there."""
         metadata = obj.get("metadata") or {}
-        return cls.model_validate(
-            {"name": metadata.get("name", ""), "spec": obj.get("spec") or {}, "status": obj.get("status") or {}}
-        )
+        ledger = obj.get("ledger") or obj.get("status") or {}
+        return cls.model_validate({"name": metadata.get("name", ""), "spec": obj.get("spec") or {}, "ledger": ledger})
 
     def to_object(self) -> dict[str, object]:
-        """The manifest to create this record (status is written separately through the subresource)."""
+        """The manifest that creates this record, ledger included."""
         return {
             "apiVersion": API_VERSION,
             "kind": USAGE_KIND,
             "metadata": {"name": self.name, "labels": usage_labels(self.spec)},
             "spec": self.spec.to_wire(),
+            "ledger": self.ledger.to_wire(),
         }
+
+
+def ledger_patch(ledger: UsageLedger, dropped_pods: Iterable[str] = ()) -> dict[str, Any]:
+    """A JSON merge patch that writes the ledger, deletes the watermarks of pods pruned from it (a merge patch keeps
+    map keys it does not name) and clears the `status` that held the ledger before."""
+    wire: dict[str, Any] = ledger.to_wire()
+    wire["pods"] = {**dict.fromkeys(dropped_pods), **wire.get("pods", {})}
+    return {"ledger": wire, "status": None}
 
 
 def usage_name(allocation: str, month: str) -> str:

@@ -147,35 +147,44 @@ def admit(capacity_gpus: int, allocations: Iterable[AllocationDemand], now: date
             grants[demand.name] = _Grant(demand.name, kept, demand.start, demand.end)
 
     # Grants active now, kept up to date as grants are added: most windows start now, so the lower bound
-    # below is O(1) for them instead of a walk over every grant.
+    # in `others_peak` is O(1) for them instead of a walk over every grant.
     active_now = _active_at(grants.values(), now)
+
+    def others_peak(demand: AllocationDemand) -> int:
+        """GPUs other grants hold at their peak in the demand's window, or a lower bound of it that already leaves
+        too little room: the grants at the window's first instant, which spare most waiting allocations the sweep."""
+        window_start = max(demand.start, now)
+        held = grants.get(demand.name)
+        if window_start == now:
+            others = active_now - (held.gpus if held is not None and held.start <= now < held.end else 0)
+        else:
+            others = _active_at(grants.values(), window_start, exclude=demand.name)
+        if others + demand.gpus <= capacity:
+            others = _peak(grants.values(), window_start, demand.end, exclude=demand.name)
+        return others
+
     position = 0
+    waiting: list[tuple[AllocationDemand, int, int]] = []
     for demand in live:
         held = grants.get(demand.name)
         held_gpus = held.gpus if held else 0
         if held_gpus < demand.gpus:
-            window_start = max(demand.start, now)
-            # The grants at the window's first instant bound the peak from below: most waiting
-            # allocations fail this check, and it spares them the sweep.
-            if window_start == now:
-                own = held.gpus if held is not None and held.start <= now < held.end else 0
-                others = active_now - own
-            else:
-                others = _active_at(grants.values(), window_start, exclude=demand.name)
-            if others + demand.gpus <= capacity:
-                others = _peak(grants.values(), window_start, demand.end, exclude=demand.name)
-            if others + demand.gpus <= capacity:
+            if others_peak(demand) + demand.gpus <= capacity:
                 if demand.start <= now < demand.end:
                     active_now += demand.gpus - (held.gpus if held is not None and held.start <= now < held.end else 0)
                 grants[demand.name] = _Grant(demand.name, demand.gpus, demand.start, demand.end)
                 held_gpus = demand.gpus
             else:
                 position += 1
-                free = max(capacity - others, 0)
-                decisions[demand.name] = _waiting(demand, held_gpus, free, capacity, position, now)
+                waiting.append((demand, held_gpus, position))
                 continue
         decisions[demand.name] = _granted(demand, held_gpus, now)
 
+    # What a waiting allocation is told is free counts every grant of this pass, also those that later,
+    # smaller allocations got after its turn: so the message does not change on the next, identical pass.
+    for demand, held_gpus, place in waiting:
+        free = max(capacity - others_peak(demand), 0)
+        decisions[demand.name] = _waiting(demand, held_gpus, free, capacity, place, now)
     return AdmissionResult(decisions=decisions, summary=_summary(capacity, grants, decisions, now))
 
 

@@ -48,6 +48,18 @@ DEVICE_ENV = frozenset(
 CONTAINER_LISTS = ("initContainers", "containers", "ephemeralContainers")
 
 
+DEFAULT_MAX_GRACE_SECONDS = 300
+
+
+@dataclass(frozen=True)
+class PoolRules:
+    """What the fence enforces for one pool, from its GpuPool spec."""
+
+    node_selector: Mapping[str, str]
+    allowed_priority_classes: frozenset[str] = frozenset()
+    max_grace_seconds: int = DEFAULT_MAX_GRACE_SECONDS
+
+
 @dataclass(frozen=True)
 class Fence:
     """Where the pods of one allocation may run."""
@@ -59,6 +71,8 @@ class Fence:
     # Every other pool's name and nodeSelector.
     other_pools: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     taint_key: str = POOL_LABEL
+    allowed_priority_classes: frozenset[str] = frozenset()
+    max_grace_seconds: int = DEFAULT_MAX_GRACE_SECONDS
 
     @property
     def labels(self) -> dict[str, str]:
@@ -210,6 +224,12 @@ def _hide_devices(spec: Mapping[str, Any]) -> JsonPatch:
     return patch
 
 
+def hide_devices_from_ephemeral_containers(pod: Mapping[str, Any]) -> JsonPatch:
+    """`kubectl debug` adds ephemeral containers to a running pod (the pods/ephemeralcontainers subresource): they
+    request no GPU, so they get NVIDIA_VISIBLE_DEVICES=void like any other such container."""
+    return [op for op in _hide_devices(pod.get("spec") or {}) if op["path"].startswith("/spec/ephemeralContainers/")]
+
+
 def _device_env_problems(spec: Mapping[str, Any]) -> list[str]:
     problems: list[str] = []
     for kind in CONTAINER_LISTS:
@@ -237,6 +257,56 @@ def _device_env_problems(spec: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+# Annotation domains through which a container runtime hands devices to a container without any resource request:
+# containerd and CRI-O inject CDI devices named in `cdi.k8s.io/*` pod annotations, NRI plugins devices named in
+# `*.nri.io` ones (cdi-devices.nri.io, devices.nri.io). NVIDIA's CDI spec then exposes any GPU of the node.
+DEVICE_ANNOTATION_DOMAINS = ("cdi.k8s.io", "nri.io")
+# NVIDIA's other extended resources (MIG slices such as nvidia.com/mig-1g.18gb, time-sliced nvidia.com/gpu.shared)
+# are GPUs the quota and the ledger do not count.
+NVIDIA_RESOURCE_DOMAIN = "nvidia.com/"
+
+
+def _device_annotation_problems(metadata: Mapping[str, Any], before: Mapping[str, Any] | None) -> list[str]:
+    """On an update, only annotations it adds or changes: a pod admitted earlier can still be released."""
+    annotations = metadata.get("annotations") or {}
+    unchanged = (before or {}).get("annotations") or {}
+    problems = []
+    for key in sorted(k for k, v in annotations.items() if unchanged.get(k) != v):
+        domain = key.split("/", 1)[0]  # `devices.nri.io` alone is a pod-wide key too
+        if any(domain == d or domain.endswith(f".{d}") for d in DEVICE_ANNOTATION_DOMAINS):
+            problems.append(
+                f"metadata.annotations[{key}] asks the container runtime for devices outside any resource "
+                f"request; remove it and request {GPU_RESOURCE} instead"
+            )
+    return problems
+
+
+def _resource_problems(spec: Mapping[str, Any]) -> list[str]:
+    """GPUs only as whole nvidia.com/gpu, the one resource the grant's quota and the ledger count."""
+    problems = []
+    for kind in CONTAINER_LISTS:
+        for container in spec.get(kind) or []:
+            resources = container.get("resources") or {}
+            names = set(resources.get("requests") or {}) | set(resources.get("limits") or {})
+            for name in sorted(names):
+                if name.startswith(NVIDIA_RESOURCE_DOMAIN) and name != GPU_RESOURCE:
+                    problems.append(
+                        f"spec.{kind}[{container.get('name', '')}] requests {name}, which this grant's quota and "
+                        f"usage ledger do not count; request whole GPUs as {GPU_RESOURCE}"
+                    )
+            if resources.get("claims"):
+                problems.append(
+                    f"spec.{kind}[{container.get('name', '')}].resources.claims: gpuaas grants GPUs as "
+                    f"{GPU_RESOURCE}, not through DRA ResourceClaims, which its quota and ledger do not count yet"
+                )
+    if spec.get("resourceClaims"):
+        problems.append(
+            f"spec.resourceClaims: gpuaas grants GPUs as {GPU_RESOURCE}, not through DRA ResourceClaims, which its "
+            "quota and ledger do not count yet; remove the claims and request the GPUs in the containers' resources"
+        )
+    return problems
+
+
 def _safe_pod_gpus(pod: Mapping[str, Any]) -> int:
     try:
         return pod_gpus(pod)
@@ -244,8 +314,10 @@ def _safe_pod_gpus(pod: Mapping[str, Any]) -> int:
         return 0  # validate_pod rejects the malformed quantity
 
 
-def validate_pod(pod: Mapping[str, Any], fence: Fence, *, creating: bool = True) -> list[str]:
-    """Why the pod may not run in the fenced namespace; empty when it may."""
+def validate_pod(
+    pod: Mapping[str, Any], fence: Fence, *, creating: bool = True, previous: Mapping[str, Any] | None = None
+) -> list[str]:
+    """Why the pod may not run in the fenced namespace (or take this update); empty when it may."""
     spec = pod.get("spec") or {}
     problems: list[str] = []
     if creating and spec.get("nodeName"):
@@ -257,11 +329,35 @@ def validate_pod(pod: Mapping[str, Any], fence: Fence, *, creating: bool = True)
     problems.extend(_node_selector_problems(spec.get("nodeSelector") or {}, fence))
     problems.extend(_affinity_problems(spec.get("affinity") or {}, fence))
     problems.extend(_device_env_problems(spec))
+    before = (previous or {}).get("metadata") if not creating else None
+    problems.extend(_device_annotation_problems(pod.get("metadata") or {}, before))
+    if creating:  # resources and claims cannot change afterwards
+        problems.extend(_resource_problems(spec))
+    problems.extend(_priority_problems(spec, fence))
     try:
-        pod_gpus(pod)
+        gpus = pod_gpus(pod)
     except ValueError as error:
         problems.append(str(error))
+        gpus = 0
+    grace = spec.get("terminationGracePeriodSeconds")
+    if gpus and grace is not None and int(grace) > fence.max_grace_seconds:
+        problems.append(
+            f"spec.terminationGracePeriodSeconds {grace} is longer than pool {fence.pool} allows for GPU pods "
+            f"({fence.max_grace_seconds}s): the GPUs would stay held that long after a delete, expiry or reclaim"
+        )
     return problems
+
+
+def _priority_problems(spec: Mapping[str, Any], fence: Fence) -> list[str]:
+    """Priority decides preemption: a tenant with a higher class could evict other tenants' pods on shared nodes."""
+    name = spec.get("priorityClassName")
+    if not name or name in fence.allowed_priority_classes:
+        return []
+    allowed = ", ".join(sorted(fence.allowed_priority_classes)) or "none"
+    return [
+        f"spec.priorityClassName {name} is not allowed in pool {fence.pool} (allowed: {allowed}); "
+        "ask the program office, which sets the pool's allowedPriorityClasses"
+    ]
 
 
 def _toleration_problems(tolerations: list[Mapping[str, Any]], fence: Fence) -> list[str]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpuaas.api.allocation import ALLOCATION_LABEL
-from gpuaas.domain.fence import Fence, pod_gpus
+from gpuaas.domain.fence import USAGE_FINALIZER, Fence, pod_gpus
 
 GUARDED_PREFIXES = ("gpuaas.io/", "pod-security.kubernetes.io/")
 TRUSTED_GROUPS = frozenset({"system:masters"})
@@ -78,4 +78,50 @@ def unfenced_pod_problems(pod: Mapping[str, Any], other_pools: Mapping[str, Mapp
         key = toleration.get("key") or ""
         if not key or key in fence.guarded_keys:
             problems.append(f"toleration {dict(toleration)} reaches GPU pools this namespace has no grant for")
+    return problems
+
+
+def pod_change_problems(
+    old: Mapping[str, Any] | None, new: Mapping[str, Any], requester: Requester, operator_username: str
+) -> list[str]:
+    """What a tenant may not change on an existing pod: the usage finalizer, which holds a pod being deleted until its
+    GPU time is booked, is removed by gpuaas alone."""
+    if old is None or is_trusted(requester, operator_username):
+        return []
+    had = USAGE_FINALIZER in (((old.get("metadata") or {}).get("finalizers")) or [])
+    has = USAGE_FINALIZER in (((new.get("metadata") or {}).get("finalizers")) or [])
+    if had and not has:
+        return [
+            f"metadata.finalizers: {USAGE_FINALIZER} is removed by gpuaas once the pod's GPU time is booked; "
+            f"{requester.username or 'a tenant'} may not remove it (delete the pod instead)"
+        ]
+    return []
+
+
+EXPOSING_SERVICE_TYPES = frozenset({"NodePort", "LoadBalancer"})
+
+
+def exposure_problems(kind: str, obj: Mapping[str, Any], requester: Requester, operator_username: str) -> list[str]:
+    """Paths from a tenant namespace to addresses outside it, which a namespace admin could otherwise open:
+    a Service that claims external IPs (CVE-2020-8554) or opens a node port or load balancer, and hand-made
+    Endpoints or EndpointSlices that point a Service at any address, the API server's included (CVE-2021-25740)."""
+    if is_trusted(requester, operator_username):
+        return []
+    if kind in ("Endpoints", "EndpointSlice"):
+        return [
+            f"{kind} objects in a gpuaas namespace are written by the control plane from a Service's selector; "
+            "a hand-made one can send the Service's traffic to any address, so it is not allowed (give the Service "
+            "a selector instead)"
+        ]
+    spec = obj.get("spec") or {}
+    problems: list[str] = []
+    if spec.get("externalIPs"):
+        problems.append(
+            f"spec.externalIPs ({', '.join(map(str, spec['externalIPs']))}) would let this Service take traffic "
+            "meant for those addresses cluster-wide (CVE-2020-8554); remove it"
+        )
+    if spec.get("type") in EXPOSING_SERVICE_TYPES:
+        problems.append(f"spec.type {spec['type']} exposes the namespace outside the cluster; use ClusterIP")
+    if spec.get("loadBalancerIP"):
+        problems.append("spec.loadBalancerIP claims an address outside the cluster; remove it")
     return problems

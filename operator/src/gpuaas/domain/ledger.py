@@ -10,21 +10,22 @@ the first day in the ledger's time zone, converted to UTC instants, so DST never
 
 Every month record carries its own watermarks (one per pod, one for the allocation), so booking the
 same interval twice books it once, and a crash between writing two month records is repaired by
-simply flushing again.
+simply booking again.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from gpuaas.api.usage import MONTH_PATTERN, GpuUsageStatus, PodWatermark
+from gpuaas.api.usage import MONTH_PATTERN, PodWatermark, UsageLedger
+from gpuaas.domain.fence import USAGE_FINALIZER
 from gpuaas.domain.fence import pod_gpus as fenced_pod_gpus
 
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
@@ -134,7 +135,7 @@ def seconds_to_hours(seconds: int) -> Decimal:
     return (Decimal(seconds) / 3600).quantize(_HOURS_QUANTUM, rounding=ROUND_HALF_UP)
 
 
-# --- inputs and outputs of flush -------------------------------------------------------------------
+# --- inputs and outputs of book_up_to -------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -142,13 +143,16 @@ class PodInterval:
     """One GPU pod: `gpus` held from `start` until `end` (None while it still runs).
 
     `end` may lie after now: a pod being deleted whose containers have not terminated yet ends at the
-    latest at its kill deadline. `flush` books such a pod only up to now and does not release it.
+    latest at its kill deadline. `book_up_to` books such a pod only up to now and does not release it.
     """
 
     uid: str
     gpus: int
     start: datetime
     end: datetime | None = None
+    # The end is the pod's kill deadline (deletion request + the grace it was allowed) because the kubelet has not
+    # reported a finish. Booked to there, such a pod is counted in the record. Not part of the interval's identity.
+    end_is_deadline: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -166,8 +170,8 @@ class GrantState:
 
 
 @dataclass(frozen=True)
-class FlushResult:
-    records: dict[str, GpuUsageStatus]
+class Booking:
+    records: dict[str, UsageLedger]
     """The month records that changed, by month; write each one back (they are independent)."""
     created: frozenset[str]
     """Months in `records` that had no record yet: create them rather than update."""
@@ -188,6 +192,7 @@ class _Span:
     end: int | None
     booked_to: int
     """End of what may be booked now: the pod's end, or now while it runs (never past now)."""
+    end_is_deadline: bool = False
 
 
 def _spans(pods: Iterable[PodInterval], now: int) -> list[_Span]:
@@ -196,7 +201,7 @@ def _spans(pods: Iterable[PodInterval], now: int) -> list[_Span]:
         start = to_epoch(pod.start)
         end = None if pod.end is None else max(start, to_epoch(pod.end))
         booked_to = now if end is None else min(end, now)
-        spans.append(_Span(pod.uid, pod.gpus, start, end, max(start, booked_to)))
+        spans.append(_Span(pod.uid, pod.gpus, start, end, max(start, booked_to), pod.end_is_deadline))
     return spans
 
 
@@ -209,7 +214,7 @@ def _grant_span(grant: GrantState | None, now: int) -> tuple[int, int] | None:
 
 
 def months_touched(pods: Sequence[PodInterval], grant: GrantState | None, now: datetime, tz: TimeZoneLike) -> list[str]:
-    """The months `flush` may book into: pass every existing record of these months to it."""
+    """The months `book_up_to` may book into: pass every existing record of these months to it."""
     zone = _zone(tz)
     now_epoch = to_epoch(now)
     months: set[str] = set()
@@ -261,15 +266,15 @@ def _peak(weighted: Iterable[tuple[int, int, int]], low: int, high: int) -> int:
 
 
 def _book_month(
-    previous: GpuUsageStatus | None,
+    previous: UsageLedger | None,
     month_start: int,
     month_end: int,
     spans: Sequence[_Span],
     grant: GrantState | None,
     grant_span: tuple[int, int] | None,
     now: int,
-) -> GpuUsageStatus:
-    status = previous.model_copy(deep=True) if previous is not None else GpuUsageStatus()
+) -> UsageLedger:
+    status = previous.model_copy(deep=True) if previous is not None else UsageLedger()
     window_end = min(now, month_end)
 
     # (a) and (e): each pod from its own watermark in this month.
@@ -286,6 +291,8 @@ def _book_month(
         if end > booked_from:
             status.used_gpu_seconds += span.gpus * (end - booked_from)
             status.pods[span.uid] = PodWatermark(gpus=span.gpus, booked_until=from_epoch(end))
+            if span.end_is_deadline and end == span.end:  # the watermark reaches the end once: counted once
+                status.pods_billed_to_deadline += 1
 
     # (b) and (c): granted and idle time from the allocation's watermark in this month.
     booked_until = month_start if status.booked_until is None else max(month_start, to_epoch(status.booked_until))
@@ -311,7 +318,7 @@ def _book_month(
     return status
 
 
-def _fully_booked(span: _Span, final: Mapping[str, GpuUsageStatus], zone: ZoneInfo) -> bool:
+def _fully_booked(span: _Span, final: Mapping[str, UsageLedger], zone: ZoneInfo) -> bool:
     if span.end is None or span.booked_to < span.end:
         return False
     for month, _, month_end in _months_spanning(span.start, span.end, zone):
@@ -327,13 +334,13 @@ def _fully_booked(span: _Span, final: Mapping[str, GpuUsageStatus], zone: ZoneIn
     return True
 
 
-def flush(
-    records: Mapping[str, GpuUsageStatus],
+def book_up_to(
+    records: Mapping[str, UsageLedger],
     pods: Sequence[PodInterval],
     grant: GrantState | None,
     now: datetime,
     tz: TimeZoneLike,
-) -> FlushResult:
+) -> Booking:
     """Book everything owed up to `now` into the month records of one allocation.
 
     `records` must hold every existing record of the allocation for the months `months_touched`
@@ -349,9 +356,9 @@ def flush(
     spans = [span for span in _spans(pods, now_epoch) if span.gpus > 0]
     grant_span = _grant_span(grant, now_epoch)
 
-    changed: dict[str, GpuUsageStatus] = {}
+    changed: dict[str, UsageLedger] = {}
     created: set[str] = set()
-    final: dict[str, GpuUsageStatus] = dict(records)
+    final: dict[str, UsageLedger] = dict(records)
     for month in months_touched(pods, grant, now, zone):
         year, number = parse_month(month)
         month_start, month_end = _month_start(year, number, zone), _month_start(*_next_month(year, number), zone)
@@ -369,10 +376,10 @@ def flush(
         ended = span.end is not None and span.booked_to >= span.end
         if (span.gpus <= 0 and ended) or (span.gpus > 0 and _fully_booked(span, final, zone)):
             released.append(span.uid)
-    return FlushResult(records=changed, created=frozenset(created), released=tuple(sorted(released)))
+    return Booking(records=changed, created=frozenset(created), released=tuple(sorted(released)))
 
 
-def prune(record: GpuUsageStatus, live_uids: Iterable[str]) -> GpuUsageStatus:
+def prune(record: UsageLedger, live_uids: Iterable[str]) -> UsageLedger:
     """The record without watermarks of pods that no longer exist (their intervals are fully booked).
 
     Call it only with uids from a fresh read of the API: a pod pruned while it still exists would be
@@ -461,7 +468,7 @@ def pod_interval_from_pod(pod: Mapping[str, Any]) -> PodInterval | None:
     - a pod being deleted holds its GPUs at most until its deletionTimestamp, the moment the kubelet
       kills it (request + grace; the request itself for a force deletion), so the end is never later.
       Until its containers are reported terminated, the end is that deadline, which may lie after now:
-      `flush` then books up to now and keeps the pod (and its finalizer) until now passes it.
+      `book_up_to` then books up to now and keeps the pod (and its finalizer) until now passes it.
     The kubelet's final delete (grace 0) moves the deletionTimestamp back, since kubernetes#122646 (in
     1.36, not in 1.32) only as far as its own moment, after the reported finish: so the end does not
     depend on whether gpuaas saw the pod before or after it (unless the finish was reported past the
@@ -476,11 +483,43 @@ def pod_interval_from_pod(pod: Mapping[str, Any]) -> PodInterval | None:
 
     ends: list[datetime] = []
     deletion = _timestamp(metadata.get("deletionTimestamp"))
-    if status.get("phase") in TERMINAL_PHASES or (deletion is not None and _containers_terminated(status)):
-        ends.append(_pod_finish(status) or start)
+    finished = status.get("phase") in TERMINAL_PHASES or (deletion is not None and _containers_terminated(status))
+    finish = (_pod_finish(status) or start) if finished else None
+    if finish is not None:
+        ends.append(finish)
     if deletion is not None:
         ends.append(deletion)
     end = None
     if ends:
         end = from_epoch(max(to_epoch(start), min(to_epoch(moment) for moment in ends)))
-    return PodInterval(uid=str(metadata.get("uid", "")), gpus=pod_gpus(spec), start=start, end=end)
+    at_deadline = deletion is not None and finish is None
+    uid = str(metadata.get("uid", ""))
+    return PodInterval(uid=uid, gpus=pod_gpus(spec), start=start, end=end, end_is_deadline=at_deadline)
+
+
+@dataclass(frozen=True)
+class LedgerPod:
+    """A GPU pod of an allocation's namespace as the ledger sees it."""
+
+    name: str
+    namespace: str
+    uid: str
+    interval: PodInterval | None
+    has_finalizer: bool
+    # Terminal phase or being deleted: the pod's interval has an end. Its finalizer is removed only once
+    # `book_up_to` releases it, i.e. once now has passed that end (a pod being deleted that has not terminated
+    # yet ends at its kill deadline, still ahead) and the whole interval is booked.
+    finished: bool
+    # The object is gone: its last state, remembered from the DELETED event (domain/departed.py).
+    departed: bool = False
+
+
+def ledger_pod(meta: Mapping[str, Any], interval: PodInterval | None, phase: str | None) -> LedgerPod:
+    return LedgerPod(
+        name=str(meta.get("name")),
+        namespace=str(meta.get("namespace")),
+        uid=str(meta.get("uid")),
+        interval=interval,
+        has_finalizer=USAGE_FINALIZER in (meta.get("finalizers") or []),
+        finished=bool(meta.get("deletionTimestamp")) or phase in TERMINAL_PHASES,
+    )

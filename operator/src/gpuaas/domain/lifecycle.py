@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from gpuaas.api.allocation import GpuAllocationStatus, Phase
+from gpuaas.api.allocation import ConditionReason, ConditionType, GpuAllocationStatus, Phase
 from gpuaas.api.common import Condition, set_condition
 from gpuaas.domain.capacity import AdmissionDecision
 
@@ -20,6 +20,8 @@ class ReconcileOutcome:
     nodes: tuple[str, ...] = ()
     node_shortfall: int = 0
     in_use_gpus: int = 0
+    # GPUs that pods hold in quota, Pending and scheduling-gated ones included: they keep the grant from going idle.
+    held_gpus: int = 0
     gpu_quota: int = 0
     # An object was applied moments ago and the watch has not shown it yet: look again next pass.
     settling: bool = False
@@ -35,7 +37,7 @@ def _idle_since(previous: GpuAllocationStatus, phase: Phase, in_use_gpus: int, n
 
 
 def is_idle(status: GpuAllocationStatus) -> bool:
-    return any(c.type == "Idle" and c.status == "True" for c in status.conditions)
+    return any(c.type == ConditionType.IDLE and c.status == "True" for c in status.conditions)
 
 
 def _condition(kind: str, ok: bool, reason: str, message: str, now: datetime, generation: int | None) -> Condition:
@@ -49,6 +51,26 @@ def _condition(kind: str, ok: bool, reason: str, message: str, now: datetime, ge
     )
 
 
+def _idle_condition(
+    phase: Phase,
+    held: int,
+    idle_since: datetime | None,
+    idle: bool,
+    idle_after: timedelta,
+    now: datetime,
+    generation: int | None,
+) -> Condition:
+    """Idle time runs only while Active with no GPU held by a pod; the message says which of those holds."""
+    if phase != "Active":
+        reason, message = ConditionReason.NOT_ACTIVE, f"idle time runs only while Active (phase {phase})"
+    elif held > 0:
+        reason, message = ConditionReason.IN_USE, f"{held} GPUs held by pods"
+    else:
+        since = idle_since.isoformat() if idle_since else now.isoformat()
+        reason, message = ConditionReason.NO_GPUS_IN_USE, f"no GPU in use since {since} (idle.after {idle_after})"
+    return _condition(ConditionType.IDLE, idle, reason, message, now, generation)
+
+
 def allocation_status(
     previous: GpuAllocationStatus,
     decision: AdmissionDecision,
@@ -60,51 +82,67 @@ def allocation_status(
 ) -> GpuAllocationStatus:
     phase: Phase = decision.phase
     conditions = list(previous.conditions)
-    admitted_reason = {"Active": "Admitted", "Scheduled": "Scheduled"}.get(phase, phase)
+    admitted_reason = {"Active": ConditionReason.ADMITTED, "Scheduled": "Scheduled"}.get(phase, phase)
     conditions = set_condition(
-        conditions, _condition("Admitted", decision.admitted, admitted_reason, decision.message, now, generation)
+        conditions,
+        _condition(ConditionType.ADMITTED, decision.admitted, admitted_reason, decision.message, now, generation),
     )
     if outcome.objects_applied:
         quota = _condition(
-            "QuotaApplied",
+            ConditionType.QUOTA_APPLIED,
             True,
-            "QuotaApplied",
+            ConditionReason.QUOTA_APPLIED,
             f"GPU quota {outcome.gpu_quota} in {outcome.namespace}",
             now,
             generation,
         )
     else:
-        quota = _condition("QuotaApplied", False, "ApplyFailed", outcome.apply_error, now, generation)
+        quota = _condition(
+            ConditionType.QUOTA_APPLIED, False, ConditionReason.APPLY_FAILED, outcome.apply_error, now, generation
+        )
     conditions = set_condition(conditions, quota)
     fenced_ok = outcome.objects_applied and (not exclusive or phase != "Active" or outcome.node_shortfall == 0)
     if not outcome.objects_applied:
-        fenced = _condition("Fenced", False, "ApplyFailed", "the namespace is not labelled yet", now, generation)
+        fenced = _condition(
+            ConditionType.FENCED,
+            False,
+            ConditionReason.APPLY_FAILED,
+            "the namespace is not labelled yet",
+            now,
+            generation,
+        )
     elif not fenced_ok:
         fenced = _condition(
-            "Fenced", False, "NodesShort", f"{outcome.node_shortfall} exclusive nodes missing", now, generation
+            ConditionType.FENCED,
+            False,
+            ConditionReason.NODES_SHORT,
+            f"{outcome.node_shortfall} exclusive nodes missing",
+            now,
+            generation,
         )
     else:
         where = f"nodes {', '.join(outcome.nodes)}" if exclusive and outcome.nodes else "its pool"
         fenced = _condition(
-            "Fenced", True, "Fenced", f"pods in {outcome.namespace} are pinned to {where}", now, generation
+            ConditionType.FENCED,
+            True,
+            ConditionReason.FENCED,
+            f"pods in {outcome.namespace} are pinned to {where}",
+            now,
+            generation,
         )
     conditions = set_condition(conditions, fenced)
-    idle_since = _idle_since(previous, phase, outcome.in_use_gpus, now)
+    held = max(outcome.in_use_gpus, outcome.held_gpus)
+    idle_since = _idle_since(previous, phase, held, now)
     idle = idle_since is not None and now - idle_since >= idle_after
-    idle_message = (
-        f"no GPU in use since {idle_since.isoformat()} (idle.after {idle_after})"
-        if idle and idle_since
-        else "GPUs in use"
-    )
-    conditions = set_condition(
-        conditions, _condition("Idle", idle, "NoGPUsInUse" if idle else "InUse", idle_message, now, generation)
-    )
+    conditions = set_condition(conditions, _idle_condition(phase, held, idle_since, idle, idle_after, now, generation))
     ready_ok = phase == "Active" and outcome.objects_applied and fenced_ok
-    ready_reason = "Ready" if ready_ok else (phase if phase != "Active" else "NotFenced")
+    ready_reason = ConditionReason.READY if ready_ok else (phase if phase != "Active" else ConditionReason.NOT_FENCED)
     ready_message = (
         f"{decision.granted_gpus} GPUs usable in namespace {outcome.namespace}" if ready_ok else decision.message
     )
-    conditions = set_condition(conditions, _condition("Ready", ready_ok, ready_reason, ready_message, now, generation))
+    conditions = set_condition(
+        conditions, _condition(ConditionType.READY, ready_ok, ready_reason, ready_message, now, generation)
+    )
     return GpuAllocationStatus(
         phase=phase,
         namespace=outcome.namespace,
@@ -123,9 +161,9 @@ def rejected_status(
     previous: GpuAllocationStatus, reason: str, message: str, generation: int | None, now: datetime
 ) -> GpuAllocationStatus:
     conditions = set_condition(
-        list(previous.conditions), _condition("Admitted", False, reason, message, now, generation)
+        list(previous.conditions), _condition(ConditionType.ADMITTED, False, reason, message, now, generation)
     )
-    conditions = set_condition(conditions, _condition("Ready", False, reason, message, now, generation))
+    conditions = set_condition(conditions, _condition(ConditionType.READY, False, reason, message, now, generation))
     return GpuAllocationStatus(phase="Rejected", conditions=conditions, observed_generation=generation, message=message)
 
 
@@ -145,3 +183,24 @@ class AllocationSample:
     used_gpu_seconds: int
     granted_gpu_seconds: int
     idle: bool
+
+
+def waiting_for_namespace_status(
+    previous: GpuAllocationStatus, waiting: str, now: datetime, generation: int | None
+) -> GpuAllocationStatus:
+    """A deleted allocation (deletionPolicy Delete) whose namespace has not gone yet: Terminating, and why."""
+    released = Condition(
+        type=ConditionType.RELEASED,
+        status="False",
+        reason=ConditionReason.NAMESPACE_TERMINATING,
+        message=waiting,
+        last_transition_time=now,
+        observed_generation=generation,
+    )
+    return previous.model_copy(
+        update={
+            "phase": "Terminating",
+            "message": f"GPUs released; waiting for the namespace to go: {waiting}",
+            "conditions": set_condition(list(previous.conditions), released),
+        }
+    )

@@ -48,6 +48,7 @@ def pool_status(
     granted_gpus: int = 0,
     in_use_gpus: int = 0,
     queued: int = 0,
+    held_beyond_grants: int = 0,
 ) -> GpuPoolStatus:
     """The pool's status for the given capacity and grants, keeping condition transition times."""
     conditions = list(previous.conditions)
@@ -101,7 +102,8 @@ def pool_status(
         capacity_gpus=capacity.capacity_gpus,
         program_gpus=capacity.program_gpus,
         granted_gpus=granted_gpus,
-        available_gpus=max(capacity.program_gpus - granted_gpus, 0),
+        # GPUs that stopping pods still hold beyond their grants are not available yet.
+        available_gpus=max(capacity.program_gpus - granted_gpus - held_beyond_grants, 0),
         in_use_gpus=in_use_gpus,
         queued=queued,
         conditions=conditions,

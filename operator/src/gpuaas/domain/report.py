@@ -98,7 +98,7 @@ class Report:
 
 
 def _row(record: GpuUsage) -> ReportRow:
-    spec, status = record.spec, record.status
+    spec, status = record.spec, record.ledger
     return ReportRow(
         month=spec.month,
         allocation=spec.allocation,

@@ -171,3 +171,14 @@ def desired_tenant_objects(allocation: str, spec: GpuAllocationSpec, phase: Phas
         desired_limit_range(allocation, spec),
         desired_owner_binding(allocation, spec),
     ]
+
+
+def tenant_object_keys(namespace: str) -> list[tuple[str, str, str]]:
+    """(kind, namespace, name) of the objects gpuaas keeps in a tenant namespace: Namespace, ResourceQuota,
+    LimitRange, the owners' RoleBinding, in that order."""
+    return [
+        ("Namespace", "", namespace),
+        ("ResourceQuota", namespace, QUOTA_NAME),
+        ("LimitRange", namespace, LIMIT_RANGE_NAME),
+        ("RoleBinding", namespace, OWNERS_BINDING_NAME),
+    ]

@@ -6,37 +6,50 @@ The API server calls these only for namespaces labelled gpuaas.io/managed=true (
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jsonpatch
 import kopf
 
-from gpuaas.api.allocation import ALLOCATION_LABEL, ALLOCATION_PLURAL, GpuAllocationSpec, is_reserved_namespace
+from gpuaas.api.allocation import ALLOCATION_LABEL, ALLOCATION_PLURAL, GpuAllocationSpec
 from gpuaas.api.common import GROUP, VERSION
-from gpuaas.domain.fence import Fence, mutate_pod, validate_pod
-from gpuaas.domain.guard import Requester, managed_change_problem, unfenced_pod_problems
+from gpuaas.domain.access import binding_problems
+from gpuaas.domain.fence import Fence, PoolRules, hide_devices_from_ephemeral_containers, mutate_pod, validate_pod
+from gpuaas.domain.guard import (
+    Requester,
+    exposure_problems,
+    is_trusted,
+    managed_change_problem,
+    pod_change_problems,
+    unfenced_pod_problems,
+)
+from gpuaas.domain.namespaces import NamespaceClaim, namespace_problem
+from gpuaas.domain.tenant import OWNERS_BINDING_NAME
 
 logger = logging.getLogger("gpuaas.fence")
 
 
 def _fence_for(namespace: str | None, indexes: dict[str, kopf.Index[Any, Any]]) -> Fence | None:
     """The fence of the allocation that owns the namespace (the oldest claim), or None if released."""
-    claims = sorted(indexes["allocations_by_namespace"].get(namespace or "", []))
-    pools = _other_pools(indexes)
+    claims: list[NamespaceClaim] = sorted(indexes["allocations_by_namespace"].get(namespace or "", []))
+    pools = _pool_selectors(indexes)
     if not claims:
         return None
-    _created, allocation, pool, exclusive = claims[0]
+    owner = claims[0]
+    rules: PoolRules = next(iter(indexes["pools_by_name"].get(owner.pool, [])), PoolRules(node_selector={}))
     return Fence(
-        pool=pool,
-        node_selector=pools.get(pool, {}),
-        exclusive_label=(ALLOCATION_LABEL, allocation) if exclusive else None,
-        other_pools={name: selector for name, selector in pools.items() if name != pool},
+        pool=owner.pool,
+        node_selector=pools.get(owner.pool, {}),
+        exclusive_label=(ALLOCATION_LABEL, owner.allocation) if owner.exclusive else None,
+        other_pools={name: selector for name, selector in pools.items() if name != owner.pool},
+        allowed_priority_classes=rules.allowed_priority_classes,
+        max_grace_seconds=rules.max_grace_seconds,
     )
 
 
-def _other_pools(indexes: dict[str, kopf.Index[Any, Any]]) -> dict[str, dict[str, str]]:
-    return {name: selector for name, store in indexes["pools_by_name"].items() for selector in store}
+def _pool_selectors(indexes: dict[str, kopf.Index[Any, Any]]) -> dict[str, dict[str, str]]:
+    return {name: rules.node_selector for name, store in indexes["pools_by_name"].items() for rules in store}
 
 
 def _reject(problems: list[str]) -> None:
@@ -58,18 +71,51 @@ def pin_pod_to_pool(*, body: kopf.Body, namespace: str | None, patch: kopf.Patch
         patch.fns.append(apply_ops)
 
 
+@kopf.on.mutate("", "v1", "pods", id="mutate-pods", operations=["UPDATE"], subresource="ephemeralcontainers")
+def hide_devices_from_debug_containers(*, body: kopf.Body, namespace: str | None, patch: kopf.Patch, **_: Any) -> None:
+    ops = hide_devices_from_ephemeral_containers(dict(body))
+    if ops:
+        logger.info(f"ephemeral container in pod {namespace}/{(body.get('metadata') or {}).get('name')}: no devices")
+        apply_ops: Callable[[Any], Any] = lambda raw: jsonpatch.apply_patch(raw, ops, in_place=True)  # noqa: E731
+        patch.fns.append(apply_ops)
+
+
 @kopf.on.validate("", "v1", "pods", id="validate-pods", operations=["CREATE", "UPDATE"])
-def check_pod_fence(*, body: kopf.Body, namespace: str | None, **indexes: Any) -> None:
-    operation = str(indexes.get("operation", "CREATE"))
+def check_pod_fence(
+    *,
+    body: kopf.Body,
+    namespace: str | None,
+    userinfo: kopf.UserInfo,
+    memo: kopf.Memo,
+    old: kopf.Body | None = None,
+    operation: str = "CREATE",
+    **indexes: Any,
+) -> None:
+    pod = dict(body)
+    previous = dict(old) if old is not None else None
+    problems = pod_change_problems(previous, pod, _requester(userinfo), memo.operator_username)
     fence = _fence_for(namespace, indexes)
     if fence is None:
-        _reject(unfenced_pod_problems(dict(body), _other_pools(indexes)))
+        _reject(problems + unfenced_pod_problems(pod, _pool_selectors(indexes)))
         return
-    _reject(validate_pod(dict(body), fence, creating=operation == "CREATE"))
+    _reject(problems + validate_pod(pod, fence, creating=operation == "CREATE", previous=previous))
 
 
-def _requester(userinfo: dict[str, Any]) -> Requester:
+# Ephemeral containers come through their own subresource; the same checks apply (tenant device variables refused).
+kopf.on.validate("", "v1", "pods", id="validate-pods", operations=["UPDATE"], subresource="ephemeralcontainers")(
+    check_pod_fence
+)
+
+
+def _requester(userinfo: Mapping[str, Any]) -> Requester:
     return Requester(username=str(userinfo.get("username", "")), groups=tuple(userinfo.get("groups") or ()))
+
+
+def _owner_subjects(namespace: str, indexes: dict[str, kopf.Index[Any, Any]]) -> list[dict[str, Any]] | None:
+    """The owners gpuaas bound to `admin` in the namespace; None when it has no owners binding (released)."""
+    store = indexes["managed_role_bindings"].get(("RoleBinding", namespace, OWNERS_BINDING_NAME))
+    binding = next(iter(store), None) if store is not None else None
+    return None if binding is None else list(binding.get("subjects") or [])
 
 
 def guard_managed(kind: str) -> Callable[..., None]:
@@ -80,18 +126,23 @@ def guard_managed(kind: str) -> Callable[..., None]:
         operation: str,
         userinfo: dict[str, Any],
         memo: kopf.Memo,
-        **_: Any,
+        namespace: str | None = None,
+        **indexes: Any,
     ) -> None:
+        requester = _requester(userinfo)
         problem = managed_change_problem(
             kind,
             operation,
             dict(old) if old is not None else None,
             dict(new) if new is not None else None,
-            _requester(userinfo),
+            requester,
             memo.operator_username,
         )
         if problem:
             raise kopf.AdmissionError(problem, code=403)
+        if kind == "RoleBinding" and new is not None and not is_trusted(requester, memo.operator_username):
+            where = namespace or ""
+            _reject(binding_problems(dict(new), _owner_subjects(where, indexes), where))
 
     guard.__name__ = f"guard_{kind.lower()}"
     return guard
@@ -116,6 +167,23 @@ for _group, _version, _plural, _kind, _subresource in _GUARDED:
     )
 
 
+def guard_exposure(kind: str) -> Callable[..., None]:
+    def guard(*, body: kopf.Body, userinfo: kopf.UserInfo, memo: kopf.Memo, **_: Any) -> None:
+        _reject(exposure_problems(kind, dict(body), _requester(userinfo), memo.operator_username))
+
+    guard.__name__ = f"guard_{kind.lower()}_exposure"
+    return guard
+
+
+for _group, _plural, _kind in (
+    ("", "services", "Service"),
+    ("", "endpoints", "Endpoints"),
+    ("discovery.k8s.io", "endpointslices", "EndpointSlice"),
+):
+    _network = kopf.on.validate(_group, "v1", _plural, id="validate-network", operations=["CREATE", "UPDATE"])
+    _network(guard_exposure(_kind))
+
+
 @kopf.on.validate(GROUP, VERSION, ALLOCATION_PLURAL, id="validate-allocations", operations=["CREATE", "UPDATE"])
 def check_allocation(*, name: str | None, spec: kopf.Spec, **indexes: Any) -> None:
     """Early, clear errors for what the schema cannot know: pools and namespaces that exist."""
@@ -124,22 +192,19 @@ def check_allocation(*, name: str | None, spec: kopf.Spec, **indexes: Any) -> No
     except ValueError as error:
         raise kopf.AdmissionError(str(error), code=422) from error
     problems = []
-    pools = _other_pools(indexes)
+    pools = _pool_selectors(indexes)
     if parsed.pool not in pools:
         known = ", ".join(sorted(pools)) or "none"
         problems.append(f"spec.pool: pool {parsed.pool!r} does not exist (pools: {known})")
     namespace = parsed.target_namespace
-    if is_reserved_namespace(namespace):
-        problems.append(f"spec.namespace: {namespace} is a system namespace")
-    claims = [c for c in indexes["allocations_by_namespace"].get(namespace, []) if c[1] != name]
-    if claims:
-        problems.append(f"spec.namespace: namespace {namespace} already belongs to allocation {claims[0][1]}")
-    labels = next(iter(indexes["namespace_labels"].get(namespace, [])), None)
-    if (labels is not None and labels.get(ALLOCATION_LABEL) not in (None, name)) or (
-        labels is not None and ALLOCATION_LABEL not in labels
-    ):
-        problems.append(
-            f"spec.namespace: namespace {namespace} already exists and is not managed by gpuaas for this allocation"
-        )
+    found = namespace_problem(
+        name or "",
+        namespace,
+        list(indexes["allocations_by_namespace"].get(namespace, [])),
+        next(iter(indexes["namespace_labels"].get(namespace, [])), None),
+        next(iter(indexes["terminating_namespaces"].get(namespace, [])), None),
+    )
+    if found is not None:
+        problems.append(f"spec.namespace: {found[1]}")
     if problems:
         raise kopf.AdmissionError("; ".join(problems), code=422)

@@ -11,12 +11,13 @@ from gpuaas.api.allocation import ALLOCATION_LABEL, ALLOCATION_PLURAL
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.pool import POOL_LABEL
 from gpuaas.api.usage import USAGE_PLURAL, GpuUsage
-from gpuaas.domain.fence import pod_gpus
-from gpuaas.domain.ledger import pod_interval_from_pod
+from gpuaas.domain.access import TenantBinding
+from gpuaas.domain.fence import DEFAULT_MAX_GRACE_SECONDS, PoolRules, pod_gpus
+from gpuaas.domain.ledger import ledger_pod, pod_interval_from_pod
+from gpuaas.domain.namespaces import NamespaceClaim, TerminatingNamespace, terminating_namespace
 from gpuaas.domain.nodes import NodeInfo, node_info_from_manifest
+from gpuaas.domain.snapshot import AllocationView, PodView
 from gpuaas.domain.tenant import MANAGED_LABEL
-from gpuaas.k8s.ledger import to_ledger_pod
-from gpuaas.k8s.reconciler import AllocationView, PodView
 
 MANAGED = {MANAGED_LABEL: "true"}
 
@@ -48,19 +49,30 @@ def allocations_by_pool(*, body: kopf.Body, spec: kopf.Spec, **_: Any) -> dict[s
 
 
 @kopf.index(GROUP, VERSION, ALLOCATION_PLURAL)
-def allocations_by_namespace(
-    *, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
-) -> dict[str, tuple[str, str, str, bool]]:
-    """namespace -> (creationTimestamp, allocation, pool, exclusive)."""
+def allocations_by_namespace(*, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any) -> dict[str, NamespaceClaim]:
     namespace = spec.get("namespace") or (spec.get("tenant") or {}).get("name", "")
     created = str(meta.get("creationTimestamp", ""))
-    return {str(namespace): (created, name, str(spec.get("pool", "")), bool(spec.get("exclusiveNodes", False)))}
+    pool, exclusive = str(spec.get("pool", "")), bool(spec.get("exclusiveNodes", False))
+    return {str(namespace): NamespaceClaim(created, name, pool, exclusive)}
 
 
 @kopf.index(GROUP, VERSION, "gpupools")
-def pools_by_name(*, name: str, spec: kopf.Spec, **_: Any) -> dict[str, dict[str, str]]:
-    """pool -> nodeSelector, for the fence."""
-    return {name: dict(spec.get("nodeSelector") or {})}
+def pools_by_name(*, name: str, spec: kopf.Spec, **_: Any) -> dict[str, PoolRules]:
+    """pool -> what the fence enforces for it."""
+    return {
+        name: PoolRules(
+            node_selector=dict(spec.get("nodeSelector") or {}),
+            allowed_priority_classes=frozenset(spec.get("allowedPriorityClasses") or ()),
+            max_grace_seconds=int(spec.get("maxTerminationGracePeriodSeconds", DEFAULT_MAX_GRACE_SECONDS)),
+        )
+    }
+
+
+@kopf.index("", "v1", "namespaces")
+def terminating_namespaces(*, name: str, body: kopf.Body, **_: Any) -> dict[str, TerminatingNamespace] | None:
+    """Namespaces being deleted, with what keeps them (their own status conditions)."""
+    terminating = terminating_namespace(body)
+    return {name: terminating} if terminating is not None else None
 
 
 @kopf.index("", "v1", "namespaces")
@@ -94,6 +106,16 @@ def managed_role_bindings(*, body: kopf.Body, **_: Any) -> dict[tuple[str, str, 
     return _observed(body)
 
 
+@kopf.index("rbac.authorization.k8s.io", "v1", "rolebindings", labels={ALLOCATION_LABEL: kopf.ABSENT})
+def tenant_role_bindings(
+    *, name: str, namespace: str | None, meta: kopf.Meta, body: kopf.Body, **_: Any
+) -> dict[str, TenantBinding]:
+    """RoleBindings gpuaas did not write, by namespace (only those of tenant namespaces are ever read)."""
+    subjects = tuple(dict(subject) for subject in body.get("subjects") or [])
+    binding = TenantBinding(str(namespace), name, str(meta.get("resourceVersion", "")), subjects)
+    return {str(namespace): binding}
+
+
 @kopf.index("", "v1", "pods")
 def gpu_pods_by_namespace(
     *, body: kopf.Body, namespace: str | None, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status, **_: Any
@@ -103,13 +125,19 @@ def gpu_pods_by_namespace(
         gpus = pod_gpus({"spec": dict(spec)})
     except ValueError:
         gpus = 0
-    ledger_pod = to_ledger_pod(meta, pod_interval_from_pod(dict(body)) if gpus else None, status.get("phase"))
-    if (gpus == 0 and not ledger_pod.has_finalizer) or namespace is None:
+    pod_ledger = ledger_pod(meta, pod_interval_from_pod(dict(body)) if gpus else None, status.get("phase"))
+    if (gpus == 0 and not pod_ledger.has_finalizer) or namespace is None:
         return None
     running = status.get("phase") == "Running" and not meta.get("deletionTimestamp")
     return {
         namespace: PodView(
-            name=ledger_pod.name, namespace=namespace, uid=ledger_pod.uid, gpus=gpus, running=running, ledger=ledger_pod
+            name=pod_ledger.name,
+            namespace=namespace,
+            uid=pod_ledger.uid,
+            gpus=gpus,
+            running=running,
+            ledger=pod_ledger,
+            created=str(meta.get("creationTimestamp", "")),
         )
     }
 

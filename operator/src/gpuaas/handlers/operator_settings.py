@@ -8,7 +8,7 @@ from typing import Any
 
 import kopf
 
-from gpuaas.k8s import serving, webhooks
+from gpuaas.k8s import webhooks
 from gpuaas.options import OperatorOptions, webhook_cert_dir
 
 
@@ -33,17 +33,14 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Log
         prefix="gpuaas.io", key="last-handled-configuration"
     )
     settings.execution.max_workers = 16
-    # A standby replica takes over this long after the active one stops heart-beating.
-    settings.peering.lifetime = options.peering_lifetime
     memo.operator_username = webhooks.whoami()
-    memo.serving = serving.claim_from_environment()
     logger.info(f"operator identity: {memo.operator_username}")
     if not options.webhook_port:
         return
     cert_dir = webhook_cert_dir(options)
     if options.webhook_url:
-        # The configurations are registered by the first reconcile pass (see handlers.pools), so that with
-        # peering only the active replica, whose indexes are live, points the API server at itself.
+        # The configurations are registered by the leader's first reconcile pass (see handlers.pools), so that
+        # only the leading replica points the API server at itself.
         webhooks.ensure_self_signed(cert_dir, webhooks.url_host(options.webhook_url))
     settings.admission.server = kopf.WebhookServer(
         addr="0.0.0.0",  # noqa: S104 - the API server must reach it

@@ -7,7 +7,7 @@ a missed event is corrected by the next periodic pass.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,15 +17,23 @@ from gpuaas import metrics
 from gpuaas.api.allocation import ALLOCATION_LABEL, ALLOCATION_PLURAL
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.pool import POOL_LABEL, POOL_PLURAL, GpuPoolSpec
+from gpuaas.domain.access import TenantBinding
+from gpuaas.domain.departed import DepartedPods, departed_pod
+from gpuaas.domain.ledger import LedgerPod
+from gpuaas.domain.namespaces import NamespaceClaim, TerminatingNamespace
 from gpuaas.domain.nodes import NodeInfo
-from gpuaas.domain.tenant import LIMIT_RANGE_NAME, OWNERS_BINDING_NAME, QUOTA_NAME
+from gpuaas.domain.snapshot import AllocationView, PodView, PoolSnapshot
+from gpuaas.domain.tenant import tenant_object_keys
 from gpuaas.handlers.indexes import MANAGED, exclusive_holders
 from gpuaas.k8s import webhooks
+from gpuaas.k8s.leadership import Leadership
 from gpuaas.k8s.ledger import LedgerWriter
-from gpuaas.k8s.reconciler import AllocationView, PodView, PoolReconciler, PoolSnapshot
+from gpuaas.k8s.reconciler import PassResult, PoolReconciler
 from gpuaas.options import OperatorOptions, WebhookRegistration, webhook_cert_dir
 
-MIN_PASS_INTERVAL_SECONDS = 0.2
+MIN_PASS_INTERVAL_SECONDS = 0.05
+# The indexes of the objects `tenant_object_keys` names, in its order.
+MANAGED_OBJECT_INDEXES = ("managed_namespaces", "managed_quotas", "managed_limit_ranges", "managed_role_bindings")
 PASS_DUTY_FACTOR = 5.0
 # Passes that processed at least this many allocations are heavy: only they stretch the interval.
 HEAVY_PASS_ALLOCATIONS = 20
@@ -44,6 +52,13 @@ async def _register_once(memo: kopf.Memo) -> None:
         if not registration.done:
             await asyncio.to_thread(register_webhooks, memo.options)
             registration.done = True
+            metrics.readiness.registered = True
+
+
+def _forget_registration(memo: kopf.Memo) -> None:
+    """Another replica may point the webhooks at itself now; register again on the next lead."""
+    memo.webhook_registration.done = False
+    metrics.readiness.registered = False
 
 
 def wakeup(memo: kopf.Memo, pool: str) -> asyncio.Event:
@@ -57,30 +72,32 @@ def _one(index: kopf.Index[Any, Any], key: Any) -> Any:
     return next(iter(store), None) if store is not None else None
 
 
-def snapshot(name: str, body: kopf.Body, indexes: dict[str, kopf.Index[Any, Any]]) -> PoolSnapshot:
+def snapshot(
+    name: str, body: kopf.Body, indexes: dict[str, kopf.Index[Any, Any]], departed: DepartedPods
+) -> PoolSnapshot:
     """Copy what one pass needs out of the indexes, synchronously, so it is consistent. Only this pool's
     allocations' namespaces are looked up: a pass costs what its pool holds, not what the cluster holds."""
     allocations: list[AllocationView] = list(indexes["allocations_by_pool"].get(name, []))
-    namespaces = {str(a.spec.get("namespace") or (a.spec.get("tenant") or {}).get("name", "")) for a in allocations}
+    namespaces = {allocation.target_namespace for allocation in allocations}
     observed: dict[tuple[str, str, str], Any] = {}
-    claims: dict[str, list[tuple[datetime, str]]] = {}
+    claims: dict[str, list[NamespaceClaim]] = {}
+    terminating: dict[str, TerminatingNamespace] = {}
     pods: dict[str, list[PodView]] = {}
+    bindings: dict[str, list[TenantBinding]] = {}
     labels: dict[str, Any] = {}
+    gone: dict[str, list[LedgerPod]] = {}
     for namespace in namespaces:
-        for index_name, key in (
-            ("managed_namespaces", ("Namespace", "", namespace)),
-            ("managed_quotas", ("ResourceQuota", namespace, QUOTA_NAME)),
-            ("managed_limit_ranges", ("LimitRange", namespace, LIMIT_RANGE_NAME)),
-            ("managed_role_bindings", ("RoleBinding", namespace, OWNERS_BINDING_NAME)),
-        ):
+        for index_name, key in zip(MANAGED_OBJECT_INDEXES, tenant_object_keys(namespace), strict=True):
             found = _one(indexes[index_name], key)
             if found is not None:
                 observed[key] = found
-        claims[namespace] = [
-            (datetime.fromisoformat(created.replace("Z", "+00:00")), allocation)
-            for created, allocation, _pool, _exclusive in indexes["allocations_by_namespace"].get(namespace, [])
-        ]
+        claims[namespace] = list(indexes["allocations_by_namespace"].get(namespace, []))
+        found_terminating = _one(indexes["terminating_namespaces"], namespace)
+        if found_terminating is not None:
+            terminating[namespace] = found_terminating
         pods[namespace] = list(indexes["gpu_pods_by_namespace"].get(namespace, []))
+        bindings[namespace] = list(indexes["tenant_role_bindings"].get(namespace, []))
+        gone[namespace] = departed.of(namespace)
         found_labels = _one(indexes["namespace_labels"], namespace)
         if found_labels is not None:
             labels[namespace] = found_labels
@@ -99,7 +116,10 @@ def snapshot(name: str, body: kopf.Body, indexes: dict[str, kopf.Index[Any, Any]
         namespace_claims=claims,
         pods_by_namespace=pods,
         exclusive_holders=exclusive_holders(indexes["nodes_by_name"]),
+        tenant_bindings=bindings,
+        terminating_namespaces=terminating,
         usage=usage,
+        departed_by_namespace=gone,
     )
 
 
@@ -113,21 +133,41 @@ async def reconcile_pool(
     logger: kopf.Logger,
     **indexes: Any,
 ) -> None:
-    ledger = LedgerWriter(
-        time_zone=memo.options.time_zone, flush_interval=timedelta(seconds=memo.options.ledger_flush_seconds)
-    )
-    reconciler = PoolReconciler(pool=name, ledger=ledger)
+    """Runs on every replica; only the leader's passes run. A standby's daemon waits, its indexes kept warm."""
     wake = wakeup(memo, name)
     metrics.daemon_started()
     try:
-        await _run_passes(name, body, stopped, memo, logger, indexes, reconciler, wake)
+        await _run_passes(name, body, stopped, memo, logger, indexes, wake)
     finally:
         metrics.daemon_stopped()
         if not metrics.running_daemons():
-            # Paused or stopping: another replica may point the webhooks elsewhere; register again on resume.
-            memo.webhook_registration.done = False
-        if memo.serving is not None:
-            await asyncio.to_thread(memo.serving.release, name)
+            _forget_registration(memo)
+            if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.OPERATOR_EXITING:
+                # The last pass has ended: a standby may take over now rather than when the Lease runs out.
+                leadership: Leadership = memo.leadership
+                await leadership.release()
+
+
+def _new_reconciler(name: str, options: OperatorOptions) -> PoolReconciler:
+    ledger = LedgerWriter(time_zone=options.time_zone, flush_interval=timedelta(seconds=options.ledger_flush_seconds))
+    return PoolReconciler(pool=name, ledger=ledger)
+
+
+def _pass_and_samples(reconciler: PoolReconciler, snap: PoolSnapshot, now: datetime) -> PassResult:
+    """One pass, and its allocations' series rendered for /metrics on the same worker thread, not the event loop."""
+    result = reconciler.run_pass(snap, now)
+    metrics.record_allocations(snap.pool, result.samples)
+    return result
+
+
+async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: float) -> None:
+    """Until woken, stopped or `seconds` passed."""
+    waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 async def _run_passes(
@@ -137,37 +177,45 @@ async def _run_passes(
     memo: kopf.Memo,
     logger: kopf.Logger,
     indexes: dict[str, Any],
-    reconciler: PoolReconciler,
     wake: asyncio.Event,
 ) -> None:
-    serving = False
+    leadership: Leadership = memo.leadership
+    reconciler: PoolReconciler | None = None
     while not stopped:
         wake.clear()
-        snap = snapshot(name, body, indexes)
+        if not leadership.is_leader():
+            if reconciler is not None:
+                # A standby exports no pool series: only the leader's are current.
+                metrics.forget_pool(name, GpuPoolSpec.model_validate(dict(body.get("spec") or {})))
+                _forget_registration(memo)
+                reconciler = None
+            await _sleep(wake, stopped, memo.options.pool_resync_seconds)
+            continue
+        if reconciler is None:
+            # Fresh state on every takeover: while another replica led, the ledger records moved on.
+            reconciler = _new_reconciler(name, memo.options)
         started = datetime.now(UTC)
+        departed: DepartedPods = memo.departed_pods
+        departed.forget_expired(started)
+        snap = snapshot(name, body, indexes, departed)
         heavy = False
         try:
             with metrics.reconcile_duration.labels(name).time():
                 writes_before = reconciler.ledger.writes
-                result = await asyncio.to_thread(reconciler.run_pass, snap, started)
+                result = await asyncio.to_thread(_pass_and_samples, reconciler, snap, started)
             metrics.ledger_writes.inc(reconciler.ledger.writes - writes_before)
             metrics.record_pool(name, GpuPoolSpec.model_validate(snap.spec), result.pool)
-            metrics.record_allocations(name, result.samples)
+            metrics.record_terminating(name, result.terminating_namespaces)
             heavy = result.processed >= HEAVY_PASS_ALLOCATIONS
             if memo.options.webhook_url:
                 await _register_once(memo)
-            if not serving and memo.serving is not None:
-                # Admission requests come here only now that this replica's indexes are live.
-                await asyncio.to_thread(memo.serving.acquire, name)
-                serving = True
-            metrics.mark_pass()
+            leadership.note_pass(started)
         except Exception:
             metrics.reconcile_errors.labels(name).inc()
             logger.exception(f"pool {name}: reconcile pass failed; retrying")
         pass_seconds = (datetime.now(UTC) - started).total_seconds()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), timeout=memo.options.pool_resync_seconds)
-        # Coalesce bursts of events (our own status writes wake us too) into one pass per interval, and
+        await _sleep(wake, stopped, memo.options.pool_resync_seconds)
+        # Coalesce bursts of events (a bulk apply, the objects a pass applied) into one pass per interval, and
         # keep a pool busy with heavy passes to about a fifth of the time (never rarer than the resync);
         # a light pass (one new allocation) keeps the short interval, so apply-to-Ready stays fast.
         elapsed = (datetime.now(UTC) - started).total_seconds()
@@ -175,7 +223,8 @@ async def _run_passes(
             max(MIN_PASS_INTERVAL_SECONDS, PASS_DUTY_FACTOR * pass_seconds if heavy else 0.0),
             memo.options.pool_resync_seconds,
         )
-        await asyncio.sleep(max(0.0, interval - elapsed))
+        if not stopped:
+            await asyncio.sleep(max(0.0, interval - elapsed))
 
 
 @kopf.on.delete(GROUP, VERSION, POOL_PLURAL, optional=True)
@@ -183,8 +232,40 @@ def forget_pool(*, name: str, spec: kopf.Spec, **_: Any) -> None:
     metrics.forget_pool(name, GpuPoolSpec.model_validate(dict(spec)))
 
 
+@kopf.on.event("", "v1", "pods")
+async def remember_departed_pod(
+    *,
+    type: str,  # kopf's name for the event type
+    body: kopf.Body,
+    namespace: str | None,
+    memo: kopf.Memo,
+    **indexes: Any,
+) -> None:
+    """A GPU pod of a granted namespace that is gone: booked from the last state its DELETED event carries, unless
+    its time is booked already. Every replica remembers it (on the event loop, which also takes the snapshots)."""
+    if type != "DELETED" or namespace not in indexes["allocations_by_namespace"]:
+        return
+    now = datetime.now(UTC)
+    pod = departed_pod(dict(body), now)
+    if pod is not None:
+        departed: DepartedPods = memo.departed_pods
+        departed.remember(pod, now)
+
+
 @kopf.on.event(GROUP, VERSION, ALLOCATION_PLURAL)
-async def allocation_changed(*, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
+async def allocation_changed(
+    *, type: str | None, uid: str, meta: kopf.Meta, spec: kopf.Spec, memo: kopf.Memo, **_: Any
+) -> None:
+    """Wake the pool for what the program office did (a new, changed or deleted allocation), not for gpuaas's own
+    status and finalizer writes: those would wake a pass after every pass."""
+    seen: dict[str, tuple[object, object]] = memo.allocation_generations
+    current = (meta.get("generation"), meta.get("deletionTimestamp"))
+    if type == "DELETED":
+        seen.pop(uid, None)
+    elif seen.get(uid) == current:
+        return
+    else:
+        seen[uid] = current
     wakeup(memo, str(spec.get("pool", ""))).set()
 
 
@@ -205,7 +286,19 @@ async def managed_namespace_changed(*, labels: kopf.Labels, memo: kopf.Memo, **_
 
 
 @kopf.on.event("", "v1", "resourcequotas", labels={ALLOCATION_LABEL: kopf.PRESENT})
-async def quota_changed(*, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+async def quota_changed(
+    *, type: str | None, uid: str, labels: kopf.Labels, spec: kopf.Spec, memo: kopf.Memo, **_: Any
+) -> None:
+    """Not for status updates: the quota controller writes one for every pod that starts or ends in the namespace,
+    and passes read pods, not quota usage."""
+    seen: dict[str, str] = memo.quota_specs
+    if type == "DELETED":
+        seen.pop(uid, None)
+    else:
+        current = json.dumps(dict(spec), sort_keys=True)
+        if seen.get(uid) == current:
+            return
+        seen[uid] = current
     _wake_owner_pool(labels, memo)
 
 

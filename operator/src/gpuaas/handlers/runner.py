@@ -2,15 +2,42 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-import random
 
 import kopf
 
 from gpuaas import metrics
+from gpuaas.domain.departed import DepartedPods
+from gpuaas.domain.leadership import LeaseTiming
 from gpuaas.k8s.client import load_config
+from gpuaas.k8s.leadership import Leadership, LeaseElector, SoleReplica, own_identity
+from gpuaas.k8s.metrics_access import MetricsAuthorizer
 from gpuaas.options import OperatorOptions, WebhookRegistration
+
+
+def elect(options: OperatorOptions, pool_wakeups: dict[str, asyncio.Event]) -> Leadership:
+    """A Lease elector when replicas share a Lease; otherwise this process always leads."""
+    if not options.leader_lease:
+        metrics.set_leading(True)
+        return SoleReplica(own_identity())
+
+    def leadership_changed(leading: bool) -> None:
+        metrics.set_leading(leading)
+        for wake in pool_wakeups.values():  # pool daemons start or stop their passes now
+            wake.set()
+
+    namespace = options.leader_lease_namespace or os.environ.get("POD_NAMESPACE") or "default"
+    metrics.set_leading(False)
+    return LeaseElector(
+        options.leader_lease,
+        namespace,
+        own_identity(),
+        LeaseTiming(options.leader_lease_seconds),
+        on_change=leadership_changed,
+        may_lead=lambda: metrics.readiness.indexes_warm,
+    )
 
 
 def run_operator(options: OperatorOptions) -> None:
@@ -26,20 +53,27 @@ def run_operator(options: OperatorOptions) -> None:
         for name in ("kopf.objects", "aiohttp.access"):
             logging.getLogger(name).setLevel(logging.WARNING)
     if options.metrics_port:
-        metrics.serve(options.metrics_port)
+        metrics.serve(options.metrics_port, MetricsAuthorizer() if options.metrics_auth else None)
     # Importing the handler modules registers them with kopf's default registry.
-    from gpuaas.handlers import fence, indexes, operator_settings, pools  # noqa: F401
+    from gpuaas.handlers import fence, indexes, operator_settings, pools, replica  # noqa: F401
 
-    priority = options.peering_priority
-    if priority is None:
-        priority = random.SystemRandom().randint(1, 2**31 - 1)
+    pool_wakeups: dict[str, asyncio.Event] = {}
+    metrics.readiness.registration_needed = bool(options.webhook_url and options.webhook_port)
     kopf.run(
         clusterwide=True,
-        standalone=options.peering is None,
-        peering_name=options.peering,
-        priority=priority,
+        # Leadership is gpuaas's own Lease, not kopf peering: a paused kopf replica closes its watches and would
+        # take over cold, re-listing every node and pod first.
+        standalone=True,
         liveness_endpoint=f"http://0.0.0.0:{options.health_port}/healthz" if options.health_port else None,
         # Each object gets a shallow copy of this memo, so the wake-up events must already live in it.
-        # The webhook registration lock is shared too: the first pool daemon of an active replica registers.
-        memo=kopf.Memo(options=options, pool_wakeups={}, serving=None, webhook_registration=WebhookRegistration()),
+        # The webhook registration lock is shared too: the first pool daemon of a leading replica registers.
+        memo=kopf.Memo(
+            options=options,
+            pool_wakeups=pool_wakeups,
+            leadership=elect(options, pool_wakeups),
+            webhook_registration=WebhookRegistration(),
+            departed_pods=DepartedPods(),
+            allocation_generations={},
+            quota_specs={},
+        ),
     )

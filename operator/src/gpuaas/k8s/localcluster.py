@@ -80,6 +80,11 @@ def ensure_binaries(components: tuple[str, ...] = ("kubernetes", "etcd", "kwok",
     )
 
 
+def ensure_helm() -> Path:
+    """The pinned helm alone (the chart's static checks need no cluster)."""
+    return _build("helm")["helm"] / "helm"
+
+
 def ensure_node_binaries(binaries: Binaries) -> NodeBinaries:
     """containerd and gpuaas's node tools (built and cached like the rest); kubelet and kube-proxy sit beside
     kube-apiserver."""

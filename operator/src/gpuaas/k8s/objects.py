@@ -11,6 +11,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from gpuaas.api.common import API_VERSION, GROUP, VERSION
+from gpuaas.domain.access import TenantBinding
 from gpuaas.k8s.client import FIELD_MANAGER, discard
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def delete_namespace(name: str) -> None:
     try:
         client.CoreV1Api().delete_namespace(name)
     except ApiException as error:
-        if error.status != 404:
+        if error.status not in (404, 409):  # 409: already being deleted
             raise
 
 
@@ -68,6 +69,22 @@ def delete_role_binding(name: str, namespace: str) -> None:
         client.RbacAuthorizationV1Api().delete_namespaced_role_binding(name, namespace)
     except ApiException as error:
         if error.status != 404:
+            raise
+
+
+def set_role_binding_subjects(binding: TenantBinding, subjects: list[Mapping[str, Any]]) -> None:
+    """Rewrite a tenant RoleBinding's subjects; the resourceVersion makes a binding changed meanwhile fail (409) and
+    wait for the next pass instead of losing that change. The API server lets the operator rewrite only bindings to
+    roles it may bind (`admin`); any other such binding is deleted, as it names someone who must lose access."""
+    body = {"metadata": {"resourceVersion": binding.resource_version}, "subjects": [dict(s) for s in subjects]}
+    api = client.RbacAuthorizationV1Api()
+    try:
+        api.patch_namespaced_role_binding(binding.name, binding.namespace, body)
+    except ApiException as error:
+        if error.status == 403:
+            logger.info("deleting RoleBinding %s/%s: it may not be rewritten", binding.namespace, binding.name)
+            delete_role_binding(binding.name, binding.namespace)
+        elif error.status not in (404, 409):
             raise
 
 

@@ -26,14 +26,27 @@ def list_pools(api: client.ApiClient) -> list[dict[str, Any]]:
     return items
 
 
+def pool_settled(pool: Mapping[str, Any]) -> bool:
+    """The pool's status is of its current spec, and every node it selects is healthy (condition Degraded False):
+    a new cluster's nodes become healthy (Ready, schedulable, GPUs reported, no foreign taint) some time after they
+    register, and totals read before then are short."""
+    status = pool.get("status") or {}
+    current = status.get("observedGeneration") == (pool.get("metadata") or {}).get("generation")
+    degraded = next((c.get("status") for c in status.get("conditions") or [] if c.get("type") == "Degraded"), None)
+    return current and status.get("nodes", 0) > 0 and degraded == "False"
+
+
 def wait_for_pool_status(api: client.ApiClient, timeout: float) -> list[dict[str, Any]]:
-    """Wait until every pool's status reflects its current generation."""
+    """Wait until every pool is settled; raise TimeoutError naming the pools that are not."""
     deadline = time.monotonic() + timeout
     while True:
         items = list_pools(api)
-        current = [p for p in items if (p.get("status") or {}).get("observedGeneration") == p["metadata"]["generation"]]
-        if items and len(current) == len(items):
+        unsettled = [p["metadata"]["name"] for p in items if not pool_settled(p)]
+        if items and not unsettled:
             return items
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{len(items) - len(current)} of {len(items)} pools have no current status")
+            missing = ", ".join(unsettled) or "no pools exist"
+            raise TimeoutError(
+                f"pools without a current status or with nodes not Ready after {timeout:.0f}s: {missing}"
+            )
         time.sleep(0.5)

@@ -10,18 +10,13 @@ import csv
 import html
 import io
 import json
+import re
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
-
-from openpyxl import Workbook
-from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
-from openpyxl.styles import Font
-from openpyxl.utils import get_column_letter
-from openpyxl.writer.excel import ExcelWriter
 
 from gpuaas.domain.ledger import parse_month, seconds_to_hours
 from gpuaas.domain.report import Report, ReportRow, ReportTotal
@@ -120,12 +115,31 @@ def format_cell(value: Cell) -> str:
 # --- CSV -------------------------------------------------------------------------------------------
 
 
+# Text a spreadsheet would read as a number or a date: digits (a 20-digit contract id keeps 15 of them, an id with
+# leading zeros loses them), exponents, percentages, and dates or times ("2026-10" becomes October).
+_READ_AS_VALUE = re.compile(
+    r"[+-]?(\d[\d,]*\.?\d*|\.\d+)([eE][+-]?\d+)?%?|\d{1,4}[-/.]\d{1,2}([-/.]\d{1,4})?|\d{1,2}:\d{2}(:\d{2})?"
+)
+
+
 def _csv_text(value: Cell) -> str:
     text = format_cell(value)
+    if not isinstance(value, str):
+        return text
+    if _READ_AS_VALUE.fullmatch(text.strip()):
+        # A constant text formula: Excel and LibreOffice show exactly the text (a quote inside is doubled).
+        return '="' + text.replace('"', '""') + '"'
     # A leading = + - @ makes Excel evaluate the cell as a formula; quote it as text instead.
-    if isinstance(value, str) and text.startswith(_FORMULA_PREFIXES):
+    if text.startswith(_FORMULA_PREFIXES):
         return "'" + text
     return text
+
+
+def csv_cell_text(field: str) -> str:
+    """What a spreadsheet shows for one field of this CSV: the text inside a constant text formula, else the field."""
+    if field.startswith('="') and field.endswith('"'):
+        return field[2:-1].replace('""', '"')
+    return field
 
 
 def to_csv(report: Report) -> bytes:
@@ -174,6 +188,10 @@ _NUMBER_FORMATS: dict[ColumnKind, str] = {"text": "@", "count": "0", "hours": "0
 
 
 def _fill_sheet(sheet: Any, columns: Sequence[Column], records: Sequence[dict[str, Cell]]) -> None:
+    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+    from openpyxl.styles import Font
+    from openpyxl.utils import get_column_letter
+
     header_font = Font(bold=True)
     for index, column in enumerate(columns, start=1):
         cell = sheet.cell(row=1, column=index, value=column.title)
@@ -209,6 +227,10 @@ def _normalised_zip(data: bytes) -> bytes:
 
 def to_xlsx(report: Report) -> bytes:
     """A workbook with a "Usage" sheet of rows and a "Totals" sheet, numbers in typed numeric cells."""
+    # Imported here: openpyxl takes a fifth of the CLI's start-up, and only this format needs it.
+    from openpyxl import Workbook
+    from openpyxl.writer.excel import ExcelWriter
+
     workbook = Workbook()
     usage = workbook.active
     usage.title = "Usage"

@@ -7,11 +7,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-import pytest
-
-pytestmark = pytest.mark.e2e
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _generator() -> ModuleType:
@@ -38,7 +34,7 @@ def test_api_reference_covers_every_field() -> None:
         "## GpuUsage",
         "`spec.idle.action`",
         "`spec.owners[].kind`",
-        "`status.pods.<key>.bookedUntil`",
+        "`ledger.pods.<key>.bookedUntil`",
         "`status.conditions[].type`",
         "CEL `self.end > self.start`",
     ):

@@ -1,0 +1,134 @@
+"""The writes a pool pass decides on, as data.
+
+The planner (domain/planner.py) returns these; the executor (k8s/reconciler.py) hands each to the writer port
+(k8s/writer.py), the only place that turns them into API calls. Tests read a pass's decisions from the list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gpuaas.api.usage import GpuUsage, UsageLedger
+from gpuaas.domain.access import TenantBinding
+
+
+@dataclass(frozen=True)
+class ApplyObject:
+    """Server-side apply of a tenant object (Namespace, ResourceQuota, LimitRange, RoleBinding)."""
+
+    manifest: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class PatchNode:
+    """Strategic-merge patch of a node's labels or taints."""
+
+    name: str
+    patch: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class DeletePod:
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True)
+class DeleteNamespace:
+    name: str
+
+
+@dataclass(frozen=True)
+class DeleteRoleBinding:
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True)
+class SetRoleBindingSubjects:
+    """Rewrite a tenant RoleBinding's subjects, guarded by the resourceVersion the pass saw."""
+
+    binding: TenantBinding
+    subjects: tuple[Mapping[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class PatchStatus:
+    """A JSON merge patch of a cluster-scoped gpuaas object's status."""
+
+    plural: str
+    name: str
+    patch: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class AddAllocationFinalizer:
+    allocation: str
+    finalizer: str
+    has_any: bool  # whether the allocation has finalizers already (a JSON patch adds to the list, or creates it)
+
+
+@dataclass(frozen=True)
+class RemoveAllocationFinalizer:
+    allocation: str
+    finalizer: str
+    finalizers: tuple[str, ...]  # as the pass saw them: removal is by index, guarded by a test op
+
+
+@dataclass(frozen=True)
+class SuspendAllocation:
+    """Set spec.suspend, so that resuming is the documented `spec.suspend: false`."""
+
+    allocation: str
+
+
+@dataclass(frozen=True)
+class PostEvent:
+    kind: str
+    name: str
+    uid: str
+    reason: str
+    message: str
+    event_type: str = "Normal"
+
+
+@dataclass(frozen=True)
+class CreateUsage:
+    """Create a GpuUsage record with its first booking (one that exists already, from before a crash, is written)."""
+
+    record: GpuUsage
+
+
+@dataclass(frozen=True)
+class WriteUsageLedger:
+    name: str
+    ledger: UsageLedger
+    dropped_pods: tuple[str, ...] = ()  # watermarks pruned from the ledger: deleted from the stored record
+
+
+@dataclass(frozen=True)
+class ReleasePod:
+    """Remove a pod's usage finalizer, once its whole interval is booked."""
+
+    namespace: str
+    name: str
+
+
+Action = (
+    ApplyObject
+    | PatchNode
+    | DeletePod
+    | DeleteNamespace
+    | DeleteRoleBinding
+    | SetRoleBindingSubjects
+    | PatchStatus
+    | AddAllocationFinalizer
+    | RemoveAllocationFinalizer
+    | SuspendAllocation
+    | PostEvent
+    | CreateUsage
+    | WriteUsageLedger
+    | ReleasePod
+)

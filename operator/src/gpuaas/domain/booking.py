@@ -1,0 +1,144 @@
+"""What one pass books for one allocation, and which ledger writes and pod releases follow.
+
+`domain/ledger.py` computes the month records; this module decides when they are written (at most once per flush
+interval, at once when a pod ends or the allocation goes), under which record names, and which pods' usage
+finalizers may go. Order matters for exactness: the records are written first, the finalizers removed after. A crash
+in between leaves pods whose intervals are already booked; the next pass books nothing more for them (every month
+record carries its own watermarks) and then releases them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from gpuaas.api.usage import GpuUsage, GpuUsageSpec, UsageLedger, usage_name
+from gpuaas.domain.actions import Action, CreateUsage, ReleasePod, WriteUsageLedger
+from gpuaas.domain.departed import WATERMARK_KEEP
+from gpuaas.domain.ledger import GrantState, LedgerPod, TimeZoneLike, book_up_to, months_touched, prune
+
+
+@dataclass(frozen=True)
+class WrittenLedger:
+    """What this writer last wrote for one allocation: its records by month, and when."""
+
+    records: Mapping[str, GpuUsage] = field(default_factory=dict)
+    last_write: datetime | None = None
+
+
+@dataclass(frozen=True)
+class BookingPlan:
+    booked: dict[str, UsageLedger]
+    """Every touched month's ledger as booked up to now, written or not (for live metrics)."""
+    actions: list[Action]
+    """Record creates and ledger writes first, then the usage finalizers that may go."""
+    written: dict[str, GpuUsage]
+    """Records by name as they are once `actions` are done, for the writer's memory."""
+    needs_live_pods: bool = False
+    """Records name pods the index does not: plan again with the uids of the pods that still exist."""
+    departures: tuple[str, ...] = ()
+    """Departed pods (domain/departed.py) whose last state booked time the records did not hold yet."""
+
+
+def record_name_for(existing: Mapping[str, GpuUsage], spec: GpuUsageSpec) -> str:
+    """The record name: `<allocation>-<month>`, suffixed when an earlier allocation of that name owns it."""
+    name = usage_name(spec.allocation, spec.month)
+    other = existing.get(name)
+    if other is not None and other.spec.allocation_uid != spec.allocation_uid:
+        return f"{name}-{spec.allocation_uid[:8]}"
+    return name
+
+
+def _booked_until(statuses: Mapping[str, UsageLedger]) -> dict[str, datetime]:
+    """Each pod's latest watermark over the months."""
+    latest: dict[str, datetime] = {}
+    for status in statuses.values():
+        for uid, mark in status.pods.items():
+            if uid not in latest or mark.booked_until > latest[uid]:
+                latest[uid] = mark.booked_until
+    return latest
+
+
+def _newly_booked(pod: LedgerPod, booked_before: Mapping[str, datetime]) -> bool:
+    before = booked_before.get(pod.uid)
+    return pod.interval is not None and pod.interval.end is not None and (before is None or before < pod.interval.end)
+
+
+def flush_due(ledger: WrittenLedger, now: datetime, interval: timedelta) -> bool:
+    return ledger.last_write is None or now - ledger.last_write >= interval
+
+
+def plan_booking(
+    identity: GpuUsageSpec,
+    indexed: Mapping[str, GpuUsage],
+    ledger: WrittenLedger,
+    pods: Sequence[LedgerPod],
+    grant: GrantState | None,
+    now: datetime,
+    tz: TimeZoneLike,
+    flush_interval: timedelta,
+    force: bool = False,
+    live_pod_uids: frozenset[str] | None = None,
+) -> BookingPlan:
+    """Book one allocation up to `now`. `identity` is the record spec without month; `indexed` holds the records the
+    index has (by name), `ledger` those this writer wrote (the index may lag them). `force` writes now (release)."""
+    intervals = [pod.interval for pod in pods if pod.interval is not None]
+    current: dict[str, GpuUsage] = {}
+    for month in months_touched(intervals, grant, now, tz):
+        spec = identity.model_copy(update={"month": month})
+        name = record_name_for(indexed, spec)
+        known = ledger.records.get(month) or indexed.get(name)
+        current[month] = known if known is not None else GpuUsage(name=name, spec=spec)
+    statuses = {m: r.ledger for m, r in current.items() if r.name in indexed or m in ledger.records}
+    due = force or flush_due(ledger, now, flush_interval)
+
+    pruned: set[str] = set()
+    known_uids = {pod.uid for pod in pods}
+    # Watermarks of pods that are gone are kept a while (domain/departed.py), then pruned if a fresh read agrees.
+    kept_since = now - WATERMARK_KEEP
+    gone = {
+        uid
+        for status in statuses.values()
+        for uid, mark in status.pods.items()
+        if uid not in known_uids and mark.booked_until <= kept_since
+    }
+    if due and gone:
+        if live_pod_uids is None:
+            return BookingPlan(booked={}, actions=[], written={}, needs_live_pods=True)
+        for month, status in list(statuses.items()):
+            kept = prune(status, set(status.pods) - (gone - live_pod_uids))
+            if kept != status:
+                statuses[month] = kept
+                pruned.add(month)
+
+    # Only departed pods need it; every pass books every allocation, so skip the walk over the watermarks otherwise.
+    booked_before = _booked_until(statuses) if any(p.departed for p in pods) else {}
+    result = book_up_to(statuses, intervals, grant, now, tz)
+    to_write = dict(result.records)
+    for month in pruned - set(to_write):
+        to_write[month] = statuses[month]
+    released = set(result.released)
+    finished_unbooked = [p for p in pods if p.has_finalizer and p.finished and p.interval is None]
+    departures = tuple(p.name for p in pods if p.departed and p.uid in released and _newly_booked(p, booked_before))
+    ending = any(p.has_finalizer and p.finished and p.uid in released for p in pods) or bool(
+        finished_unbooked or departures
+    )
+    booked = {**statuses, **to_write}
+    if to_write and not (due or ending):
+        return BookingPlan(booked=booked, actions=[], written={})  # in memory only; written at the next due flush
+
+    actions: list[Action] = []
+    written: dict[str, GpuUsage] = {}
+    for month, booked_month in sorted(to_write.items()):
+        record = current[month]
+        written[record.name] = record.model_copy(update={"ledger": booked_month})
+        if month in result.created and record.name not in indexed and month not in ledger.records:
+            actions.append(CreateUsage(written[record.name]))
+        else:
+            dropped = tuple(sorted(set(record.ledger.pods) - set(booked_month.pods)))
+            actions.append(WriteUsageLedger(record.name, booked_month, dropped))
+    for pod in pods:
+        if pod.has_finalizer and pod.finished and (pod.uid in released or pod.interval is None):
+            actions.append(ReleasePod(pod.namespace, pod.name))
+    return BookingPlan(booked=booked, actions=actions, written=written, departures=departures)

@@ -1,0 +1,554 @@
+"""The pool pass's rules: from a snapshot, the pass's memory and `now`, the writes to make, as data.
+
+A pass runs in this order; each step is one function here, and the executor (k8s/reconciler.py) only carries out
+what it returns through the writer port:
+1. `pool_taint_actions`: the pool's nodes carry (or lose) its taint.
+2. `intake`: each allocation is released (being deleted), rejected (invalid spec or namespace), or becomes a demand.
+3. `admit_pool`: demands are admitted against capacity minus GPUs still held beyond grants.
+4. per allocation: its ledger is booked (domain/booking.py), then `plan_tenant` keeps its nodes, objects, bindings
+   and pods, then `allocation_status`, `status_actions` and `idle_actions` report the outcome.
+5. `plan_release`, for allocations being deleted.
+Where a step's input is the outcome of an earlier write (an apply that failed), the executor feeds that back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+
+from gpuaas.api.allocation import (
+    ALLOCATION_KIND,
+    ALLOCATION_LABEL,
+    ALLOCATION_PLURAL,
+    ConditionReason,
+    ConditionType,
+    GpuAllocationSpec,
+    GpuAllocationStatus,
+)
+from gpuaas.api.pool import POOL_LABEL, GpuPoolSpec
+from gpuaas.api.usage import UsageLedger
+from gpuaas.domain.access import TenantBinding, allowed_subjects
+from gpuaas.domain.actions import (
+    Action,
+    AddAllocationFinalizer,
+    ApplyObject,
+    DeleteNamespace,
+    DeletePod,
+    DeleteRoleBinding,
+    PatchNode,
+    PatchStatus,
+    PostEvent,
+    RemoveAllocationFinalizer,
+    SetRoleBindingSubjects,
+    SuspendAllocation,
+)
+from gpuaas.domain.capacity import AdmissionDecision, AdmissionResult, AllocationDemand, admit
+from gpuaas.domain.drift import has_drifted
+from gpuaas.domain.exclusive import choose_exclusive_nodes
+from gpuaas.domain.ledger import GrantState
+from gpuaas.domain.lifecycle import AllocationSample, ReconcileOutcome, is_idle, waiting_for_namespace_status
+from gpuaas.domain.namespaces import TerminatingNamespace, namespace_problem
+from gpuaas.domain.nodes import NodeInfo, taints_with, taints_without
+from gpuaas.domain.reclaim import HeldPod, held_beyond_grants, holds_quota, pods_to_stop, quota_held
+from gpuaas.domain.snapshot import AllocationView, ObjectKey, PodView, PoolSnapshot, observed_key
+from gpuaas.domain.tenant import (
+    OWNERS_BINDING_NAME,
+    desired_namespace,
+    desired_owner_binding,
+    desired_resource_quota,
+    desired_tenant_objects,
+    quota_open,
+    tenant_object_keys,
+)
+
+RELEASE_FINALIZER = "gpuaas.io/release"
+# An apply that the watch has not reflected yet is not repeated for this long.
+APPLY_SETTLE = timedelta(seconds=5)
+# Allocations skipped as unchanged are still fully processed this often, so live usage counters keep moving.
+METRICS_REFRESH = timedelta(seconds=15)
+
+
+def status_merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch from old to new status: keys that vanished are set to null."""
+    patch: dict[str, Any] = dict(new)
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    return patch
+
+
+def grant_in_force(spec: GpuAllocationSpec, created: datetime, granted: int, phase: str) -> GrantState:
+    """The grant that held since the previous pass: window bounds are exact, phase changes are per pass."""
+    gpus = granted if phase in ("Active", "Scheduled") else 0
+    return GrantState(gpus=gpus, active_from=max(spec.window.start, created), active_until=spec.window.end)
+
+
+# --- 1. the pool's nodes -------------------------------------------------------------------------
+
+
+def pool_taint_actions(pool: str, spec: GpuPoolSpec, members: Iterable[NodeInfo]) -> list[PatchNode]:
+    actions = []
+    for node in members:
+        taints = taints_with(node, POOL_LABEL, pool) if spec.taint else taints_without(node, POOL_LABEL)
+        if taints is not None:
+            actions.append(PatchNode(node.name, {"spec": {"taints": taints}}))
+    return actions
+
+
+def unlabel_exclusive(node: NodeInfo) -> PatchNode:
+    patch: dict[str, Any] = {"metadata": {"labels": {ALLOCATION_LABEL: None}}}
+    taints = taints_without(node, ALLOCATION_LABEL)
+    if taints is not None:
+        patch["spec"] = {"taints": taints}
+    return PatchNode(node.name, patch)
+
+
+def release_exclusive_nodes(allocation: str, members: Iterable[NodeInfo]) -> list[PatchNode]:
+    return [unlabel_exclusive(node) for node in members if node.labels.get(ALLOCATION_LABEL) == allocation]
+
+
+@dataclass(frozen=True)
+class ExclusiveNodes:
+    actions: list[PatchNode]
+    nodes: tuple[str, ...]
+    shortfall: int
+
+
+def exclusive_node_plan(
+    allocation: str,
+    decision: AdmissionDecision,
+    members: list[NodeInfo],
+    exclusive_holders: Mapping[str, str],
+    gpus_per_node: int,
+) -> ExclusiveNodes:
+    """An active exclusive grant holds whole nodes, labelled and tainted for it; any other phase holds none."""
+    if decision.phase != "Active":
+        return ExclusiveNodes(release_exclusive_nodes(allocation, members), (), 0)
+    held = [node.name for node in members if node.labels.get(ALLOCATION_LABEL) == allocation]
+    others = [name for name, holder in exclusive_holders.items() if holder != allocation]
+    choice = choose_exclusive_nodes(members, decision.granted_gpus, gpus_per_node, held, others, {})
+    by_name = {node.name: node for node in members}
+    actions = [unlabel_exclusive(by_name[name]) for name in choice.released if name in by_name]
+    for name in choice.nodes:
+        node = by_name[name]
+        taints = taints_with(node, ALLOCATION_LABEL, allocation)
+        patch: dict[str, Any] = {}
+        if node.labels.get(ALLOCATION_LABEL) != allocation:
+            patch["metadata"] = {"labels": {ALLOCATION_LABEL: allocation}}
+        if taints is not None:
+            patch["spec"] = {"taints": taints}
+        if patch:
+            actions.append(PatchNode(name, patch))
+    return ExclusiveNodes(actions, choice.nodes, choice.shortfall)
+
+
+# --- 2. intake -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A valid allocation not being deleted: what admission weighs, and the grant booked up to now."""
+
+    view: AllocationView
+    spec: GpuAllocationSpec
+    demand: AllocationDemand
+    grant: GrantState
+
+
+def invalid_spec_message(error: ValidationError) -> str:
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+    return f"spec is invalid: {problems}"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: str
+    message: str
+
+
+def namespace_rejection(view: AllocationView, spec: GpuAllocationSpec, snap: PoolSnapshot) -> Rejection | None:
+    namespace = spec.target_namespace
+    problem = namespace_problem(
+        view.name,
+        namespace,
+        snap.namespace_claims.get(namespace, []),
+        snap.namespaces.get(namespace),
+        snap.terminating_namespaces.get(namespace),
+    )
+    return Rejection(*problem) if problem is not None else None
+
+
+def finalizer_actions(view: AllocationView) -> list[Action]:
+    if RELEASE_FINALIZER in view.finalizers:
+        return []
+    return [AddAllocationFinalizer(view.name, RELEASE_FINALIZER, has_any=bool(view.finalizers))]
+
+
+def granted_so_far(status: GpuAllocationStatus, remembered: int | None) -> int:
+    """GPUs granted before this pass: what this replica granted (the index may lag its writes), else the status."""
+    if remembered is not None:
+        return remembered
+    return status.granted_gpus if status.admitted else 0
+
+
+def intake(
+    view: AllocationView,
+    spec: GpuAllocationSpec | ValidationError,
+    snap: PoolSnapshot,
+    status: GpuAllocationStatus,
+    remembered_grant: int | None,
+) -> Candidate | Rejection:
+    """An allocation not being deleted: rejected (invalid spec or namespace), or a candidate for admission."""
+    if isinstance(spec, ValidationError):
+        return Rejection("InvalidSpec", invalid_spec_message(spec))
+    rejection = namespace_rejection(view, spec, snap)
+    if rejection is not None:
+        return rejection
+    granted = granted_so_far(status, remembered_grant)
+    demand = AllocationDemand(
+        name=view.name,
+        uid=view.uid,
+        gpus=spec.gpus,
+        priority=spec.priority,
+        created=view.created,
+        start=spec.window.start,
+        end=spec.window.end,
+        granted_gpus=granted,
+        suspended=spec.suspend,
+    )
+    return Candidate(view, spec, demand, grant_in_force(spec, view.created, granted, status.phase))
+
+
+# --- 3. admission --------------------------------------------------------------------------------
+
+
+def held_by_allocation(snap: PoolSnapshot) -> dict[str, list[HeldPod]]:
+    """The GPU pods of each allocation's namespace (when the namespace is still the allocation's own)."""
+    return {
+        view.name: [pod.held() for pod in snap.pods_of(view.target_namespace)]
+        for view in snap.allocations
+        if snap.namespace_is_of(view.target_namespace, view.name)
+    }
+
+
+@dataclass(frozen=True)
+class PoolAdmission:
+    result: AdmissionResult
+    held_beyond_grants: int  # GPUs that stopping pods still hold beyond their allocations' grants
+
+
+def admit_pool(
+    capacity_gpus: int, candidates: list[Candidate], held: Mapping[str, list[HeldPod]], now: datetime
+) -> PoolAdmission:
+    """GPUs that pods still hold beyond their grant (a suspended, shrunk or released grant whose pods are still
+    stopping) are not offered to anyone until those pods are gone."""
+    demands = [c.demand for c in candidates]
+    result = admit(capacity_gpus, demands, now)
+    beyond = held_beyond_grants({name: d.granted_gpus for name, d in result.decisions.items()}, held, now)
+    if beyond:
+        result = admit(capacity_gpus - beyond, demands, now)
+    return PoolAdmission(result, beyond)
+
+
+# --- 4. one allocation ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecentApply:
+    """A tenant object gpuaas applied moments ago: not repeated while the watch has not shown it."""
+
+    manifest: Mapping[str, Any]
+    at: datetime
+
+
+def object_apply_actions(
+    desired: Iterable[Mapping[str, Any]],
+    observed: Mapping[ObjectKey, Mapping[str, Any]],
+    recent: Mapping[ObjectKey, RecentApply],
+    now: datetime,
+) -> tuple[list[ApplyObject], bool]:
+    """Applies of the objects that drifted, and whether any is settling (drifted, but applied moments ago)."""
+    actions: list[ApplyObject] = []
+    settling = False
+    for manifest in desired:
+        key = observed_key(manifest)
+        if not has_drifted(manifest, observed.get(key)):
+            continue
+        settling = True
+        last = recent.get(key)
+        if last is None or last.manifest != manifest or now - last.at >= APPLY_SETTLE:
+            actions.append(ApplyObject(manifest))
+    return actions, settling
+
+
+def binding_actions(
+    bindings: Iterable[TenantBinding], namespace: str, owners: list[dict[str, Any]] | None
+) -> list[SetRoleBindingSubjects]:
+    """Tenant RoleBindings keep only owners and the namespace's ServiceAccounts; none once released."""
+    actions = []
+    for binding in bindings:
+        kept = allowed_subjects(binding.subjects, owners, namespace)
+        if len(kept) != len(binding.subjects):
+            actions.append(SetRoleBindingSubjects(binding, tuple(kept)))
+    return actions
+
+
+def expired_pod_stops(spec: GpuAllocationSpec, pods: Iterable[PodView], now: datetime) -> list[DeletePod]:
+    """GPU pods (Pending and gated ones too) get the grace period after window.end, then are deleted; the
+    namespace and PVCs stay."""
+    if now < spec.window.end + timedelta(seconds=spec.grace_period_seconds):
+        return []
+    return [DeletePod(pod.namespace, pod.name) for pod in pods if holds_quota(pod.held())]
+
+
+def beyond_grant_stops(view: AllocationView, decision: AdmissionDecision, pods: list[PodView]) -> list[Action]:
+    """Suspension, idle reclaim and a smaller grant take GPUs away: the pods holding them stop now."""
+    by_name = {pod.name: pod for pod in pods}
+    stopping = pods_to_stop(decision.phase, decision.granted_gpus, [pod.held() for pod in pods])
+    if not stopping:
+        return []
+    actions: list[Action] = [DeletePod(by_name[held.name].namespace, held.name) for held in stopping]
+    names = ", ".join(pod.name for pod in stopping)
+    reason = "not in force" if decision.phase != "Active" else f"granted {decision.granted_gpus}"
+    actions.append(PostEvent(ALLOCATION_KIND, view.name, view.uid, "PodsStopped", f"GPUs {reason}: stopping {names}"))
+    return actions
+
+
+@dataclass(frozen=True)
+class TenantPlan:
+    """The writes that keep one allocation's nodes, objects, bindings and pods as its decision says."""
+
+    actions: list[Action]
+    settling: bool
+    nodes: tuple[str, ...]
+    node_shortfall: int
+    in_use_gpus: int
+    held_gpus: int
+
+
+def plan_tenant(
+    view: AllocationView,
+    spec: GpuAllocationSpec,
+    decision: AdmissionDecision,
+    snap: PoolSnapshot,
+    members: list[NodeInfo],
+    gpus_per_node: int,
+    recent: Mapping[ObjectKey, RecentApply],
+    now: datetime,
+) -> TenantPlan:
+    namespace = spec.target_namespace
+    pods = snap.pods_of(namespace)
+    actions: list[Action] = []
+    nodes = ExclusiveNodes([], (), 0)
+    if spec.exclusive_nodes:
+        nodes = exclusive_node_plan(view.name, decision, members, snap.exclusive_holders, gpus_per_node)
+        actions.extend(nodes.actions)
+    applies, settling = object_apply_actions(
+        desired_tenant_objects(view.name, spec, decision.phase), snap.observed, recent, now
+    )
+    actions.extend(applies)
+    owners = desired_owner_binding(view.name, spec)["subjects"]
+    actions.extend(binding_actions(snap.tenant_bindings.get(namespace, []), namespace, owners))
+    if decision.phase == "Expired":
+        actions.extend(expired_pod_stops(spec, pods, now))
+    actions.extend(beyond_grant_stops(view, decision, pods))
+    return TenantPlan(
+        actions=actions,
+        settling=settling,
+        nodes=nodes.nodes,
+        node_shortfall=nodes.shortfall,
+        in_use_gpus=sum(pod.gpus for pod in pods if pod.running),
+        held_gpus=quota_held(pod.held() for pod in pods),
+    )
+
+
+def status_actions(
+    view: AllocationView, previous: GpuAllocationStatus, old_wire: Mapping[str, Any], status: GpuAllocationStatus
+) -> list[Action]:
+    """The status patch (when it changed), and an event when the phase did (or the allocation started queueing)."""
+    wire = status.to_wire()
+    if wire == old_wire:
+        return []
+    actions: list[Action] = [PatchStatus(ALLOCATION_PLURAL, view.name, status_merge_patch(old_wire, wire))]
+    if status.phase != previous.phase or (status.phase == "Queued" and previous.queue_position is None):
+        event_type = "Warning" if status.phase == "Rejected" else "Normal"
+        message = status.message or f"phase {status.phase}"
+        actions.append(PostEvent(ALLOCATION_KIND, view.name, view.uid, status.phase, message, event_type))
+    return actions
+
+
+def idle_actions(
+    view: AllocationView, spec: GpuAllocationSpec, previous: GpuAllocationStatus, status: GpuAllocationStatus
+) -> list[Action]:
+    """An event when the allocation turns idle; idle reclaim suspends it (resuming is `spec.suspend: false`)."""
+    actions: list[Action] = []
+    idle = is_idle(status)
+    if idle and not is_idle(previous):
+        actions.append(
+            PostEvent(
+                ALLOCATION_KIND, view.name, view.uid, ConditionType.IDLE, status.conditions_message(ConditionType.IDLE)
+            )
+        )
+    if idle and spec.idle.action == "Reclaim" and status.phase == "Active":
+        message = f"idle for {spec.idle.after}: GPUs returned to the pool"
+        actions.append(SuspendAllocation(view.name))
+        actions.append(PostEvent(ALLOCATION_KIND, view.name, view.uid, "Reclaimed", message))
+    return actions
+
+
+def allocation_sample(
+    pool: str,
+    pool_spec: GpuPoolSpec,
+    view: AllocationView,
+    spec: GpuAllocationSpec,
+    status: GpuAllocationStatus,
+    records: Mapping[str, UsageLedger],
+) -> AllocationSample:
+    """The allocation's metric sample; `records` are its month records' ledgers as booked up to now."""
+    return AllocationSample(
+        allocation=view.name,
+        tenant=spec.tenant.name,
+        organization=spec.tenant.organization,
+        pool=pool,
+        gpu_model=pool_spec.gpu_model,
+        provider=pool_spec.provider,
+        phase=status.phase,
+        granted_gpus=status.granted_gpus,
+        in_use_gpus=status.in_use_gpus,
+        used_gpu_seconds=sum(r.used_gpu_seconds for r in records.values()),
+        granted_gpu_seconds=sum(r.granted_gpu_seconds for r in records.values()),
+        idle=is_idle(status),
+    )
+
+
+def fingerprint(c: Candidate, decision: AdmissionDecision, snap: PoolSnapshot) -> tuple[object, ...]:
+    """Everything a full pass of one allocation reads, except the clock: while it is unchanged and nothing is due
+    (`recheck_at`), the allocation's last sample stands and nothing is written."""
+    namespace = c.spec.target_namespace
+    pods = tuple(sorted((p.uid, p.running) for p in snap.pods_of(namespace)))
+    ledger_pods = tuple(
+        sorted((p.uid, p.finished, p.has_finalizer, p.departed, p.interval) for p in snap.ledger_pods_of(namespace))
+    )
+    versions = tuple(
+        (snap.observed.get(key) or {}).get("metadata", {}).get("resourceVersion")
+        for key in tenant_object_keys(c.spec.target_namespace)
+    )
+    return (c.view.resource_version, c.grant, decision, pods, ledger_pods, versions)
+
+
+def recheck_at(
+    spec: GpuAllocationSpec, status: GpuAllocationStatus, pods: Iterable[PodView], ledger_due: datetime, now: datetime
+) -> datetime:
+    """The next moment time alone changes something: window edges, the idle threshold, the ledger's next due write,
+    the kill deadline of a pod being deleted (booked and released once it passes), and a metrics refresh."""
+    moments = [now + METRICS_REFRESH, ledger_due]
+    for pod in pods:
+        interval = pod.ledger.interval
+        if interval is not None and interval.end is not None and interval.end > now:
+            moments.append(interval.end)
+    for edge in (spec.window.start, spec.window.end, spec.window.end + timedelta(seconds=spec.grace_period_seconds)):
+        if edge > now:
+            moments.append(edge)
+    if status.idle_since is not None:
+        moments.append(max(now, status.idle_since + spec.idle.after_duration))
+    return min(moments)
+
+
+# --- 5. release ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReleasePlan:
+    """Deletion: GPU pods stop and are booked, GPUs go to 0, owners lose access, the namespace stays (Retain) or goes
+    (Delete). The finalizer goes last, so no usage of the allocation is lost."""
+
+    actions: list[Action]
+    grant_returned: bool = True  # False while GPU pods still hold the usage finalizer (booked by later passes)
+    waiting_for: TerminatingNamespace | None = None  # Delete policy: the namespace is still being deleted
+    status: GpuAllocationStatus | None = None  # the status written meanwhile (saying what holds the namespace)
+    done: bool = False  # the release finalizer is removed
+
+
+def plan_release(
+    view: AllocationView,
+    spec: GpuAllocationSpec | None,
+    snap: PoolSnapshot,
+    members: list[NodeInfo],
+    previous: GpuAllocationStatus,
+    old_wire: Mapping[str, Any],
+    now: datetime,
+) -> ReleasePlan:
+    """`spec` is None when the spec no longer parses: nothing was granted, so only the finalizer goes. The
+    executor books the allocation (forced) before carrying out the plan."""
+    if RELEASE_FINALIZER not in view.finalizers:
+        return ReleasePlan([], grant_returned=False)
+    actions: list[Action] = []
+    namespace = spec.target_namespace if spec is not None else ""
+    ours = spec is not None and snap.namespace_is_of(namespace, view.name)
+    if spec is not None:
+        pods = snap.pods_of(namespace) if ours else []
+        actions.extend(DeletePod(pod.namespace, pod.name) for pod in pods if pod.gpus > 0 and not pod.ledger.finished)
+        if any(pod.ledger.has_finalizer for pod in pods):
+            return ReleasePlan(actions, grant_returned=False)
+    actions.extend(release_exclusive_nodes(view.name, members))
+    if spec is not None and ours:
+        if spec.deletion_policy == "Delete":
+            terminating = snap.terminating_namespaces.get(namespace)
+            if terminating is None:
+                actions.append(DeleteNamespace(namespace))
+                return ReleasePlan(actions)  # deletion just requested: the namespace controller has not started yet
+            # Released only once the namespace is gone: until then, say what holds it.
+            status = waiting_for_namespace_status(previous, terminating.describe(), now, view.generation)
+            actions.extend(status_actions(view, previous, old_wire, status))
+            if terminating.reported and previous.conditions_message(
+                ConditionType.RELEASED
+            ) != status.conditions_message(ConditionType.RELEASED):
+                actions.append(
+                    PostEvent(
+                        ALLOCATION_KIND,
+                        view.name,
+                        view.uid,
+                        ConditionReason.NAMESPACE_TERMINATING,
+                        terminating.describe(),
+                        "Warning",
+                    )
+                )
+            return ReleasePlan(actions, waiting_for=terminating, status=status)
+        actions.append(ApplyObject(desired_namespace(view.name, spec, released=True)))
+        actions.append(ApplyObject(desired_resource_quota(view.name, spec, is_open=False)))
+        actions.append(DeleteRoleBinding(namespace, OWNERS_BINDING_NAME))
+        actions.extend(binding_actions(snap.tenant_bindings.get(namespace, []), namespace, None))
+    actions.append(RemoveAllocationFinalizer(view.name, RELEASE_FINALIZER, view.finalizers))
+    kept = "deleted" if spec and spec.deletion_policy == "Delete" else "retained"
+    actions.append(
+        PostEvent(ALLOCATION_KIND, view.name, view.uid, ConditionType.RELEASED, f"GPUs released; namespace {kept}")
+    )
+    return ReleasePlan(actions, done=True)
+
+
+def tenant_outcome(
+    namespace: str, plan: TenantPlan, decision: AdmissionDecision, apply_error: str | None
+) -> ReconcileOutcome:
+    """What carrying out `plan` achieved: all of it, or (`apply_error`) not all of it."""
+    if apply_error is not None:
+        return ReconcileOutcome(
+            namespace=namespace,
+            objects_applied=False,
+            apply_error=apply_error,
+            in_use_gpus=plan.in_use_gpus,
+            held_gpus=plan.held_gpus,
+        )
+    return ReconcileOutcome(
+        namespace=namespace,
+        objects_applied=True,
+        nodes=plan.nodes,
+        node_shortfall=plan.node_shortfall,
+        in_use_gpus=plan.in_use_gpus,
+        held_gpus=plan.held_gpus,
+        gpu_quota=decision.granted_gpus if quota_open(decision.phase) else 0,
+        settling=plan.settling,
+    )

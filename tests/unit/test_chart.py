@@ -1,0 +1,40 @@
+"""The chart's static checks, which need helm but no cluster: `helm lint --strict` of every ci/*-values.yaml, and the
+values schema refusing wrong values (the rendered objects meet a real API server in e2e/test_chart.py)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gpuaas.k8s.localcluster import ensure_helm
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "gpuaas"
+CI_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    return ensure_helm()
+
+
+def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(helm), *args], capture_output=True, text=True, check=False)
+
+
+def test_ci_values_exist() -> None:
+    names = {path.name for path in CI_FILES}
+    assert {"default-values.yaml", "external-operator-values.yaml", "two-replicas-values.yaml"} <= names
+
+
+@pytest.mark.parametrize("values", CI_FILES, ids=[path.stem for path in CI_FILES])
+def test_helm_lint(helm: Path, values: Path) -> None:
+    result = run_helm(helm, "lint", str(CHART), "--strict", "-f", str(values))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_schema_rejects_wrong_values(helm: Path) -> None:
+    result = run_helm(helm, "template", "gpuaas", str(CHART), "--set", "operator.replicas=two", "--set", "unknownKey=1")
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr, result.stderr

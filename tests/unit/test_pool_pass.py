@@ -1,0 +1,150 @@
+"""The executor and the ledger writer, with the writer port's recording fake instead of an API server."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+
+from gpuaas.api.allocation import ALLOCATION_PLURAL
+from gpuaas.api.pool import POOL_PLURAL
+from gpuaas.api.usage import GpuUsageSpec, UsageTenant
+from gpuaas.domain.actions import (
+    ApplyObject,
+    CreateUsage,
+    DeletePod,
+    PatchStatus,
+    ReleasePod,
+    RemoveAllocationFinalizer,
+    WriteUsageLedger,
+)
+from gpuaas.domain.ledger import GrantState
+from gpuaas.k8s.ledger import LedgerWriter
+from gpuaas.k8s.reconciler import PoolReconciler
+from tests.builders import NOW, POOL, RecordingWriter, SnapshotBuilder, allocation, finished, gpu_pod
+
+
+def reconciler(writer: RecordingWriter) -> PoolReconciler:
+    ledger = LedgerWriter(time_zone="UTC", writer=writer, read_live_pod_uids=lambda namespace: set())
+    return PoolReconciler(pool=POOL, ledger=ledger, writer=writer)
+
+
+def status_patches(writer: RecordingWriter, plural: str) -> list[PatchStatus]:
+    return [a for a in writer.of(PatchStatus) if a.plural == plural]
+
+
+def test_a_pass_grants_applies_and_reports_and_a_replay_of_it_writes_nothing() -> None:
+    writer = RecordingWriter()
+    snap = (
+        SnapshotBuilder()
+        .with_allocation(allocation("a", 16))
+        .with_allocation(allocation("b", 24, created=NOW - timedelta(hours=1)))
+        .with_allocation(allocation("c", 16, created=NOW - timedelta(minutes=1)))
+        .build()
+    )
+    result = reconciler(writer).run_pass(snap, NOW)
+    # 4 nodes x 8 GPUs: a first, then b does not fit whole and queues, and c, later but smaller, fits.
+    assert {s.allocation: (s.phase, s.granted_gpus) for s in result.samples} == {
+        "a": ("Active", 16),
+        "b": ("Queued", 0),
+        "c": ("Active", 16),
+    }
+    patches = {p.name: p.patch for p in status_patches(writer, ALLOCATION_PLURAL)}
+    assert {name: patch["phase"] for name, patch in patches.items()} == {"a": "Active", "b": "Queued", "c": "Active"}
+    assert len(writer.of(ApplyObject)) == 12
+    (pool,) = status_patches(writer, POOL_PLURAL)
+    assert (pool.patch["grantedGPUs"], pool.patch["availableGPUs"], pool.patch["queued"]) == (32, 0, 1)
+
+    # Same snapshot, a moment later: the applies are settling and the statuses are as written.
+    replay = RecordingWriter()
+    again = reconciler(replay)
+    again.run_pass(snap, NOW)
+    replay.actions.clear()
+    again.run_pass(snap, NOW + timedelta(seconds=1))
+    assert replay.actions == []
+
+
+def test_a_failed_apply_is_reported_in_the_status_and_ends_that_allocations_writes() -> None:
+    writer = RecordingWriter(fail={ApplyObject: 500})
+    snap = SnapshotBuilder().with_allocation(allocation("a", 8, suspend=True), gpu_pod("p", "a")).build()
+    reconciler(writer).run_pass(snap, NOW)
+    (patch,) = status_patches(writer, ALLOCATION_PLURAL)
+    quota = next(c for c in patch.patch["conditions"] if c["type"] == "QuotaApplied")
+    assert (quota["status"], quota["reason"], quota["message"]) == ("False", "ApplyFailed", "500 Injected")
+    assert writer.of(DeletePod) == []  # the pod stop came after the failed apply: the next pass retries
+
+
+def test_release_books_the_last_interval_before_it_removes_the_finalizer() -> None:
+    writer = RecordingWriter()
+    view = allocation("gone", 8, deleting=True, deletionPolicy="Retain")
+    pod = finished(gpu_pod("p", "gone"), NOW - timedelta(minutes=1))
+    snap = SnapshotBuilder().with_allocation(view, pod).build()
+    snap.pods_by_namespace["gone"] = [replace(pod, ledger=replace(pod.ledger, has_finalizer=False))]
+    reconciler(writer).run_pass(snap, NOW)
+    order = [type(a).__name__ for a in writer.actions]
+    assert order.index("CreateUsage") < order.index("RemoveAllocationFinalizer")
+    (create,) = writer.of(CreateUsage)
+    assert create.record.ledger.used_gpu_seconds == 8 * 59 * 60
+    assert writer.of(RemoveAllocationFinalizer)[0].allocation == "gone"
+
+
+def identity() -> GpuUsageSpec:
+    tenant = UsageTenant(name="t", organization="KAIST")
+    return GpuUsageSpec(
+        allocation="t",
+        allocation_uid="uid-t",
+        tenant=tenant,
+        pool=POOL,
+        gpu_model="H200",
+        provider="naver",
+        month="1970-01",
+        time_zone="UTC",
+    )
+
+
+def test_the_ledger_writes_records_before_it_releases_a_finished_pod_and_a_replay_books_nothing() -> None:
+    writer = RecordingWriter()
+    ledger = LedgerWriter(time_zone="UTC", writer=writer, read_live_pod_uids=lambda namespace: set())
+    pod = finished(gpu_pod("p", "t"), NOW - timedelta(minutes=30)).ledger
+    grant = GrantState(8, NOW - timedelta(hours=2))
+    booked = ledger.book(identity(), "t", {}, [pod], grant, NOW)
+    assert [type(a) for a in writer.actions] == [CreateUsage, ReleasePod]  # a new record is created booked
+    assert booked["2026-11"].used_gpu_seconds == 8 * 30 * 60
+    assert ledger.writes == 1
+
+    # The index now shows the record; the pod, released, has no finalizer left. Booking again books nothing.
+    (create,) = writer.of(CreateUsage)
+    indexed = {create.record.name: create.record}
+    writer.actions.clear()
+    released = replace(pod, has_finalizer=False)
+    assert ledger.book(identity(), "t", indexed, [released], grant, NOW) == {"2026-11": create.record.ledger}
+    assert writer.actions == []
+
+
+def test_a_record_naming_a_pod_the_index_lacks_is_pruned_only_after_a_fresh_read_says_it_is_gone() -> None:
+    writer = RecordingWriter()
+    reads: list[str] = []
+    live: set[str] = {"uid-p"}
+
+    def read(namespace: str) -> set[str]:
+        reads.append(namespace)
+        return live
+
+    ledger = LedgerWriter(time_zone="UTC", writer=writer, read_live_pod_uids=read)
+    pod = finished(gpu_pod("p", "t"), NOW - timedelta(minutes=30)).ledger
+    grant = GrantState(8, NOW - timedelta(hours=2))
+    ledger.book(identity(), "t", {}, [pod], grant, NOW)
+    (create,) = writer.of(CreateUsage)
+    indexed = {create.record.name: create.record}
+    assert "uid-p" in create.record.ledger.pods
+
+    later = NOW + ledger.flush_interval
+    ledger.book(identity(), "t", indexed, [], grant, later)  # the index lags: the pod still exists
+    assert reads == ["t"]
+    kept = writer.of(WriteUsageLedger)[-1]
+    assert "uid-p" in kept.ledger.pods
+    assert kept.dropped_pods == ()
+    live.clear()
+    ledger.book(identity(), "t", indexed, [], grant, later + ledger.flush_interval)
+    pruned = writer.of(WriteUsageLedger)[-1]
+    assert "uid-p" not in pruned.ledger.pods
+    assert pruned.dropped_pods == ("uid-p",)  # the stored record loses the watermark too
