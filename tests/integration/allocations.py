@@ -97,14 +97,21 @@ def wait_for_ready(cluster: LocalCluster, name: str, timeout: float = 30) -> dic
     return status
 
 
-def delete_allocation(cluster: LocalCluster, name: str, wait: bool = True) -> None:
+def delete_allocation(cluster: LocalCluster, name: str, wait: bool = True, timeout: float = 60) -> None:
+    """Delete an allocation (gone already is fine) and, with `wait`, until its release finalizer has let it go."""
     try:
         custom(cluster).delete_cluster_custom_object(GROUP, VERSION, "gpuallocations", name)
     except ApiException as error:
         if error.status != 404:
             raise
     if wait:
-        wait_for(lambda: not allocation_exists(cluster, name), timeout=60, message=f"{name} deleted")
+        wait_for(lambda: not allocation_exists(cluster, name), timeout=timeout, message=f"allocation {name} deleted")
+
+
+def pool_status(cluster: LocalCluster, pool: str) -> dict[str, Any]:
+    obj = custom(cluster).get_cluster_custom_object(GROUP, VERSION, "gpupools", pool)
+    status: dict[str, Any] = obj.get("status") or {}
+    return status
 
 
 def allocation_exists(cluster: LocalCluster, name: str) -> bool:

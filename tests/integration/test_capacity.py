@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 import pytest
 from kubernetes import client
@@ -14,6 +13,7 @@ from tests.integration.allocations import (
     allocation_manifest,
     create_allocation,
     delete_allocation,
+    pool_status,
     status_of,
     unique,
     wait_for_phase,
@@ -24,12 +24,6 @@ from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 B200, H200 = SCENARIOS["small"].pools
-
-
-def pool_status(cluster: LocalCluster, pool: str) -> dict[str, Any]:
-    obj = client.CustomObjectsApi(cluster.api).get_cluster_custom_object("gpuaas.io", "v1alpha1", "gpupools", pool)
-    status: dict[str, Any] = obj.get("status") or {}
-    return status
 
 
 def test_queue_orders_by_priority_then_creation_and_admits_when_freed(

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from gpuaas.api.common import GROUP, VERSION
 from gpuaas.domain.scenarios import SCENARIOS, node_manifest, node_name
+from tests.integration.allocations import pool_status
 from tests.integration.conftest import LocalCluster, OperatorProcess
 from tests.waiting import wait_for
 
@@ -21,12 +21,6 @@ B200 = SMALL.pools[0]
 def pinned_kubernetes_version() -> str:
     env = (Path(__file__).resolve().parents[2] / "tools" / "versions.env").read_text()
     return next(line.split("=", 1)[1] for line in env.splitlines() if line.startswith("KUBERNETES_VERSION="))
-
-
-def pool_status(cluster: LocalCluster, name: str) -> dict[str, Any]:
-    pool = client.CustomObjectsApi(cluster.api).get_cluster_custom_object(GROUP, VERSION, "gpupools", name)
-    status: dict[str, Any] = pool.get("status") or {}
-    return status
 
 
 def wait_for_capacity(cluster: LocalCluster, pool: str, gpus: int, timeout: float = 30) -> dict[str, Any]:

@@ -22,12 +22,11 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.domain.scenarios import SCENARIOS
 from tests.dashboards import dashboards, panel_queries, template_variables
-from tests.integration.allocations import allocation_manifest, gpu_pod
+from tests.integration.allocations import allocation_manifest, delete_allocation, gpu_pod, wait_for_ready
 from tests.integration.conftest import LocalCluster, OperatorProcess, free_port
 from tests.waiting import wait_for
 
@@ -140,36 +139,6 @@ def prometheus(operator: OperatorProcess, tmp_path_factory: pytest.TempPathFacto
 # --- The allocation and its pod ------------------------------------------------------------------
 
 
-def allocation_status(cluster: LocalCluster, name: str) -> dict[str, Any]:
-    obj = client.CustomObjectsApi(cluster.api).get_cluster_custom_object(GROUP, VERSION, "gpuallocations", name)
-    status: dict[str, Any] = obj.get("status") or {}
-    return status
-
-
-def is_ready(status: dict[str, Any]) -> bool:
-    conditions = status.get("conditions") or []
-    return status.get("phase") == "Active" and any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
-
-
-def allocation_gone(cluster: LocalCluster, name: str) -> bool:
-    try:
-        allocation_status(cluster, name)
-    except ApiException as error:
-        if error.status == 404:
-            return True
-        raise
-    return False
-
-
-def delete_allocation(cluster: LocalCluster, name: str) -> None:
-    try:
-        client.CustomObjectsApi(cluster.api).delete_cluster_custom_object(GROUP, VERSION, "gpuallocations", name)
-    except ApiException as error:
-        if error.status != 404:
-            raise
-    wait_for(lambda: allocation_gone(cluster, name), timeout=90, message=f"allocation {name} deleted")
-
-
 @pytest.fixture(scope="module")
 def busy_allocation(cluster: LocalCluster, operator: OperatorProcess) -> Iterator[str]:
     """An Active allocation of 8 H200 GPUs with an 8-GPU pod running, so the in-use series are not zero."""
@@ -178,7 +147,7 @@ def busy_allocation(cluster: LocalCluster, operator: OperatorProcess) -> Iterato
         GROUP, VERSION, "gpuallocations", allocation_manifest(name, H200.name, 8, organization=ORGANIZATION)
     )
     try:
-        wait_for(lambda: is_ready(allocation_status(cluster, name)), timeout=60, message=f"{name} Active and Ready")
+        assert wait_for_ready(cluster, name, timeout=60)["phase"] == "Active"
         core = client.CoreV1Api(cluster.api)
         core.create_namespaced_pod(name, gpu_pod("train-0", name, 8))
         wait_for(
@@ -188,7 +157,7 @@ def busy_allocation(cluster: LocalCluster, operator: OperatorProcess) -> Iterato
         )
         yield name
     finally:
-        delete_allocation(cluster, name)
+        delete_allocation(cluster, name, timeout=90)
 
 
 # --- The dashboards ------------------------------------------------------------------------------

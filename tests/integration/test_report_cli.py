@@ -26,7 +26,7 @@ from gpuaas.api.usage import USAGE_PLURAL, usage_name
 from gpuaas.domain.ledger import month_of
 from gpuaas.domain.scenarios import SCENARIOS
 from gpuaas.reporting.formats import csv_cell_text
-from tests.integration.allocations import allocation_manifest, gpu_pod
+from tests.integration.allocations import allocation_manifest, delete_allocation, gpu_pod
 from tests.integration.conftest import LocalCluster, OperatorProcess
 from tests.waiting import wait_for
 
@@ -215,7 +215,7 @@ def test_report_of_the_current_month_in_every_format(
         assert decimal(csv_row(files["csv"], name)["Used GPU-hours"]) == decimal(row["usedGPUHours"])
         assert decimal(xlsx_row(files["xlsx"], name)["Used GPU-hours"]) == decimal(row["usedGPUHours"])
 
-        delete_allocation(cluster, name)
+        delete_allocation(cluster, name, timeout=90)
         deleted = True
 
         # The ledger outlives the allocation.
@@ -230,7 +230,7 @@ def test_report_of_the_current_month_in_every_format(
         assert decimal(after["grantedGPUHours"]) >= decimal(row["grantedGPUHours"])  # type: ignore[operator]
     finally:
         if not deleted:
-            delete_allocation(cluster, name)
+            delete_allocation(cluster, name, timeout=90)
 
 
 def settled(cluster: LocalCluster, record_name: str) -> bool:
@@ -238,19 +238,6 @@ def settled(cluster: LocalCluster, record_name: str) -> bool:
     before = (usage_record(cluster, record_name) or {}).get("ledger")
     time.sleep(1.5)
     return before == (usage_record(cluster, record_name) or {}).get("ledger")
-
-
-def delete_allocation(cluster: LocalCluster, name: str) -> None:
-    try:
-        custom(cluster).delete_cluster_custom_object(GROUP, VERSION, "gpuallocations", name)
-    except ApiException as error:
-        if error.status != 404:
-            raise
-    wait_for(
-        lambda: gone(lambda: custom(cluster).get_cluster_custom_object(GROUP, VERSION, "gpuallocations", name)),
-        timeout=90,
-        message=f"allocation {name} deleted",
-    )
 
 
 def test_report_rejects_a_bad_month() -> None:

@@ -12,6 +12,21 @@ POOL_LABEL = "gpuaas.io/pool"
 """Label on nodes naming their pool; also the key of the pool taint and toleration."""
 
 
+class PoolConditionType:
+    """Condition types of a GpuPool's status (kubectl wait --for=condition=<type>)."""
+
+    READY = "Ready"
+    DEGRADED = "Degraded"
+
+
+class PoolConditionReason:
+    NO_NODES = "NoNodes"
+    NO_HEALTHY_NODES = "NoHealthyNodes"
+    NODES_HEALTHY = "NodesHealthy"
+    UNHEALTHY_NODES = "UnhealthyNodes"
+    ALL_NODES_HEALTHY = "AllNodesHealthy"
+
+
 class GpuPoolSpec(ApiModel):
     gpu_model: str = Field(min_length=1)
     provider: str = Field(min_length=1)

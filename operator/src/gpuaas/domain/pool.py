@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from gpuaas.api.common import Condition, set_condition
-from gpuaas.api.pool import GpuPoolSpec, GpuPoolStatus
+from gpuaas.api.pool import GpuPoolSpec, GpuPoolStatus, PoolConditionReason, PoolConditionType
 from gpuaas.domain.nodes import NodeInfo, matches_selector
 
 
@@ -54,27 +54,27 @@ def pool_status(
     conditions = list(previous.conditions)
     if capacity.nodes == 0:
         ready = Condition(
-            type="Ready",
+            type=PoolConditionType.READY,
             status="False",
-            reason="NoNodes",
+            reason=PoolConditionReason.NO_NODES,
             message=f"no node matches nodeSelector {dict(spec.node_selector)}",
             last_transition_time=now,
             observed_generation=generation,
         )
     elif capacity.healthy_nodes == 0:
         ready = Condition(
-            type="Ready",
+            type=PoolConditionType.READY,
             status="False",
-            reason="NoHealthyNodes",
+            reason=PoolConditionReason.NO_HEALTHY_NODES,
             message=f"none of {capacity.nodes} nodes is Ready and schedulable with GPUs",
             last_transition_time=now,
             observed_generation=generation,
         )
     else:
         ready = Condition(
-            type="Ready",
+            type=PoolConditionType.READY,
             status="True",
-            reason="NodesHealthy",
+            reason=PoolConditionReason.NODES_HEALTHY,
             message=f"{capacity.healthy_nodes}/{capacity.nodes} nodes healthy, {capacity.capacity_gpus} GPUs",
             last_transition_time=now,
             observed_generation=generation,
@@ -84,9 +84,9 @@ def pool_status(
     conditions = set_condition(
         conditions,
         Condition(
-            type="Degraded",
+            type=PoolConditionType.DEGRADED,
             status="True" if degraded else "False",
-            reason="UnhealthyNodes" if degraded else "AllNodesHealthy",
+            reason=PoolConditionReason.UNHEALTHY_NODES if degraded else PoolConditionReason.ALL_NODES_HEALTHY,
             message=(
                 f"{capacity.nodes - capacity.healthy_nodes} nodes are NotReady, cordoned or without GPUs"
                 if degraded

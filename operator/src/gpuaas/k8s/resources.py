@@ -9,6 +9,7 @@ from typing import Any, cast
 from kubernetes import client
 
 from gpuaas.api.common import GROUP, VERSION
+from gpuaas.api.pool import PoolConditionType
 from gpuaas.k8s.client import FIELD_MANAGER, discard
 
 
@@ -32,7 +33,9 @@ def pool_settled(pool: Mapping[str, Any]) -> bool:
     register, and totals read before then are short."""
     status = pool.get("status") or {}
     current = status.get("observedGeneration") == (pool.get("metadata") or {}).get("generation")
-    degraded = next((c.get("status") for c in status.get("conditions") or [] if c.get("type") == "Degraded"), None)
+    degraded = next(
+        (c.get("status") for c in status.get("conditions") or [] if c.get("type") == PoolConditionType.DEGRADED), None
+    )
     return current and status.get("nodes", 0) > 0 and degraded == "False"
 
 
