@@ -82,7 +82,7 @@ POD_ESCAPES = {
     ),
     "dra-claim": (
         {"resourceClaims": [{"name": "gpu", "resourceClaimTemplateName": "one-gpu"}]},
-        "spec.resourceClaims: gpuaas grants GPUs as nvidia.com/gpu, not through DRA ResourceClaims",
+        f"spec.resourceClaims: pool {H200.name} grants GPUs as nvidia.com/gpu, not through DRA ResourceClaims",
     ),
 }
 

@@ -31,6 +31,8 @@ from gpuaas.domain.reclaim import HeldPod
 from gpuaas.domain.snapshot import AllocationView, observed_key
 from tests.builders import NOW, POOL, SnapshotBuilder, allocation, gpu_node, gpu_pod, pool_spec
 
+POOL_SPEC = GpuPoolSpec.model_validate(pool_spec())
+
 NO_STATUS = GpuAllocationStatus()
 
 
@@ -152,19 +154,19 @@ def test_admission_never_grants_more_than_capacity_less_the_gpus_stopping_pods_s
 def test_a_new_grant_applies_its_four_objects_and_then_waits_for_the_watch_instead_of_repeating_them() -> None:
     view = allocation("fresh")
     snap = SnapshotBuilder().with_allocation(view).build()
-    plan = planner.plan_tenant(view, spec_of(view), decided(view), snap, snap.nodes, 8, {}, NOW)
+    plan = planner.plan_tenant(view, spec_of(view), decided(view), snap, snap.nodes, POOL_SPEC, {}, NOW)
     applied = [a for a in plan.actions if isinstance(a, ApplyObject)]
     assert [a.manifest["kind"] for a in applied] == ["Namespace", "ResourceQuota", "LimitRange", "RoleBinding"]
     assert plan.settling
     assert plan.actions == applied
     recent = {observed_key(a.manifest): planner.RecentApply(a.manifest, NOW) for a in applied}
     soon = planner.plan_tenant(
-        view, spec_of(view), decided(view), snap, snap.nodes, 8, recent, NOW + timedelta(seconds=2)
+        view, spec_of(view), decided(view), snap, snap.nodes, POOL_SPEC, recent, NOW + timedelta(seconds=2)
     )
     assert soon.actions == []
     assert soon.settling
     later = planner.plan_tenant(
-        view, spec_of(view), decided(view), snap, snap.nodes, 8, recent, NOW + planner.APPLY_SETTLE
+        view, spec_of(view), decided(view), snap, snap.nodes, POOL_SPEC, recent, NOW + planner.APPLY_SETTLE
     )
     assert len([a for a in later.actions if isinstance(a, ApplyObject)]) == 4
 
@@ -173,7 +175,7 @@ def test_a_suspended_grant_stops_every_pod_holding_quota_and_says_so() -> None:
     view = allocation("paused", suspend=True)
     pods = [gpu_pod("run", "paused"), gpu_pod("gated", "paused", running=False, created_minute=1)]
     snap = SnapshotBuilder().with_allocation(view, *pods).build()
-    plan = planner.plan_tenant(view, spec_of(view), decided(view, "Suspended", 0), snap, snap.nodes, 8, {}, NOW)
+    plan = planner.plan_tenant(view, spec_of(view), decided(view, "Suspended", 0), snap, snap.nodes, POOL_SPEC, {}, NOW)
     stops = [a for a in plan.actions if isinstance(a, DeletePod)]
     assert {a.name for a in stops} == {"run", "gated"}
     events = [a for a in plan.actions if isinstance(a, PostEvent)]

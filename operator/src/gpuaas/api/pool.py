@@ -27,6 +27,21 @@ class PoolConditionReason:
     ALL_NODES_HEALTHY = "AllNodesHealthy"
 
 
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
+class DraSpec(ApiModel):
+    """The pool's GPUs are handed out through DRA ResourceClaims of one DeviceClass, not the device plugin."""
+
+    device_class_name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)
+    driver: str | None = Field(default=None, min_length=1, max_length=63, pattern=DNS_SUBDOMAIN)
+
+    @property
+    def driver_name(self) -> str:
+        """The driver publishing the pool's devices in ResourceSlices (NVIDIA names both gpu.nvidia.com)."""
+        return self.driver or self.device_class_name
+
+
 class GpuPoolSpec(ApiModel):
     gpu_model: str = Field(min_length=1)
     provider: str = Field(min_length=1)
@@ -38,6 +53,7 @@ class GpuPoolSpec(ApiModel):
     allowed_priority_classes: list[str] = Field(default_factory=list, max_length=32)
     # Longest terminationGracePeriodSeconds of a GPU pod: how long GPUs may outlive a delete, an expiry or a reclaim.
     max_termination_grace_period_seconds: int = Field(default=300, ge=0, le=86400)
+    dra: DraSpec | None = None
 
 
 class GpuPoolStatus(ApiModel):

@@ -58,6 +58,8 @@ class PoolRules:
     node_selector: Mapping[str, str]
     allowed_priority_classes: frozenset[str] = frozenset()
     max_grace_seconds: int = DEFAULT_MAX_GRACE_SECONDS
+    # The DRA DeviceClass of the pool's GPUs; None when they are the device plugin's nvidia.com/gpu.
+    device_class: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class Fence:
     taint_key: str = POOL_LABEL
     allowed_priority_classes: frozenset[str] = frozenset()
     max_grace_seconds: int = DEFAULT_MAX_GRACE_SECONDS
+    device_class: str | None = None
 
     @property
     def labels(self) -> dict[str, str]:
@@ -281,8 +284,18 @@ def _device_annotation_problems(metadata: Mapping[str, Any], before: Mapping[str
     return problems
 
 
-def _resource_problems(spec: Mapping[str, Any]) -> list[str]:
+def _resource_problems(spec: Mapping[str, Any], fence: Fence) -> list[str]:
     """GPUs only as whole nvidia.com/gpu, the one resource the grant's quota and the ledger count."""
+    if fence.device_class is None:
+        claims_refused = (
+            f"pool {fence.pool} grants GPUs as {GPU_RESOURCE}, not through DRA ResourceClaims; remove the claims "
+            "and request the GPUs in the containers' resources"
+        )
+    else:
+        claims_refused = (
+            f"pool {fence.pool} grants its GPUs as DRA devices of class {fence.device_class}, but gpuaas's usage "
+            "ledger does not bill ResourceClaims yet, so pods may not use them"
+        )
     problems = []
     for kind in CONTAINER_LISTS:
         for container in spec.get(kind) or []:
@@ -295,15 +308,9 @@ def _resource_problems(spec: Mapping[str, Any]) -> list[str]:
                         f"usage ledger do not count; request whole GPUs as {GPU_RESOURCE}"
                     )
             if resources.get("claims"):
-                problems.append(
-                    f"spec.{kind}[{container.get('name', '')}].resources.claims: gpuaas grants GPUs as "
-                    f"{GPU_RESOURCE}, not through DRA ResourceClaims, which its quota and ledger do not count yet"
-                )
+                problems.append(f"spec.{kind}[{container.get('name', '')}].resources.claims: {claims_refused}")
     if spec.get("resourceClaims"):
-        problems.append(
-            f"spec.resourceClaims: gpuaas grants GPUs as {GPU_RESOURCE}, not through DRA ResourceClaims, which its "
-            "quota and ledger do not count yet; remove the claims and request the GPUs in the containers' resources"
-        )
+        problems.append(f"spec.resourceClaims: {claims_refused}")
     return problems
 
 
@@ -332,7 +339,7 @@ def validate_pod(
     before = (previous or {}).get("metadata") if not creating else None
     problems.extend(_device_annotation_problems(pod.get("metadata") or {}, before))
     if creating:  # resources and claims cannot change afterwards
-        problems.extend(_resource_problems(spec))
+        problems.extend(_resource_problems(spec, fence))
     problems.extend(_priority_problems(spec, fence))
     try:
         gpus = pod_gpus(pod)

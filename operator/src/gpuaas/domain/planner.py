@@ -57,10 +57,12 @@ from gpuaas.domain.reclaim import HeldPod, held_beyond_grants, holds_quota, pods
 from gpuaas.domain.snapshot import AllocationView, ObjectKey, PodView, PoolSnapshot, observed_key
 from gpuaas.domain.tenant import (
     OWNERS_BINDING_NAME,
+    GpuQuotaItems,
     desired_namespace,
     desired_owner_binding,
     desired_resource_quota,
     desired_tenant_objects,
+    gpu_quota_items,
     quota_open,
     tenant_object_keys,
 )
@@ -330,13 +332,18 @@ class TenantPlan:
     held_gpus: int
 
 
+def gpu_quota_items_of(pool_spec: GpuPoolSpec, snap: PoolSnapshot) -> GpuQuotaItems:
+    dra_class = pool_spec.dra.device_class_name if pool_spec.dra else None
+    return gpu_quota_items(dra_class, snap.other_pools_device_classes)
+
+
 def plan_tenant(
     view: AllocationView,
     spec: GpuAllocationSpec,
     decision: AdmissionDecision,
     snap: PoolSnapshot,
     members: list[NodeInfo],
-    gpus_per_node: int,
+    pool_spec: GpuPoolSpec,
     recent: Mapping[ObjectKey, RecentApply],
     now: datetime,
 ) -> TenantPlan:
@@ -345,10 +352,13 @@ def plan_tenant(
     actions: list[Action] = []
     nodes = ExclusiveNodes([], (), 0)
     if spec.exclusive_nodes:
-        nodes = exclusive_node_plan(view.name, decision, members, snap.exclusive_holders, gpus_per_node)
+        nodes = exclusive_node_plan(view.name, decision, members, snap.exclusive_holders, pool_spec.gpus_per_node)
         actions.extend(nodes.actions)
     applies, settling = object_apply_actions(
-        desired_tenant_objects(view.name, spec, decision.phase), snap.observed, recent, now
+        desired_tenant_objects(view.name, spec, decision.phase, gpu_quota_items_of(pool_spec, snap)),
+        snap.observed,
+        recent,
+        now,
     )
     actions.extend(applies)
     owners = desired_owner_binding(view.name, spec)["subjects"]
@@ -519,7 +529,8 @@ def plan_release(
                 )
             return ReleasePlan(actions, waiting_for=terminating, status=status)
         actions.append(ApplyObject(desired_namespace(view.name, spec, released=True)))
-        actions.append(ApplyObject(desired_resource_quota(view.name, spec, is_open=False)))
+        gpu_items = gpu_quota_items_of(GpuPoolSpec.model_validate(dict(snap.spec)), snap)
+        actions.append(ApplyObject(desired_resource_quota(view.name, spec, is_open=False, gpu_items=gpu_items)))
         actions.append(DeleteRoleBinding(namespace, OWNERS_BINDING_NAME))
         actions.extend(binding_actions(snap.tenant_bindings.get(namespace, []), namespace, None))
     actions.append(RemoveAllocationFinalizer(view.name, RELEASE_FINALIZER, view.finalizers))

@@ -87,6 +87,8 @@ class PoolSnapshot:
     terminating_namespaces: dict[str, TerminatingNamespace] = field(default_factory=dict)
     # namespace -> GPU pods whose objects are gone, as their DELETED events left them (domain/departed.py).
     departed_by_namespace: dict[str, list[LedgerPod]] = field(default_factory=dict)
+    # The DRA DeviceClasses that other pools name for their GPUs (held at 0 in this pool's quotas).
+    other_pools_device_classes: frozenset[str] = frozenset()
 
     def pods_of(self, namespace: str) -> list[PodView]:
         return self.pods_by_namespace.get(namespace, [])

@@ -1,8 +1,10 @@
 """The desired tenant objects of an allocation, as plain dicts ready for server-side apply.
 
-The quota only holds ``requests.nvidia.com/gpu``: Kubernetes rejects ``limits.`` quota items for
-extended resources (they cannot be overcommitted, and a GPU request defaults to its limit, so the
-requests item already counts limit-only pods). CPU and memory are quota'd on requests only; memory
+The quota holds GPUs as ``requests.nvidia.com/gpu`` (Kubernetes rejects ``limits.`` quota items for
+extended resources: they cannot be overcommitted, and a GPU request defaults to its limit, so the
+requests item already counts limit-only pods), or, in a pool that hands GPUs out through DRA, as the devices of
+its DeviceClass that the namespace's ResourceClaims request; GPU items of other pools are held at 0.
+CPU and memory are quota'd on requests only; memory
 and CPU limits stay the tenant's choice, so pods that set large requests without limits are not
 broken by a LimitRange default limit smaller than their request.
 """
@@ -10,6 +12,8 @@ broken by a LimitRange default limit smaller than their request.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -28,6 +32,32 @@ OWNER_CLUSTER_ROLE = "admin"
 
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_QUOTA_KEY = f"requests.{GPU_RESOURCE}"
+
+DEVICE_CLASS_QUOTA_SUFFIX = ".deviceclass.resource.k8s.io/devices"
+
+
+def device_class_quota_key(device_class: str) -> str:
+    """The quota item counting the devices of a DRA DeviceClass that a namespace's ResourceClaims request."""
+    return f"{device_class}{DEVICE_CLASS_QUOTA_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class GpuQuotaItems:
+    """The quota items that count GPUs: `granted` carries the grant; `closed` are held at 0."""
+
+    granted: str = GPU_QUOTA_KEY
+    closed: tuple[str, ...] = ()
+
+
+def gpu_quota_items(pool_device_class: str | None, other_pools_classes: Iterable[str]) -> GpuQuotaItems:
+    """A device-plugin pool grants nvidia.com/gpu; a DRA pool grants its class's devices and holds nvidia.com/gpu at
+    0 (nodes that also ran the device plugin would otherwise give the grant twice). Either way, the classes of
+    other pools are held at 0, so a claim for them is refused by the quota as well as by the fence."""
+    others = {device_class_quota_key(c) for c in other_pools_classes if c != pool_device_class}
+    if pool_device_class is None:
+        return GpuQuotaItems(GPU_QUOTA_KEY, tuple(sorted(others)))
+    return GpuQuotaItems(device_class_quota_key(pool_device_class), tuple(sorted(others | {GPU_QUOTA_KEY})))
+
 
 # Containers without requests still get a share the scheduler and quota can count.
 DEFAULT_CONTAINER_CPU_REQUEST = "1"
@@ -92,11 +122,14 @@ def pods_cap(gpus: int) -> int:
     return min(max(gpus * PODS_PER_GPU, PODS_FLOOR), PODS_CEILING)
 
 
-def desired_resource_quota(allocation: str, spec: GpuAllocationSpec, *, is_open: bool) -> dict[str, Any]:
+def desired_resource_quota(
+    allocation: str, spec: GpuAllocationSpec, *, is_open: bool, gpu_items: GpuQuotaItems = GpuQuotaItems()
+) -> dict[str, Any]:
     """The ResourceQuota: granted GPUs when open, 0 otherwise; CPU/memory scaled by the GPUs."""
     scale = spec.gpus if is_open else CLOSED_ALLOWANCE_GPUS
     hard = {
-        GPU_QUOTA_KEY: str(spec.gpus if is_open else 0),
+        **dict.fromkeys(gpu_items.closed, "0"),
+        gpu_items.granted: str(spec.gpus if is_open else 0),
         "requests.cpu": scale_quantity(spec.resources_per_gpu.cpu, scale),
         "requests.memory": scale_quantity(spec.resources_per_gpu.memory, scale),
         "pods": str(pods_cap(spec.gpus)),
@@ -163,11 +196,13 @@ def desired_owner_binding(allocation: str, spec: GpuAllocationSpec) -> dict[str,
     }
 
 
-def desired_tenant_objects(allocation: str, spec: GpuAllocationSpec, phase: Phase) -> list[dict[str, Any]]:
+def desired_tenant_objects(
+    allocation: str, spec: GpuAllocationSpec, phase: Phase, gpu_items: GpuQuotaItems = GpuQuotaItems()
+) -> list[dict[str, Any]]:
     """Everything to apply for an allocation in `phase`, Namespace first."""
     return [
         desired_namespace(allocation, spec),
-        desired_resource_quota(allocation, spec, is_open=quota_open(phase)),
+        desired_resource_quota(allocation, spec, is_open=quota_open(phase), gpu_items=gpu_items),
         desired_limit_range(allocation, spec),
         desired_owner_binding(allocation, spec),
     ]

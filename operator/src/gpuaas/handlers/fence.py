@@ -15,6 +15,7 @@ import kopf
 from gpuaas.api.allocation import ALLOCATION_LABEL, ALLOCATION_PLURAL, GpuAllocationSpec
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.domain.access import binding_problems
+from gpuaas.domain.dra import CLAIM_KINDS, claim_problems
 from gpuaas.domain.fence import Fence, PoolRules, hide_devices_from_ephemeral_containers, mutate_pod, validate_pod
 from gpuaas.domain.guard import (
     Requester,
@@ -45,6 +46,7 @@ def _fence_for(namespace: str | None, indexes: dict[str, kopf.Index[Any, Any]]) 
         other_pools={name: selector for name, selector in pools.items() if name != owner.pool},
         allowed_priority_classes=rules.allowed_priority_classes,
         max_grace_seconds=rules.max_grace_seconds,
+        device_class=rules.device_class,
     )
 
 
@@ -182,6 +184,26 @@ for _group, _plural, _kind in (
 ):
     _network = kopf.on.validate(_group, "v1", _plural, id="validate-network", operations=["CREATE", "UPDATE"])
     _network(guard_exposure(_kind))
+
+
+def guard_claims(kind: str) -> Callable[..., None]:
+    def guard(
+        *, body: kopf.Body, namespace: str | None, userinfo: kopf.UserInfo, memo: kopf.Memo, **indexes: Any
+    ) -> None:
+        if is_trusted(_requester(userinfo), memo.operator_username):
+            return  # the control plane's claim controller copies templates that were checked here
+        fence = _fence_for(namespace, indexes)
+        if fence is None:
+            _reject([f"{kind}s are not allowed in namespace {namespace}: it holds no GPU grant"])
+            return
+        _reject(claim_problems(dict(body), kind, fence.pool, fence.device_class))
+
+    guard.__name__ = f"guard_{kind.lower()}"
+    return guard
+
+
+for _plural, _kind in zip(("resourceclaims", "resourceclaimtemplates"), CLAIM_KINDS, strict=True):
+    kopf.on.validate("resource.k8s.io", "v1", _plural, id="validate-claims", operations=["CREATE"])(guard_claims(_kind))
 
 
 @kopf.on.validate(GROUP, VERSION, ALLOCATION_PLURAL, id="validate-allocations", operations=["CREATE", "UPDATE"])

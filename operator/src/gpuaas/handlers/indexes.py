@@ -12,6 +12,7 @@ from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.pool import POOL_LABEL
 from gpuaas.api.usage import USAGE_PLURAL, GpuUsage
 from gpuaas.domain.access import TenantBinding
+from gpuaas.domain.dra import PublishedDevices, published_devices
 from gpuaas.domain.fence import DEFAULT_MAX_GRACE_SECONDS, PoolRules, pod_gpus
 from gpuaas.domain.ledger import ledger_pod, pod_interval_from_pod
 from gpuaas.domain.namespaces import NamespaceClaim, TerminatingNamespace, terminating_namespace
@@ -64,8 +65,16 @@ def pools_by_name(*, name: str, spec: kopf.Spec, **_: Any) -> dict[str, PoolRule
             node_selector=dict(spec.get("nodeSelector") or {}),
             allowed_priority_classes=frozenset(spec.get("allowedPriorityClasses") or ()),
             max_grace_seconds=int(spec.get("maxTerminationGracePeriodSeconds", DEFAULT_MAX_GRACE_SECONDS)),
+            device_class=(spec.get("dra") or {}).get("deviceClassName"),
         )
     }
+
+
+@kopf.index("resource.k8s.io", "v1", "resourceslices")
+def devices_by_node(*, body: kopf.Body, **_: Any) -> dict[str, PublishedDevices] | None:
+    """node -> the device counts its DRA drivers publish (capacity of pools whose GPUs are DRA devices)."""
+    published = published_devices(body)
+    return {published.node: published} if published is not None else None
 
 
 @kopf.index("", "v1", "namespaces")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,6 +20,8 @@ from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.pool import POOL_LABEL, POOL_PLURAL, GpuPoolSpec
 from gpuaas.domain.access import TenantBinding
 from gpuaas.domain.departed import DepartedPods, departed_pod
+from gpuaas.domain.dra import node_devices
+from gpuaas.domain.fence import PoolRules
 from gpuaas.domain.ledger import LedgerPod
 from gpuaas.domain.namespaces import NamespaceClaim, TerminatingNamespace
 from gpuaas.domain.nodes import NodeInfo
@@ -104,6 +107,13 @@ def snapshot(
     uids = {a.uid for a in allocations}
     usage = {uid: {r.name: r for r in indexes["usage_by_allocation"].get(uid, [])} for uid in uids}
     nodes: list[NodeInfo] = [info for store in indexes["nodes_by_name"].values() for info in store]
+    spec = GpuPoolSpec.model_validate(dict(body.get("spec") or {}))
+    if spec.dra is not None:  # a DRA node's GPUs are the devices its driver publishes, not an allocatable count
+        published = indexes["devices_by_node"]
+        driver = spec.dra.driver_name
+        nodes = [replace(node, allocatable_gpus=node_devices(published.get(node.name, []), driver)) for node in nodes]
+    pools: kopf.Index[str, PoolRules] = indexes["pools_by_name"]
+    other_classes = {r.device_class for pool, store in pools.items() if pool != name for r in store if r.device_class}
     return PoolSnapshot(
         pool=name,
         spec=dict(body.get("spec") or {}),
@@ -120,6 +130,7 @@ def snapshot(
         terminating_namespaces=terminating,
         usage=usage,
         departed_by_namespace=gone,
+        other_pools_device_classes=frozenset(other_classes),
     )
 
 

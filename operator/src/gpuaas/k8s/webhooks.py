@@ -178,6 +178,19 @@ def desired_configurations(base_url: str, ca_pem: bytes) -> tuple[dict[str, Any]
                 failurePolicy="Fail",
             ),
             _hook(
+                "validate-claims",
+                f"{base}/validate-claims",
+                ca,
+                [
+                    {
+                        **_rule("resource.k8s.io", ["resourceclaims", "resourceclaimtemplates"], ["CREATE"]),
+                        "scope": "Namespaced",
+                    }
+                ],
+                namespaceSelector=MANAGED_NAMESPACES,
+                failurePolicy="Fail",
+            ),
+            _hook(
                 "validate-allocations",
                 f"{base}/validate-allocations",
                 ca,
