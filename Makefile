@@ -21,7 +21,7 @@ DEBIAN_PACKAGES := prometheus runc containernetworking-plugins iptables conntrac
 setup: $(UV)  ## Python environment from uv.lock, and the Debian packages above
 	$(UV) sync --frozen --quiet
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
-	if [ -n "$$missing" ]; then echo "installing Debian packages: $$missing"; \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:" $$missing; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
 binaries:  ## Pinned Kubernetes, etcd, kwok, helm and kind binaries (cached by version outside the repo)
@@ -31,7 +31,7 @@ lint: setup
 	$(BIN)/ruff check operator tests bench e2e tools
 	$(BIN)/ruff format --check operator tests bench e2e tools
 	$(BIN)/mypy
-	$(BIN)/lint-imports
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/hadolint Dockerfile
 	bash tools/sync-chart-crds.sh --check
 

@@ -447,7 +447,9 @@ def fingerprint(c: Candidate, decision: AdmissionDecision, snap: PoolSnapshot) -
         (snap.observed.get(key) or {}).get("metadata", {}).get("resourceVersion")
         for key in tenant_object_keys(c.spec.target_namespace)
     )
-    return (c.view.resource_version, c.grant, decision, pods, ledger_pods, versions)
+    # The pool's spec and the other pools' GPU classes shape the quota.
+    pool = (snap.generation, snap.other_pools_device_classes)
+    return (c.view.resource_version, c.grant, decision, pods, ledger_pods, versions, pool)
 
 
 def recheck_at(

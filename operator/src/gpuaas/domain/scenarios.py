@@ -23,6 +23,9 @@ class ScenarioPool:
     gpus_per_node: int = 8
     cpu: str = "224"  # dual-socket HGX B200/H200 class nodes
     memory: str = "2Ti"
+    # A DRA pool: its nodes publish their GPUs as devices of this DeviceClass's driver in ResourceSlices, and have
+    # no nvidia.com/gpu allocatable (a device plugin does not run beside NVIDIA's DRA driver).
+    dra_class: str | None = None
 
     @property
     def gpus(self) -> int:
@@ -84,8 +87,9 @@ def node_manifest(pool: ScenarioPool, index: int) -> dict[str, object]:
         "memory": pool.memory,
         "pods": "110",
         "ephemeral-storage": "30Ti",
-        "nvidia.com/gpu": str(pool.gpus_per_node),
     }
+    if pool.dra_class is None:
+        resources["nvidia.com/gpu"] = str(pool.gpus_per_node)
     return {
         "apiVersion": "v1",
         "kind": "Node",
@@ -123,6 +127,45 @@ def pool_manifest(pool: ScenarioPool) -> dict[str, object]:
             "nodeSelector": pool.node_selector,
             "gpusPerNode": pool.gpus_per_node,
             "taint": True,
+            **({"dra": {"deviceClassName": pool.dra_class}} if pool.dra_class else {}),
+        },
+    }
+
+
+def device_class_manifest(name: str) -> dict[str, object]:
+    """A DeviceClass selecting every device of the driver of the same name, as NVIDIA's gpu.nvidia.com does."""
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "DeviceClass",
+        "metadata": {"name": name},
+        "spec": {"selectors": [{"cel": {"expression": f'device.driver == "{name}"'}}]},
+    }
+
+
+def resource_slice_manifest(pool: ScenarioPool, index: int) -> dict[str, object]:
+    """What a DRA driver publishes for one fake node: its GPUs as devices, one pool per node."""
+    assert pool.dra_class is not None
+    node = node_name(pool, index)
+    devices = [
+        {
+            "name": f"gpu-{gpu}",
+            "attributes": {
+                "type": {"string": "gpu"},
+                "productName": {"string": f"NVIDIA {pool.gpu_model}"},
+                "index": {"int": gpu},
+            },
+        }
+        for gpu in range(pool.gpus_per_node)
+    ]
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceSlice",
+        "metadata": {"name": f"{node}-{pool.dra_class}"},
+        "spec": {
+            "driver": pool.dra_class,
+            "nodeName": node,
+            "pool": {"name": node, "generation": 1, "resourceSliceCount": 1},
+            "devices": devices,
         },
     }
 

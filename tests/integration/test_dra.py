@@ -1,0 +1,194 @@
+"""DRA on the local cluster: a pool whose fake nodes publish their GPUs in ResourceSlices, its quota, and the
+ResourceClaims a tenant may make (tests/unit/test_dra.py has the rules)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from gpuaas.api.common import GROUP, VERSION
+from gpuaas.domain.scenarios import (
+    SCENARIOS,
+    ScenarioPool,
+    device_class_manifest,
+    node_manifest,
+    pool_manifest,
+    resource_slice_manifest,
+)
+from gpuaas.domain.tenant import GPU_QUOTA_KEY, QUOTA_NAME, device_class_quota_key
+from tests.integration.allocations import (
+    allocation,
+    allocation_manifest,
+    gpu_pod,
+    pool_status,
+    unique,
+    wait_for_ready,
+)
+from tests.integration.conftest import LocalCluster, OperatorProcess
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.integration
+GPU_CLASS = "gpu.nvidia.com"
+DRA = ScenarioPool("test-dra", "B200", "nhn", 2, dra_class=GPU_CLASS)
+H200 = SCENARIOS["small"].pools[1]
+
+
+def dra_objects() -> list[dict[str, Any]]:
+    return [
+        device_class_manifest(GPU_CLASS),
+        *(node_manifest(DRA, index) for index in range(DRA.nodes)),
+        *(resource_slice_manifest(DRA, index) for index in range(DRA.nodes)),
+        pool_manifest(DRA),
+    ]
+
+
+@pytest.fixture(scope="module")
+def dra_pool(cluster: LocalCluster, operator: OperatorProcess) -> Iterator[str]:
+    manifests = {"apiVersion": "v1", "kind": "List", "items": dra_objects()}
+    cluster.kubectl("apply", "-f", "-", stdin=json.dumps(manifests))
+    try:
+        yield DRA.name
+    finally:
+        cluster.kubectl("delete", "--ignore-not-found", "--wait=false", "-f", "-", stdin=json.dumps(manifests))
+
+
+def claim_manifest(name: str, namespace: str, count: int = 2, **exactly: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaim",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "devices": {
+                "requests": [{"name": "gpus", "exactly": {"deviceClassName": GPU_CLASS, "count": count, **exactly}}]
+            }
+        },
+    }
+
+
+def template_manifest(name: str, namespace: str, count: int = 2) -> dict[str, Any]:
+    claim = claim_manifest(name, namespace, count)
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaimTemplate",
+        "metadata": claim["metadata"],
+        "spec": {"spec": claim["spec"]},
+    }
+
+
+def apply_as(cluster: LocalCluster, actor: str, manifest: dict[str, Any]) -> tuple[bool, str]:
+    result = cluster.kubectl("--as", actor, "create", "-f", "-", check=False, stdin=json.dumps(manifest))
+    return result.returncode == 0, result.stderr
+
+
+def test_a_dra_pools_capacity_is_the_devices_its_nodes_publish(cluster: LocalCluster, dra_pool: str) -> None:
+    status = wait_for(
+        lambda: (s := pool_status(cluster, dra_pool)).get("capacityGPUs") == DRA.gpus and s,
+        timeout=30,
+        message=f"{dra_pool} capacity from ResourceSlices",
+    )
+    assert status["readyNodes"] == DRA.nodes
+
+
+def test_a_tenant_of_a_dra_pool_claims_its_class_within_its_grant(cluster: LocalCluster, dra_pool: str) -> None:
+    name = unique("dra")
+    with allocation(cluster, allocation_manifest(name, dra_pool, 8)):
+        wait_for_ready(cluster, name)
+        quota = client.CoreV1Api(cluster.api).read_namespaced_resource_quota(QUOTA_NAME, name)
+        assert quota.spec.hard[device_class_quota_key(GPU_CLASS)] == "8"
+        assert quota.spec.hard[GPU_QUOTA_KEY] == "0"  # the device plugin's GPUs would be a second grant
+
+        accepted, error = apply_as(cluster, "alice", template_manifest("two-gpus", name))
+        assert accepted, error
+        accepted, error = apply_as(cluster, "alice", claim_manifest("shared", name, 8))
+        assert accepted, error
+
+        refused = {
+            "other-class": (claim_manifest("mig", name, deviceClassName="mig.nvidia.com"), "is not the GPU class"),
+            "all": (claim_manifest("all", name, allocationMode="All"), "allocationMode All would take every"),
+            "admin": (claim_manifest("admin", name, adminAccess=True), "adminAccess would reach devices"),
+            "tolerations": (
+                claim_manifest("tainted", name, tolerations=[{"operator": "Exists"}]),
+                "tolerations would reach devices an administrator took out of service",
+            ),
+        }
+        for case, (manifest, fragment) in refused.items():
+            accepted, error = apply_as(cluster, "alice", manifest)
+            assert not accepted, case
+            assert fragment in error, (case, error)
+        # The quota counts the class's devices: 8 are claimed, one more is over the grant.
+        accepted, error = apply_as(cluster, "alice", claim_manifest("ninth", name, 1))
+        assert not accepted
+        assert "exceeded quota" in error, error
+        assert f"requested: {device_class_quota_key(GPU_CLASS)}=1" in error, error
+        # Pods may not use the claims until the ledger bills them.
+        container = {"name": "train", "image": "pytorch:25.01-py3", "resources": {"claims": [{"name": "gpus"}]}}
+        claims = [{"name": "gpus", "resourceClaimTemplateName": "two-gpus"}]
+        pod = gpu_pod("claims", name, 0, containers=[container], resourceClaims=claims)
+        accepted, error = apply_as(cluster, "alice", pod)
+        assert not accepted
+        assert "does not bill ResourceClaims yet" in error, error
+
+
+def test_a_device_plugin_pools_tenant_may_not_claim_dra_gpus(cluster: LocalCluster, dra_pool: str) -> None:
+    name = unique("plugin")
+    with allocation(cluster, allocation_manifest(name, H200.name, 8)):
+        wait_for_ready(cluster, name)
+        quota = client.CoreV1Api(cluster.api).read_namespaced_resource_quota(QUOTA_NAME, name)
+        assert wait_for(
+            lambda: (
+                client.CoreV1Api(cluster.api)
+                .read_namespaced_resource_quota(QUOTA_NAME, name)
+                .spec.hard.get(device_class_quota_key(GPU_CLASS))
+                == "0"
+            ),
+            timeout=30,
+            message="another pool's GPU class held at 0",
+        )
+        assert quota.spec.hard[GPU_QUOTA_KEY] == "8"
+        accepted, error = apply_as(cluster, "alice", claim_manifest("gpus", name))
+        assert not accepted
+        assert f"pool {H200.name} grants GPUs as nvidia.com/gpu" in error, error
+
+
+def test_the_pool_spec_names_its_class(cluster: LocalCluster, dra_pool: str) -> None:
+    pool = client.CustomObjectsApi(cluster.api).get_cluster_custom_object(GROUP, VERSION, "gpupools", dra_pool)
+    assert pool["spec"]["dra"] == {"deviceClassName": GPU_CLASS}
+
+
+def test_the_scheduler_allocates_a_claim_from_the_fake_nodes_slices(cluster: LocalCluster, dra_pool: str) -> None:
+    """The simulation itself, outside any tenant namespace: KWOK runs a pod whose claim the scheduler allocated."""
+    namespace = unique("dra-sim")
+    core = client.CoreV1Api(cluster.api)
+    core.create_namespace({"metadata": {"name": namespace}})
+    try:
+        template = template_manifest("two-gpus", namespace)
+        pod = gpu_pod(
+            "sim",
+            namespace,
+            0,
+            containers=[{"name": "train", "image": "pytorch:25.01-py3", "resources": {"claims": [{"name": "gpus"}]}}],
+            resourceClaims=[{"name": "gpus", "resourceClaimTemplateName": "two-gpus"}],
+            nodeSelector={"gpuaas.io/pool": dra_pool},
+            tolerations=[{"key": "gpuaas.io/pool", "operator": "Equal", "value": dra_pool, "effect": "NoSchedule"}],
+        )
+        cluster.kubectl(
+            "create", "-f", "-", stdin=json.dumps({"kind": "List", "apiVersion": "v1", "items": [template, pod]})
+        )
+        wait_for(
+            lambda: core.read_namespaced_pod("sim", namespace).status.phase == "Running",
+            timeout=60,
+            message="the claim's pod Running on a DRA node",
+        )
+        claims = json.loads(cluster.kubectl("get", "resourceclaims", "-n", namespace, "-o", "json").stdout)["items"]
+        (claim,) = claims
+        results = claim["status"]["allocation"]["devices"]["results"]
+        assert len(results) == 2
+        node = core.read_namespaced_pod("sim", namespace).spec.node_name
+        assert {r["pool"] for r in results} == {node}
+        assert {r["driver"] for r in results} == {GPU_CLASS}
+    finally:
+        core.delete_namespace(namespace)
