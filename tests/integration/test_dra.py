@@ -4,13 +4,17 @@ ResourceClaims a tenant may make (tests/unit/test_dra.py has the rules)."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from kubernetes import client
 
 from gpuaas.api.common import GROUP, VERSION
+from gpuaas.domain.dra import DRA_GPUS_ANNOTATION
+from gpuaas.domain.fence import USAGE_FINALIZER
 from gpuaas.domain.scenarios import (
     SCENARIOS,
     ScenarioPool,
@@ -24,6 +28,7 @@ from tests.integration.allocations import (
     allocation,
     allocation_manifest,
     gpu_pod,
+    pod_phase,
     pool_status,
     unique,
     wait_for_ready,
@@ -124,13 +129,59 @@ def test_a_tenant_of_a_dra_pool_claims_its_class_within_its_grant(cluster: Local
         assert not accepted
         assert "exceeded quota" in error, error
         assert f"requested: {device_class_quota_key(GPU_CLASS)}=1" in error, error
-        # Pods may not use the claims until the ledger bills them.
-        container = {"name": "train", "image": "pytorch:25.01-py3", "resources": {"claims": [{"name": "gpus"}]}}
-        claims = [{"name": "gpus", "resourceClaimTemplateName": "two-gpus"}]
-        pod = gpu_pod("claims", name, 0, containers=[container], resourceClaims=claims)
-        accepted, error = apply_as(cluster, "alice", pod)
+        # A claim pods may share is not billed yet, so no pod may use one.
+        accepted, error = apply_as(cluster, "alice", claim_pod("shared-user", name, resourceClaimName="shared"))
         assert not accepted
-        assert "does not bill ResourceClaims yet" in error, error
+        assert "gpuaas does not bill shared claims yet" in error, error
+
+
+def claim_pod(pod: str, namespace: str, **claim: str) -> dict[str, Any]:
+    container = {"name": "train", "image": "pytorch:25.01-py3", "resources": {"claims": [{"name": "gpus"}]}}
+    return gpu_pod(pod, namespace, 0, containers=[container], resourceClaims=[{"name": "gpus", **claim}])
+
+
+def test_a_pod_of_a_dra_pool_runs_on_its_claim_and_is_billed_for_its_devices(
+    cluster: LocalCluster, dra_pool: str
+) -> None:
+    name = unique("dra-bill")
+    core = client.CoreV1Api(cluster.api)
+    with allocation(cluster, allocation_manifest(name, dra_pool, 8)):
+        wait_for_ready(cluster, name)
+        accepted, error = apply_as(cluster, "alice", template_manifest("two-gpus", name))
+        assert accepted, error
+        accepted, error = apply_as(cluster, "alice", claim_pod("train", name, resourceClaimTemplateName="two-gpus"))
+        assert accepted, error
+        wait_for(lambda: pod_phase(cluster, "train", name) == "Running", timeout=60, message="claim pod Running")
+        pod = core.read_namespaced_pod("train", name)
+        assert pod.metadata.annotations[DRA_GPUS_ANNOTATION] == '{"gpus":2}'
+        assert USAGE_FINALIZER in pod.metadata.finalizers
+        assert pod.spec.node_selector["gpuaas.io/pool"] == dra_pool  # pinned like any pod of the pool
+        started = pod.status.container_statuses[0].state.running.started_at
+        (claim,) = json.loads(cluster.kubectl("get", "resourceclaims", "-n", name, "-o", "json").stdout)["items"]
+        assert len(claim["status"]["allocation"]["devices"]["results"]) == 2
+
+        # The tenant cannot lower what it is billed for.
+        lowered = {"metadata": {"annotations": {DRA_GPUS_ANNOTATION: '{"gpus":0}'}}}
+        result = cluster.kubectl(
+            "--as", "alice", "-n", name, "patch", "pod", "train", "--type=merge", "-p", json.dumps(lowered), check=False
+        )
+        assert result.returncode != 0
+        assert "only gpuaas writes it" in result.stderr
+
+        time.sleep(3)  # GPU-seconds to book
+        core.delete_namespaced_pod("train", name, grace_period_seconds=0)
+        ended = datetime.now(UTC)
+        wait_for(lambda: pod_phase(cluster, "train", name) is None, timeout=60, message="claim pod booked and released")
+        expected = 2 * (ended - started).total_seconds()
+        booked = wait_for(lambda: used_gpu_seconds(cluster, name), timeout=30, message="usage booked")
+        assert abs(booked - expected) <= 2, (booked, expected)  # timestamps are whole seconds: 1 s per device
+
+
+def used_gpu_seconds(cluster: LocalCluster, allocation_name: str) -> int:
+    items = client.CustomObjectsApi(cluster.api).list_cluster_custom_object(GROUP, VERSION, "gpuusages")["items"]
+    return sum(
+        (r.get("ledger") or {}).get("usedGPUSeconds", 0) for r in items if r["spec"]["allocation"] == allocation_name
+    )
 
 
 def test_a_device_plugin_pools_tenant_may_not_claim_dra_gpus(cluster: LocalCluster, dra_pool: str) -> None:
@@ -166,15 +217,11 @@ def test_the_scheduler_allocates_a_claim_from_the_fake_nodes_slices(cluster: Loc
     core.create_namespace({"metadata": {"name": namespace}})
     try:
         template = template_manifest("two-gpus", namespace)
-        pod = gpu_pod(
-            "sim",
-            namespace,
-            0,
-            containers=[{"name": "train", "image": "pytorch:25.01-py3", "resources": {"claims": [{"name": "gpus"}]}}],
-            resourceClaims=[{"name": "gpus", "resourceClaimTemplateName": "two-gpus"}],
-            nodeSelector={"gpuaas.io/pool": dra_pool},
-            tolerations=[{"key": "gpuaas.io/pool", "operator": "Equal", "value": dra_pool, "effect": "NoSchedule"}],
-        )
+        pod = claim_pod("sim", namespace, resourceClaimTemplateName="two-gpus")
+        pod["spec"]["nodeSelector"] = {"gpuaas.io/pool": dra_pool}
+        pod["spec"]["tolerations"] = [
+            {"key": "gpuaas.io/pool", "operator": "Equal", "value": dra_pool, "effect": "NoSchedule"}
+        ]
         cluster.kubectl(
             "create", "-f", "-", stdin=json.dumps({"kind": "List", "apiVersion": "v1", "items": [template, pod]})
         )

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import copy
+import json
 from typing import Any
 
+import jsonpatch
 import pytest
 
 from gpuaas.api.allocation import GpuAllocationSpec
-from gpuaas.domain.dra import claim_problems, node_devices, published_devices
+from gpuaas.domain.dra import (
+    DRA_GPUS_ANNOTATION,
+    POD_CLAIM_NAME_ANNOTATION,
+    claim_problems,
+    generated_claim_problems,
+    node_devices,
+    published_devices,
+    recorded_claim_devices,
+)
+from gpuaas.domain.fence import USAGE_FINALIZER, Fence, billed_gpus, mutate_pod, validate_pod
+from gpuaas.domain.guard import Requester, pod_change_problems
 from gpuaas.domain.tenant import GPU_QUOTA_KEY, desired_resource_quota, device_class_quota_key, gpu_quota_items
 
 CLASS = "gpu.nvidia.com"
@@ -107,3 +120,86 @@ def test_a_dra_pools_quota_counts_class_devices_and_closes_the_device_plugin() -
     assert hard[GPU_QUOTA_KEY] == "0"
     closed = desired_resource_quota("lab", spec, is_open=False, gpu_items=items)["spec"]["hard"]
     assert closed[device_class_quota_key(CLASS)] == "0"
+
+
+DRA_FENCE = Fence(
+    pool="dra-b200",
+    node_selector={"gpuaas.io/pool": "dra-b200"},
+    device_class=CLASS,
+    claim_templates={"two-gpus": 2, "one-gpu": 1},
+)
+
+
+def dra_pod(*claims: dict[str, str], annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    container = {"name": "train", "resources": {"claims": [{"name": c["name"]} for c in claims]}}
+    return {
+        "metadata": {"name": "train-0", "namespace": "lab", **({"annotations": annotations} if annotations else {})},
+        "spec": {"containers": [container], "resourceClaims": list(claims)},
+    }
+
+
+def admitted(pod: dict[str, Any], fence: Fence = DRA_FENCE) -> dict[str, Any]:
+    return jsonpatch.apply_patch(pod, mutate_pod(pod, fence))
+
+
+def test_a_dra_pod_records_its_template_devices_and_is_billed_for_them() -> None:
+    pod = admitted(
+        dra_pod(
+            {"name": "a", "resourceClaimTemplateName": "two-gpus"},
+            {"name": "b", "resourceClaimTemplateName": "one-gpu"},
+        )
+    )
+    assert json.loads(pod["metadata"]["annotations"][DRA_GPUS_ANNOTATION]) == {"a": 2, "b": 1}
+    assert USAGE_FINALIZER in pod["metadata"]["finalizers"]
+    assert billed_gpus(pod) == 3
+    assert validate_pod(pod, DRA_FENCE) == []
+
+
+def test_a_record_the_tenant_wrote_is_replaced_or_removed_at_admission() -> None:
+    forged = {DRA_GPUS_ANNOTATION: '{"a":0}'}
+    pod = admitted(dra_pod({"name": "a", "resourceClaimTemplateName": "two-gpus"}, annotations=forged))
+    assert recorded_claim_devices(pod["metadata"]) == {"a": 2}
+    plain = admitted(dra_pod(annotations=forged))
+    assert DRA_GPUS_ANNOTATION not in plain["metadata"]["annotations"]
+    # Without the mutation (webhook order), validation refuses a record that does not match.
+    (problem,) = validate_pod(
+        dra_pod({"name": "a", "resourceClaimTemplateName": "two-gpus"}, annotations=forged), DRA_FENCE
+    )
+    assert "does not match its claims" in problem
+
+
+def test_shared_claims_and_missing_templates_are_refused() -> None:
+    shared = admitted(dra_pod({"name": "a", "resourceClaimName": "team-gpus"}))
+    (problem,) = validate_pod(shared, DRA_FENCE)
+    assert "gpuaas does not bill shared claims yet" in problem
+    missing = admitted(dra_pod({"name": "a", "resourceClaimTemplateName": "eight-gpus"}))
+    (problem,) = validate_pod(missing, DRA_FENCE)
+    assert "ResourceClaimTemplate eight-gpus, which does not exist" in problem
+
+
+def test_the_record_cannot_be_changed_after_admission() -> None:
+    pod = admitted(dra_pod({"name": "a", "resourceClaimTemplateName": "two-gpus"}))
+    lowered = copy.deepcopy(pod)
+    lowered["metadata"]["annotations"][DRA_GPUS_ANNOTATION] = '{"a":0}'
+    tenant = Requester("alice", ("system:authenticated",))
+    (problem,) = pod_change_problems(pod, lowered, tenant, "system:serviceaccount:gpuaas-system:gpuaas")
+    assert "only gpuaas writes it" in problem
+
+
+def generated_claim(devices: int, pod_claim: str = "a") -> dict[str, Any]:
+    return {
+        "metadata": {
+            "annotations": {POD_CLAIM_NAME_ANNOTATION: pod_claim},
+            "ownerReferences": [{"kind": "Pod", "name": "train-0", "controller": True}],
+        },
+        "spec": claim(count=devices)["spec"],
+    }
+
+
+def test_a_claim_made_for_a_pod_must_ask_for_what_the_pod_is_billed_for() -> None:
+    assert generated_claim_problems(generated_claim(2), {"a": 2}) == []
+    (problem,) = generated_claim_problems(generated_claim(8), {"a": 2})  # the template was made again, larger
+    assert "asks for 8 devices, but the pod was admitted for 2" in problem
+    (problem,) = generated_claim_problems(generated_claim(2), None)
+    assert "not known to gpuaas yet" in problem
+    assert generated_claim_problems(claim(), None) == []  # a claim of the tenant's own is checked as any other

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import replace
 from typing import Any
 
+import jsonpatch
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -435,7 +436,6 @@ def test_an_update_is_refused_only_for_device_annotations_it_adds() -> None:
     [
         ({"limits": {"nvidia.com/mig-1g.18gb": "1"}}, "requests nvidia.com/mig-1g.18gb, which this grant's quota"),
         ({"requests": {"nvidia.com/gpu.shared": "1"}}, "requests nvidia.com/gpu.shared"),
-        ({"claims": [{"name": "gpu"}]}, "resources.claims: pool nhn-b200-a grants GPUs as nvidia.com/gpu"),
     ],
 )
 def test_gpus_the_quota_and_ledger_do_not_count_are_refused(resources: dict[str, Any], fragment: str) -> None:
@@ -451,7 +451,7 @@ def test_a_dra_claim_on_the_pod_is_refused_and_other_extended_resources_are_not(
     )
     (problem,) = validate_pod(claims, FENCE)
     assert problem.startswith("spec.resourceClaims: pool nhn-b200-a grants GPUs as nvidia.com/gpu")
-    (problem,) = validate_pod(claims, replace(FENCE, device_class="gpu.nvidia.com"))
-    assert "does not bill ResourceClaims yet" in problem
+    dra_pool = replace(FENCE, device_class="gpu.nvidia.com", claim_templates={"one-gpu": 1})
+    assert validate_pod(jsonpatch.apply_patch(claims, mutate_pod(claims, dra_pool)), dra_pool) == []
     rdma = make_pod(containers=[{"name": "main", "resources": {"limits": {"rdma/hca": "1", "nvidia.com/gpu": "1"}}}])
     assert validate_pod(rdma, FENCE) == []

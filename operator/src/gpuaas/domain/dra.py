@@ -7,6 +7,7 @@ that class, a counted number of devices, without admin access.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -110,3 +111,102 @@ def _exact_request_problems(request: Mapping[str, Any], path: str, pool: str, de
     if request.get("tolerations"):
         problems.append(f"{path}.tolerations would reach devices an administrator took out of service; remove them")
     return problems
+
+
+# On a pod of a DRA pool: {"<pod claim name>": devices} of the claims its templates make, fixed at admission. The
+# ledger bills the pod for their sum, like nvidia.com/gpu; gpuaas alone writes it (tenants cannot change it).
+DRA_GPUS_ANNOTATION = "gpuaas.io/dra-gpus"
+# The annotation the control plane's claim controller puts on a claim it makes from a pod's template.
+POD_CLAIM_NAME_ANNOTATION = "resource.kubernetes.io/pod-claim-name"
+
+
+def claim_devices(claim_spec: Mapping[str, Any]) -> int:
+    """Devices a claim spec asks for: the counts of its requests (ExactCount, 1 by default; the fence refuses All
+    and firstAvailable, so this is what the scheduler allocates)."""
+    requests = (claim_spec.get("devices") or {}).get("requests") or []
+    return sum(int((request.get("exactly") or {}).get("count", 1)) for request in requests)
+
+
+@dataclass(frozen=True)
+class ClaimTemplate:
+    """A ResourceClaimTemplate of a tenant namespace, and the devices each claim made from it asks for."""
+
+    name: str
+    devices: int
+
+
+def claim_template(template: Mapping[str, Any]) -> ClaimTemplate:
+    name = str((template.get("metadata") or {}).get("name", ""))
+    return ClaimTemplate(name, claim_devices(((template.get("spec") or {}).get("spec")) or {}))
+
+
+def pod_claim_devices(spec: Mapping[str, Any], templates: Mapping[str, int]) -> dict[str, int]:
+    """The devices of each of the pod's template claims, by the pod's claim name (templates it names that do not
+    exist are left out: validation refuses them)."""
+    devices: dict[str, int] = {}
+    for entry in spec.get("resourceClaims") or []:
+        template = entry.get("resourceClaimTemplateName")
+        if template and template in templates:
+            devices[str(entry.get("name", ""))] = templates[template]
+    return devices
+
+
+def recorded_claim_devices(metadata: Mapping[str, Any]) -> dict[str, int]:
+    """What admission recorded on the pod; {} when absent or not gpuaas's form."""
+    text = (metadata.get("annotations") or {}).get(DRA_GPUS_ANNOTATION)
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, int) and v >= 0 for v in value.values()):
+        return {}
+    return {str(k): v for k, v in value.items()}
+
+
+def encode_claim_devices(devices: Mapping[str, int]) -> str:
+    return json.dumps(dict(sorted(devices.items())), separators=(",", ":"))
+
+
+def pod_claim_problems(spec: Mapping[str, Any], templates: Mapping[str, int], pool: str) -> list[str]:
+    """Claims a pod of a DRA pool may use: its own, made from a template of its namespace that exists now, so that
+    the devices it bills are known and held by that pod alone."""
+    problems = []
+    for entry in spec.get("resourceClaims") or []:
+        name = entry.get("name", "")
+        template = entry.get("resourceClaimTemplateName")
+        if entry.get("resourceClaimName"):
+            problems.append(
+                f"spec.resourceClaims[{name}] uses the ResourceClaim {entry['resourceClaimName']}, which pods can "
+                "share; gpuaas does not bill shared claims yet: use resourceClaimTemplateName, so each pod gets its "
+                "own claim"
+            )
+        elif template and template not in templates:
+            problems.append(
+                f"spec.resourceClaims[{name}] names ResourceClaimTemplate {template}, which does not exist in pool "
+                f"{pool}'s namespace yet: create it first (gpuaas bills the devices it asks for)"
+            )
+    return problems
+
+
+def generated_claim_problems(claim: Mapping[str, Any], recorded: Mapping[str, int] | None) -> list[str]:
+    """A claim the control plane makes from a pod's template must ask for what the pod was admitted (and is billed)
+    for; a template deleted and made again with more devices in between would otherwise go unbilled. `recorded` is
+    the owning pod's record, None when the pod is not known (yet)."""
+    metadata = claim.get("metadata") or {}
+    pod_claim = (metadata.get("annotations") or {}).get(POD_CLAIM_NAME_ANNOTATION)
+    owner = next(
+        (o for o in metadata.get("ownerReferences") or [] if o.get("kind") == "Pod" and o.get("controller")), None
+    )
+    if owner is None or pod_claim is None:
+        return []  # not made for a pod: a tenant's own claim, checked like any other
+    devices = claim_devices(claim.get("spec") or {})
+    if recorded is None:
+        return [f"pod {owner.get('name')} of this claim is not known to gpuaas yet; the claim controller retries"]
+    if recorded.get(pod_claim) != devices:
+        return [
+            f"claim {pod_claim} of pod {owner.get('name')} asks for {devices} devices, but the pod was admitted for "
+            f"{recorded.get(pod_claim, 0)}: its template changed after the pod was created; delete the pod"
+        ]
+    return []

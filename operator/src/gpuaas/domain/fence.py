@@ -20,6 +20,13 @@ from typing import Any
 
 from gpuaas.api.allocation import ALLOCATION_LABEL
 from gpuaas.api.pool import POOL_LABEL
+from gpuaas.domain.dra import (
+    DRA_GPUS_ANNOTATION,
+    encode_claim_devices,
+    pod_claim_devices,
+    pod_claim_problems,
+    recorded_claim_devices,
+)
 
 GPU_RESOURCE = "nvidia.com/gpu"
 USAGE_FINALIZER = "gpuaas.io/usage-ledger"
@@ -76,6 +83,8 @@ class Fence:
     allowed_priority_classes: frozenset[str] = frozenset()
     max_grace_seconds: int = DEFAULT_MAX_GRACE_SECONDS
     device_class: str | None = None
+    # ResourceClaimTemplates of the namespace -> the devices each asks for (DRA pools).
+    claim_templates: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def labels(self) -> dict[str, str]:
@@ -153,6 +162,11 @@ def pod_gpus(pod: Mapping[str, Any]) -> int:
     return max(app + sidecars, init_peak)
 
 
+def billed_gpus(pod: Mapping[str, Any]) -> int:
+    """The GPUs the ledger bills a pod for: its nvidia.com/gpu, plus the DRA devices recorded at its admission."""
+    return pod_gpus(pod) + sum(recorded_claim_devices(pod.get("metadata") or {}).values())
+
+
 def _tolerates(toleration: Mapping[str, Any], key: str, value: str) -> bool:
     """Whether a toleration already covers the NoSchedule taint key=value the fence adds."""
     operator = toleration.get("operator") or "Equal"
@@ -193,14 +207,28 @@ def mutate_pod(pod: Mapping[str, Any], fence: Fence) -> JsonPatch:
 
     patch.extend(_hide_devices(spec))
 
-    if _safe_pod_gpus(pod) > 0:
-        metadata = pod.get("metadata") or {}
+    metadata = pod.get("metadata") or {}
+    claimed = pod_claim_devices(spec, fence.claim_templates) if fence.device_class else {}
+    patch.extend(_record_claim_devices(metadata, claimed))
+    if _safe_pod_gpus(pod) > 0 or sum(claimed.values()) > 0:
         finalizers = metadata.get("finalizers")
         if finalizers is None:
             patch.append({"op": "add", "path": "/metadata/finalizers", "value": [USAGE_FINALIZER]})
         elif USAGE_FINALIZER not in finalizers:
             patch.append({"op": "add", "path": "/metadata/finalizers/-", "value": USAGE_FINALIZER})
     return patch
+
+
+def _record_claim_devices(metadata: Mapping[str, Any], claimed: Mapping[str, int]) -> JsonPatch:
+    """Set (or remove) the record of the pod's DRA devices, replacing whatever the pod came with."""
+    annotations = metadata.get("annotations")
+    path = f"/metadata/annotations/{_pointer(DRA_GPUS_ANNOTATION)}"
+    if not claimed:
+        return [{"op": "remove", "path": path}] if DRA_GPUS_ANNOTATION in (annotations or {}) else []
+    value = encode_claim_devices(claimed)
+    if annotations is None:
+        return [{"op": "add", "path": "/metadata/annotations", "value": {DRA_GPUS_ANNOTATION: value}}]
+    return [{"op": "add", "path": path, "value": value}]
 
 
 def _requests_gpus(container: Mapping[str, Any]) -> bool:
@@ -284,18 +312,10 @@ def _device_annotation_problems(metadata: Mapping[str, Any], before: Mapping[str
     return problems
 
 
-def _resource_problems(spec: Mapping[str, Any], fence: Fence) -> list[str]:
-    """GPUs only as whole nvidia.com/gpu, the one resource the grant's quota and the ledger count."""
-    if fence.device_class is None:
-        claims_refused = (
-            f"pool {fence.pool} grants GPUs as {GPU_RESOURCE}, not through DRA ResourceClaims; remove the claims "
-            "and request the GPUs in the containers' resources"
-        )
-    else:
-        claims_refused = (
-            f"pool {fence.pool} grants its GPUs as DRA devices of class {fence.device_class}, but gpuaas's usage "
-            "ledger does not bill ResourceClaims yet, so pods may not use them"
-        )
+def _resource_problems(pod: Mapping[str, Any], fence: Fence) -> list[str]:
+    """GPUs only as whole nvidia.com/gpu, or in a DRA pool as devices of its own claims, which the quota and the
+    ledger count."""
+    spec = pod.get("spec") or {}
     problems = []
     for kind in CONTAINER_LISTS:
         for container in spec.get(kind) or []:
@@ -307,10 +327,20 @@ def _resource_problems(spec: Mapping[str, Any], fence: Fence) -> list[str]:
                         f"spec.{kind}[{container.get('name', '')}] requests {name}, which this grant's quota and "
                         f"usage ledger do not count; request whole GPUs as {GPU_RESOURCE}"
                     )
-            if resources.get("claims"):
-                problems.append(f"spec.{kind}[{container.get('name', '')}].resources.claims: {claims_refused}")
-    if spec.get("resourceClaims"):
-        problems.append(f"spec.resourceClaims: {claims_refused}")
+    if fence.device_class is None:
+        if spec.get("resourceClaims"):
+            problems.append(
+                f"spec.resourceClaims: pool {fence.pool} grants GPUs as {GPU_RESOURCE}, not through DRA "
+                "ResourceClaims; remove the claims and request the GPUs in the containers' resources"
+            )
+        return problems
+    problems.extend(pod_claim_problems(spec, fence.claim_templates, fence.pool))
+    recorded = recorded_claim_devices(pod.get("metadata") or {})
+    if not problems and recorded != pod_claim_devices(spec, fence.claim_templates):
+        problems.append(
+            f"metadata.annotations[{DRA_GPUS_ANNOTATION}] is gpuaas's record of the pod's DRA devices and does not "
+            "match its claims; remove it (gpuaas writes it)"
+        )
     return problems
 
 
@@ -339,13 +369,14 @@ def validate_pod(
     before = (previous or {}).get("metadata") if not creating else None
     problems.extend(_device_annotation_problems(pod.get("metadata") or {}, before))
     if creating:  # resources and claims cannot change afterwards
-        problems.extend(_resource_problems(spec, fence))
+        problems.extend(_resource_problems(pod, fence))
     problems.extend(_priority_problems(spec, fence))
     try:
         gpus = pod_gpus(pod)
     except ValueError as error:
         problems.append(str(error))
         gpus = 0
+    gpus += sum(recorded_claim_devices(pod.get("metadata") or {}).values())
     grace = spec.get("terminationGracePeriodSeconds")
     if gpus and grace is not None and int(grace) > fence.max_grace_seconds:
         problems.append(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpuaas.api.allocation import ALLOCATION_LABEL
+from gpuaas.domain.dra import DRA_GPUS_ANNOTATION
 from gpuaas.domain.fence import USAGE_FINALIZER, Fence, pod_gpus
 
 GUARDED_PREFIXES = ("gpuaas.io/", "pod-security.kubernetes.io/")
@@ -66,7 +67,7 @@ def unfenced_pod_problems(pod: Mapping[str, Any], other_pools: Mapping[str, Mapp
     """A pod in a managed namespace whose allocation is gone (released) gets no GPUs and no pool."""
     problems: list[str] = []
     try:
-        if pod_gpus(pod) > 0:
+        if pod_gpus(pod) > 0 or (pod.get("spec") or {}).get("resourceClaims"):
             problems.append("the GpuAllocation of this namespace was released: it has no GPUs to use")
     except ValueError as error:
         problems.append(str(error))
@@ -85,17 +86,25 @@ def pod_change_problems(
     old: Mapping[str, Any] | None, new: Mapping[str, Any], requester: Requester, operator_username: str
 ) -> list[str]:
     """What a tenant may not change on an existing pod: the usage finalizer, which holds a pod being deleted until its
-    GPU time is booked, is removed by gpuaas alone."""
+    GPU time is booked, is removed by gpuaas alone, and the record of the DRA devices it is billed for stays."""
     if old is None or is_trusted(requester, operator_username):
         return []
     had = USAGE_FINALIZER in (((old.get("metadata") or {}).get("finalizers")) or [])
     has = USAGE_FINALIZER in (((new.get("metadata") or {}).get("finalizers")) or [])
+    problems = []
     if had and not has:
-        return [
+        problems.append(
             f"metadata.finalizers: {USAGE_FINALIZER} is removed by gpuaas once the pod's GPU time is booked; "
             f"{requester.username or 'a tenant'} may not remove it (delete the pod instead)"
-        ]
-    return []
+        )
+    before = ((old.get("metadata") or {}).get("annotations") or {}).get(DRA_GPUS_ANNOTATION)
+    after = ((new.get("metadata") or {}).get("annotations") or {}).get(DRA_GPUS_ANNOTATION)
+    if before != after:
+        problems.append(
+            f"metadata.annotations[{DRA_GPUS_ANNOTATION}] records the DRA devices the pod is billed for; only gpuaas "
+            "writes it"
+        )
+    return problems
 
 
 EXPOSING_SERVICE_TYPES = frozenset({"NodePort", "LoadBalancer"})

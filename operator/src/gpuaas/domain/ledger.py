@@ -25,6 +25,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from gpuaas.api.usage import MONTH_PATTERN, PodWatermark, UsageLedger
+from gpuaas.domain.dra import recorded_claim_devices
 from gpuaas.domain.fence import USAGE_FINALIZER
 from gpuaas.domain.fence import pod_gpus as fenced_pod_gpus
 
@@ -413,6 +414,11 @@ def pod_gpus(spec: Mapping[str, Any]) -> int:
         return 0
 
 
+def billed_pod_gpus(pod: Mapping[str, Any]) -> int:
+    """The pod's GPUs as the ledger bills them: nvidia.com/gpu, plus the DRA devices recorded at its admission."""
+    return pod_gpus(pod.get("spec") or {}) + sum(recorded_claim_devices(pod.get("metadata") or {}).values())
+
+
 def _container_statuses(status: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
 
@@ -475,7 +481,6 @@ def pod_interval_from_pod(pod: Mapping[str, Any]) -> PodInterval | None:
     deadline, by finishedAt's rounding; seen after the final delete that finish, not the deadline, ends it).
     """
     metadata = pod.get("metadata") or {}
-    spec = pod.get("spec") or {}
     status = pod.get("status") or {}
     start = _pod_start(status)
     if start is None:
@@ -494,7 +499,7 @@ def pod_interval_from_pod(pod: Mapping[str, Any]) -> PodInterval | None:
         end = from_epoch(max(to_epoch(start), min(to_epoch(moment) for moment in ends)))
     at_deadline = deletion is not None and finish is None
     uid = str(metadata.get("uid", ""))
-    return PodInterval(uid=uid, gpus=pod_gpus(spec), start=start, end=end, end_is_deadline=at_deadline)
+    return PodInterval(uid=uid, gpus=billed_pod_gpus(pod), start=start, end=end, end_is_deadline=at_deadline)
 
 
 @dataclass(frozen=True)

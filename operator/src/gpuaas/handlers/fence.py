@@ -15,7 +15,7 @@ import kopf
 from gpuaas.api.allocation import ALLOCATION_LABEL, ALLOCATION_PLURAL, GpuAllocationSpec
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.domain.access import binding_problems
-from gpuaas.domain.dra import CLAIM_KINDS, claim_problems
+from gpuaas.domain.dra import CLAIM_KINDS, claim_problems, generated_claim_problems
 from gpuaas.domain.fence import Fence, PoolRules, hide_devices_from_ephemeral_containers, mutate_pod, validate_pod
 from gpuaas.domain.guard import (
     Requester,
@@ -47,6 +47,7 @@ def _fence_for(namespace: str | None, indexes: dict[str, kopf.Index[Any, Any]]) 
         allowed_priority_classes=rules.allowed_priority_classes,
         max_grace_seconds=rules.max_grace_seconds,
         device_class=rules.device_class,
+        claim_templates={t.name: t.devices for t in indexes["claim_templates_by_namespace"].get(namespace or "", [])},
     )
 
 
@@ -190,13 +191,23 @@ def guard_claims(kind: str) -> Callable[..., None]:
     def guard(
         *, body: kopf.Body, namespace: str | None, userinfo: kopf.UserInfo, memo: kopf.Memo, **indexes: Any
     ) -> None:
+        claim = dict(body)
+        owner = next(
+            (o for o in (claim.get("metadata") or {}).get("ownerReferences") or [] if o.get("kind") == "Pod"), None
+        )
+        recorded = None
+        if kind == "ResourceClaim" and owner is not None:
+            store = indexes["dra_pods_by_name"].get((namespace or "", owner.get("name", "")))
+            recorded = next(iter(store), None) if store is not None else None
+        generated = generated_claim_problems(claim, recorded) if kind == "ResourceClaim" else []
         if is_trusted(_requester(userinfo), memo.operator_username):
-            return  # the control plane's claim controller copies templates that were checked here
+            _reject(generated)  # the control plane's claim controller copies templates that were checked here
+            return
         fence = _fence_for(namespace, indexes)
         if fence is None:
             _reject([f"{kind}s are not allowed in namespace {namespace}: it holds no GPU grant"])
             return
-        _reject(claim_problems(dict(body), kind, fence.pool, fence.device_class))
+        _reject(generated + claim_problems(claim, kind, fence.pool, fence.device_class))
 
     guard.__name__ = f"guard_{kind.lower()}"
     return guard

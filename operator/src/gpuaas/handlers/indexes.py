@@ -12,9 +12,16 @@ from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.pool import POOL_LABEL
 from gpuaas.api.usage import USAGE_PLURAL, GpuUsage
 from gpuaas.domain.access import TenantBinding
-from gpuaas.domain.dra import PublishedDevices, published_devices
-from gpuaas.domain.fence import DEFAULT_MAX_GRACE_SECONDS, PoolRules, pod_gpus
-from gpuaas.domain.ledger import ledger_pod, pod_interval_from_pod
+from gpuaas.domain.dra import (
+    DRA_GPUS_ANNOTATION,
+    ClaimTemplate,
+    PublishedDevices,
+    claim_template,
+    published_devices,
+    recorded_claim_devices,
+)
+from gpuaas.domain.fence import DEFAULT_MAX_GRACE_SECONDS, PoolRules
+from gpuaas.domain.ledger import billed_pod_gpus, ledger_pod, pod_interval_from_pod
 from gpuaas.domain.namespaces import NamespaceClaim, TerminatingNamespace, terminating_namespace
 from gpuaas.domain.nodes import NodeInfo, node_info_from_manifest
 from gpuaas.domain.snapshot import AllocationView, PodView
@@ -68,6 +75,18 @@ def pools_by_name(*, name: str, spec: kopf.Spec, **_: Any) -> dict[str, PoolRule
             device_class=(spec.get("dra") or {}).get("deviceClassName"),
         )
     }
+
+
+@kopf.index("resource.k8s.io", "v1", "resourceclaimtemplates")
+def claim_templates_by_namespace(*, namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, ClaimTemplate]:
+    """namespace -> its templates and the devices each asks for: what a DRA pod's claims will bill."""
+    return {str(namespace): claim_template(body)}
+
+
+@kopf.index("", "v1", "pods", annotations={DRA_GPUS_ANNOTATION: kopf.PRESENT})
+def dra_pods_by_name(*, name: str, namespace: str | None, meta: kopf.Meta, **_: Any) -> dict[Any, dict[str, int]]:
+    """(namespace, pod) -> the DRA devices recorded at its admission, to check the claims made for it."""
+    return {(str(namespace), name): recorded_claim_devices(meta)}
 
 
 @kopf.index("resource.k8s.io", "v1", "resourceslices")
@@ -130,10 +149,7 @@ def gpu_pods_by_namespace(
     *, body: kopf.Body, namespace: str | None, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status, **_: Any
 ) -> dict[str, PodView] | None:
     """GPU pods, and any pod still holding the usage finalizer (it must be released even without GPUs)."""
-    try:
-        gpus = pod_gpus({"spec": dict(spec)})
-    except ValueError:
-        gpus = 0
+    gpus = billed_pod_gpus(dict(body))
     pod_ledger = ledger_pod(meta, pod_interval_from_pod(dict(body)) if gpus else None, status.get("phase"))
     if (gpus == 0 and not pod_ledger.has_finalizer) or namespace is None:
         return None
