@@ -187,19 +187,26 @@ for _group, _plural, _kind in (
     _network(guard_exposure(_kind))
 
 
+def _recorded_devices_of_owner(
+    claim: Mapping[str, Any], namespace: str | None, indexes: dict[str, kopf.Index[Any, Any]]
+) -> dict[str, int] | None:
+    """The DRA devices recorded on the pod that owns the claim; None when there is none the indexes know."""
+    owners = (claim.get("metadata") or {}).get("ownerReferences") or []
+    owner = next((o for o in owners if o.get("kind") == "Pod"), None)
+    if owner is None:
+        return None
+    store = indexes["dra_pods_by_name"].get((namespace or "", owner.get("name", "")))
+    return next(iter(store), None) if store is not None else None
+
+
 def guard_claims(kind: str) -> Callable[..., None]:
     def guard(
         *, body: kopf.Body, namespace: str | None, userinfo: kopf.UserInfo, memo: kopf.Memo, **indexes: Any
     ) -> None:
         claim = dict(body)
-        owner = next(
-            (o for o in (claim.get("metadata") or {}).get("ownerReferences") or [] if o.get("kind") == "Pod"), None
-        )
-        recorded = None
-        if kind == "ResourceClaim" and owner is not None:
-            store = indexes["dra_pods_by_name"].get((namespace or "", owner.get("name", "")))
-            recorded = next(iter(store), None) if store is not None else None
-        generated = generated_claim_problems(claim, recorded) if kind == "ResourceClaim" else []
+        generated = []
+        if kind == "ResourceClaim":
+            generated = generated_claim_problems(claim, _recorded_devices_of_owner(claim, namespace, indexes))
         if is_trusted(_requester(userinfo), memo.operator_username):
             _reject(generated)  # the control plane's claim controller copies templates that were checked here
             return
