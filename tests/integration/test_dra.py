@@ -136,10 +136,10 @@ def test_a_tenant_of_a_dra_pool_claims_its_class_within_its_grant(cluster: Local
         assert not accepted
         assert "exceeded quota" in error, error
         assert f"requested: {device_class_quota_key(GPU_CLASS)}=1" in error, error
-        # A claim pods may share is not billed yet, so no pod may use one.
-        accepted, error = apply_as(cluster, "alice", claim_pod("shared-user", name, resourceClaimName="shared"))
+        # A claim that does not exist yet cannot be billed: the pod waits for it elsewhere, here it is refused.
+        accepted, error = apply_as(cluster, "alice", claim_pod("early", name, resourceClaimName="later"))
         assert not accepted
-        assert "gpuaas does not bill shared claims yet" in error, error
+        assert "names ResourceClaim later, which does not exist" in error, error
 
 
 def claim_pod(pod: str, namespace: str, **claim: str) -> dict[str, Any]:
@@ -182,6 +182,37 @@ def test_a_pod_of_a_dra_pool_runs_on_its_claim_and_is_billed_for_its_devices(
         expected = 2 * (ended - started).total_seconds()
         booked = wait_for(lambda: used_gpu_seconds(cluster, name), timeout=30, message="usage booked")
         assert abs(booked - expected) <= 2, (booked, expected)  # timestamps are whole seconds: 1 s per device
+
+
+def test_two_pods_sharing_a_claim_are_billed_once_for_its_devices(cluster: LocalCluster, dra_pool: str) -> None:
+    name = unique("dra-share")
+    core = client.CoreV1Api(cluster.api)
+    with allocation(cluster, allocation_manifest(name, dra_pool, 8)):
+        wait_for_ready(cluster, name)
+        accepted, error = apply_as(cluster, "alice", claim_manifest("team", name, 4))
+        assert accepted, error
+        starts = {pod: start_claim_pod(cluster, name, pod, resourceClaimName="team") for pod in ("first", "second")}
+        time.sleep(4)  # both hold the claim: billing each pod's life would book these seconds twice
+        core.delete_namespaced_pod("first", name, grace_period_seconds=0)
+        wait_for(lambda: pod_phase(cluster, "first", name) is None, timeout=60, message="first booked and released")
+        time.sleep(2)  # the second pod holds the claim on alone
+        core.delete_namespaced_pod("second", name, grace_period_seconds=0)
+        ended = datetime.now(UTC)
+        wait_for(lambda: pod_phase(cluster, "second", name) is None, timeout=60, message="second booked and released")
+        # The claim held its 4 devices from the first pod's start to the second pod's end, once: not 4 x each life.
+        expected = 4 * (ended - starts["first"]).total_seconds()
+        booked = wait_for(lambda: used_gpu_seconds(cluster, name), timeout=30, message="usage booked")
+        assert abs(booked - expected) <= 8, (booked, expected)  # whole-second timestamps at both ends
+
+
+def start_claim_pod(cluster: LocalCluster, namespace: str, pod: str, **claim: str) -> datetime:
+    """Create the pod as the tenant; its container start once it runs."""
+    accepted, error = apply_as(cluster, "alice", claim_pod(pod, namespace, **claim))
+    assert accepted, error
+    wait_for(lambda: pod_phase(cluster, pod, namespace) == "Running", timeout=60, message=f"{pod} Running")
+    status = client.CoreV1Api(cluster.api).read_namespaced_pod(pod, namespace).status
+    started: datetime = status.container_statuses[0].state.running.started_at
+    return started
 
 
 def used_gpu_seconds(cluster: LocalCluster, allocation_name: str) -> int:

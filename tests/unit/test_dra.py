@@ -4,23 +4,31 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jsonpatch
 import pytest
 
 from gpuaas.api.allocation import GpuAllocationSpec
+from gpuaas.api.usage import GpuUsageSpec, UsageTenant
+from gpuaas.domain.actions import ReleasePod
+from gpuaas.domain.booking import BookingPlan, WrittenLedger, plan_booking
 from gpuaas.domain.dra import (
     DRA_GPUS_ANNOTATION,
     POD_CLAIM_NAME_ANNOTATION,
+    SharedClaim,
     claim_problems,
     generated_claim_problems,
     node_devices,
     published_devices,
     recorded_claim_devices,
+    recorded_shared_claims,
 )
 from gpuaas.domain.fence import USAGE_FINALIZER, Fence, billed_gpus, mutate_pod, validate_pod
 from gpuaas.domain.guard import Requester, pod_change_problems
+from gpuaas.domain.ledger import LedgerPod, PodInterval, shared_claim_spans
 from gpuaas.domain.tenant import GPU_QUOTA_KEY, desired_resource_quota, device_class_quota_key, gpu_quota_items
 
 CLASS = "gpu.nvidia.com"
@@ -168,10 +176,10 @@ def test_a_record_the_tenant_wrote_is_replaced_or_removed_at_admission() -> None
     assert "does not match its claims" in problem
 
 
-def test_shared_claims_and_missing_templates_are_refused() -> None:
+def test_claims_and_templates_that_do_not_exist_yet_are_refused() -> None:
     shared = admitted(dra_pod({"name": "a", "resourceClaimName": "team-gpus"}))
     (problem,) = validate_pod(shared, DRA_FENCE)
-    assert "gpuaas does not bill shared claims yet" in problem
+    assert "names ResourceClaim team-gpus, which does not exist" in problem
     missing = admitted(dra_pod({"name": "a", "resourceClaimTemplateName": "eight-gpus"}))
     (problem,) = validate_pod(missing, DRA_FENCE)
     assert "ResourceClaimTemplate eight-gpus, which does not exist" in problem
@@ -203,3 +211,75 @@ def test_a_claim_made_for_a_pod_must_ask_for_what_the_pod_is_billed_for() -> Non
     (problem,) = generated_claim_problems(generated_claim(2), None)
     assert "not known to gpuaas yet" in problem
     assert generated_claim_problems(claim(), None) == []  # a claim of the tenant's own is checked as any other
+
+
+SHARED_FENCE = replace(DRA_FENCE, shared_claims={"team-gpus": SharedClaim("team-gpus", "claim-uid-1", 4)})
+
+
+def test_a_pod_sharing_a_claim_records_it_by_uid_and_is_not_billed_for_it_itself() -> None:
+    pod = admitted(
+        dra_pod({"name": "a", "resourceClaimName": "team-gpus"}, {"name": "b", "resourceClaimTemplateName": "one-gpu"}),
+        SHARED_FENCE,
+    )
+    assert validate_pod(pod, SHARED_FENCE) == []
+    assert recorded_shared_claims(pod["metadata"]) == {"claim-uid-1": 4}
+    assert recorded_claim_devices(pod["metadata"]) == {"b": 1}
+    assert USAGE_FINALIZER in pod["metadata"]["finalizers"]
+    assert billed_gpus(pod) == 1  # the shared claim is billed once, for all its pods (below)
+
+
+def sharer(uid: str, start: int, end: int | None, claim_uid: str = "claim-uid-1") -> LedgerPod:
+    interval = PodInterval(uid, 0, T0 + timedelta(seconds=start), None if end is None else T0 + timedelta(seconds=end))
+    return LedgerPod(
+        name=uid,
+        namespace="lab",
+        uid=uid,
+        interval=interval,
+        has_finalizer=True,
+        finished=end is not None,
+        shared_claims=((claim_uid, 4),),
+    )
+
+
+T0 = datetime(2026, 11, 10, 3, tzinfo=UTC)
+
+
+IDENTITY = GpuUsageSpec(
+    allocation="lab",
+    allocation_uid="a-uid",
+    tenant=UsageTenant(name="lab", organization="KAIST"),
+    pool="dra-b200",
+    gpu_model="B200",
+    provider="nhn",
+    month="1970-01",
+    time_zone="Asia/Seoul",
+)
+
+
+def book(pods: list[LedgerPod], at_seconds: int, written: WrittenLedger | None = None) -> BookingPlan:
+    now = T0 + timedelta(seconds=at_seconds)
+    return plan_booking(IDENTITY, {}, written or WrittenLedger(), pods, None, now, "Asia/Seoul", timedelta(seconds=60))
+
+
+def test_a_shared_claim_is_billed_once_over_the_union_of_its_pods() -> None:
+    pods = [sharer("p1", 0, 100), sharer("p2", 50, 150), sharer("p3", 300, 400)]
+    spans = shared_claim_spans(pods)
+    assert [(s.uid, s.gpus, s.start, s.end) for s in spans] == [
+        (f"claim-uid-1/{int(T0.timestamp())}", 4, T0, T0 + timedelta(seconds=150)),
+        (f"claim-uid-1/{int(T0.timestamp()) + 300}", 4, T0 + timedelta(seconds=300), T0 + timedelta(seconds=400)),
+    ]
+    plan = book(pods, 500)
+    (ledger,) = plan.booked.values()
+    assert ledger.used_gpu_seconds == 4 * (150 + 100)  # not 4 x (100 + 100 + 100)
+    assert ledger.peak_gpus_in_use == 4
+    assert {a.name for a in plan.actions if isinstance(a, ReleasePod)} == {"p1", "p2", "p3"}
+    (record,) = plan.written.values()
+    replay = book(pods, 600, WrittenLedger(records={record.spec.month: record}, last_write=T0))
+    assert next(iter(replay.booked.values())).used_gpu_seconds == 1000  # a replay books nothing more
+
+
+def test_a_pod_that_ends_while_another_shares_on_goes_once_the_claim_is_booked_past_its_end() -> None:
+    plan = book([sharer("early", 0, 100), sharer("late", 50, None)], 120)
+    assert {a.name for a in plan.actions if isinstance(a, ReleasePod)} == {"early"}
+    (ledger,) = plan.booked.values()
+    assert ledger.used_gpu_seconds == 4 * 120  # the claim is held from the first start until now

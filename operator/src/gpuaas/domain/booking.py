@@ -16,7 +16,17 @@ from datetime import datetime, timedelta
 from gpuaas.api.usage import GpuUsage, GpuUsageSpec, UsageLedger, usage_name
 from gpuaas.domain.actions import Action, CreateUsage, ReleasePod, WriteUsageLedger
 from gpuaas.domain.departed import WATERMARK_KEEP
-from gpuaas.domain.ledger import GrantState, LedgerPod, TimeZoneLike, book_up_to, months_touched, prune
+from gpuaas.domain.ledger import (
+    GrantState,
+    LedgerPod,
+    PodInterval,
+    TimeZoneLike,
+    book_up_to,
+    months_touched,
+    prune,
+    shared_claim_spans,
+    shared_stretch_of,
+)
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,23 @@ def _newly_booked(pod: LedgerPod, booked_before: Mapping[str, datetime]) -> bool
     return pod.interval is not None and pod.interval.end is not None and (before is None or before < pod.interval.end)
 
 
+def _unbooked_sharers(
+    pods: Sequence[LedgerPod], stretches: Sequence[PodInterval], booked: Mapping[str, UsageLedger]
+) -> set[str]:
+    """Uids of ended pods whose shared claims are not booked up to their end yet."""
+    booked_until = _booked_until(booked)
+    waiting = set()
+    for pod in pods:
+        if pod.interval is None or pod.interval.end is None:
+            continue
+        for claim_uid, _ in pod.shared_claims:
+            stretch = shared_stretch_of(pod, claim_uid, stretches)
+            until = booked_until.get(stretch.uid) if stretch is not None else None
+            if until is None or until < pod.interval.end:
+                waiting.add(pod.uid)
+    return waiting
+
+
 def flush_due(ledger: WrittenLedger, now: datetime, interval: timedelta) -> bool:
     return ledger.last_write is None or now - ledger.last_write >= interval
 
@@ -83,7 +110,8 @@ def plan_booking(
 ) -> BookingPlan:
     """Book one allocation up to `now`. `identity` is the record spec without month; `indexed` holds the records the
     index has (by name), `ledger` those this writer wrote (the index may lag them). `force` writes now (release)."""
-    intervals = [pod.interval for pod in pods if pod.interval is not None]
+    stretches = shared_claim_spans(pods)
+    intervals = [pod.interval for pod in pods if pod.interval is not None] + stretches
     current: dict[str, GpuUsage] = {}
     for month in months_touched(intervals, grant, now, tz):
         spec = identity.model_copy(update={"month": month})
@@ -94,7 +122,7 @@ def plan_booking(
     due = force or flush_due(ledger, now, flush_interval)
 
     pruned: set[str] = set()
-    known_uids = {pod.uid for pod in pods}
+    known_uids = {pod.uid for pod in pods} | {stretch.uid for stretch in stretches}
     # Watermarks of pods that are gone are kept a while (domain/departed.py), then pruned if a fresh read agrees.
     kept_since = now - WATERMARK_KEEP
     gone = {
@@ -119,6 +147,8 @@ def plan_booking(
     for month in pruned - set(to_write):
         to_write[month] = statuses[month]
     released = set(result.released)
+    if stretches:  # a pod sharing a claim goes once the claim's stretch is booked up to the pod's end
+        released -= _unbooked_sharers(pods, stretches, {**statuses, **result.records})
     finished_unbooked = [p for p in pods if p.has_finalizer and p.finished and p.interval is None]
     departures = tuple(p.name for p in pods if p.departed and p.uid in released and _newly_booked(p, booked_before))
     ending = any(p.has_finalizer and p.finished and p.uid in released for p in pods) or bool(

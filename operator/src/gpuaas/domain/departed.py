@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from gpuaas.domain.dra import recorded_shared_claims
 from gpuaas.domain.ledger import LedgerPod, pod_interval_from_pod
 
 DEPARTED_POD_MEMORY = timedelta(minutes=10)
@@ -34,7 +35,8 @@ def departed_pod(last_state: Mapping[str, Any], seen_at: datetime) -> LedgerPod 
     not show (a force deletion) is the moment the deletion was seen."""
     metadata = last_state.get("metadata") or {}
     interval = pod_interval_from_pod(last_state)
-    if interval is None or interval.gpus == 0:
+    shared = tuple(sorted(recorded_shared_claims(metadata).items()))
+    if interval is None or (interval.gpus == 0 and not shared):
         return None
     if interval.end is None or interval.end > seen_at:
         interval = replace(interval, end=max(interval.start, seen_at), end_is_deadline=False)
@@ -46,6 +48,7 @@ def departed_pod(last_state: Mapping[str, Any], seen_at: datetime) -> LedgerPod 
         has_finalizer=False,
         finished=True,
         departed=True,
+        shared_claims=shared,
     )
 
 

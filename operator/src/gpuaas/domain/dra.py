@@ -116,6 +116,9 @@ def _exact_request_problems(request: Mapping[str, Any], path: str, pool: str, de
 # On a pod of a DRA pool: {"<pod claim name>": devices} of the claims its templates make, fixed at admission. The
 # ledger bills the pod for their sum, like nvidia.com/gpu; gpuaas alone writes it (tenants cannot change it).
 DRA_GPUS_ANNOTATION = "gpuaas.io/dra-gpus"
+# On a pod of a DRA pool: {"<claim uid>": devices} of the ResourceClaims it shares with other pods (named by
+# resourceClaimName), fixed at admission. The ledger bills each such claim once, over the union of its pods' lives.
+SHARED_CLAIMS_ANNOTATION = "gpuaas.io/dra-shared-claims"
 # The annotation the control plane's claim controller puts on a claim it makes from a pod's template.
 POD_CLAIM_NAME_ANNOTATION = "resource.kubernetes.io/pod-claim-name"
 
@@ -125,6 +128,34 @@ def claim_devices(claim_spec: Mapping[str, Any]) -> int:
     and firstAvailable, so this is what the scheduler allocates)."""
     requests = (claim_spec.get("devices") or {}).get("requests") or []
     return sum(int((request.get("exactly") or {}).get("count", 1)) for request in requests)
+
+
+@dataclass(frozen=True)
+class SharedClaim:
+    """A ResourceClaim a tenant made for its pods to share (not one made from a pod's template)."""
+
+    name: str
+    uid: str
+    devices: int
+
+
+def shared_claim(claim: Mapping[str, Any]) -> SharedClaim | None:
+    metadata = claim.get("metadata") or {}
+    if any(o.get("kind") == "Pod" for o in metadata.get("ownerReferences") or []):
+        return None  # made from a pod's template: that pod's own
+    return SharedClaim(
+        str(metadata.get("name", "")), str(metadata.get("uid", "")), claim_devices(claim.get("spec") or {})
+    )
+
+
+def pod_shared_claims(spec: Mapping[str, Any], claims: Mapping[str, SharedClaim]) -> dict[str, int]:
+    """The shared claims the pod names that exist, by uid, with their devices."""
+    found: dict[str, int] = {}
+    for entry in spec.get("resourceClaims") or []:
+        claim = claims.get(str(entry.get("resourceClaimName") or ""))
+        if claim is not None:
+            found[claim.uid] = claim.devices
+    return found
 
 
 @dataclass(frozen=True)
@@ -152,8 +183,17 @@ def pod_claim_devices(spec: Mapping[str, Any], templates: Mapping[str, int]) -> 
 
 
 def recorded_claim_devices(metadata: Mapping[str, Any]) -> dict[str, int]:
-    """What admission recorded on the pod; {} when absent or not gpuaas's form."""
-    text = (metadata.get("annotations") or {}).get(DRA_GPUS_ANNOTATION)
+    """The devices of the pod's own (template) claims that admission recorded; {} when absent or not gpuaas's form."""
+    return _recorded(metadata, DRA_GPUS_ANNOTATION)
+
+
+def recorded_shared_claims(metadata: Mapping[str, Any]) -> dict[str, int]:
+    """The shared claims (by uid) and their devices that admission recorded on the pod."""
+    return _recorded(metadata, SHARED_CLAIMS_ANNOTATION)
+
+
+def _recorded(metadata: Mapping[str, Any], annotation: str) -> dict[str, int]:
+    text = (metadata.get("annotations") or {}).get(annotation)
     if not text:
         return {}
     try:
@@ -169,18 +209,20 @@ def encode_claim_devices(devices: Mapping[str, int]) -> str:
     return json.dumps(dict(sorted(devices.items())), separators=(",", ":"))
 
 
-def pod_claim_problems(spec: Mapping[str, Any], templates: Mapping[str, int], pool: str) -> list[str]:
-    """Claims a pod of a DRA pool may use: its own, made from a template of its namespace that exists now, so that
-    the devices it bills are known and held by that pod alone."""
+def pod_claim_problems(
+    spec: Mapping[str, Any], templates: Mapping[str, int], claims: Mapping[str, SharedClaim], pool: str
+) -> list[str]:
+    """Claims a pod of a DRA pool may use: ones that exist now in its namespace (its own, made from a template, or
+    one it shares), so that the devices it bills are known at admission."""
     problems = []
     for entry in spec.get("resourceClaims") or []:
         name = entry.get("name", "")
         template = entry.get("resourceClaimTemplateName")
-        if entry.get("resourceClaimName"):
+        claim = entry.get("resourceClaimName")
+        if claim and claim not in claims:
             problems.append(
-                f"spec.resourceClaims[{name}] uses the ResourceClaim {entry['resourceClaimName']}, which pods can "
-                "share; gpuaas does not bill shared claims yet: use resourceClaimTemplateName, so each pod gets its "
-                "own claim"
+                f"spec.resourceClaims[{name}] names ResourceClaim {claim}, which does not exist in pool {pool}'s "
+                "namespace yet: create it first (gpuaas bills the devices it asks for)"
             )
         elif template and template not in templates:
             problems.append(

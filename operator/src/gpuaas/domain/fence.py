@@ -14,7 +14,7 @@ call `validate_pod(..., creating=False)`, which allows the nodeName the schedule
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,10 +22,14 @@ from gpuaas.api.allocation import ALLOCATION_LABEL
 from gpuaas.api.pool import POOL_LABEL
 from gpuaas.domain.dra import (
     DRA_GPUS_ANNOTATION,
+    SHARED_CLAIMS_ANNOTATION,
+    SharedClaim,
     encode_claim_devices,
     pod_claim_devices,
     pod_claim_problems,
+    pod_shared_claims,
     recorded_claim_devices,
+    recorded_shared_claims,
 )
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -85,6 +89,8 @@ class Fence:
     device_class: str | None = None
     # ResourceClaimTemplates of the namespace -> the devices each asks for (DRA pools).
     claim_templates: Mapping[str, int] = field(default_factory=dict)
+    # ResourceClaims of the namespace that pods may share, by name (DRA pools).
+    shared_claims: Mapping[str, SharedClaim] = field(default_factory=dict)
 
     @property
     def labels(self) -> dict[str, str]:
@@ -209,8 +215,10 @@ def mutate_pod(pod: Mapping[str, Any], fence: Fence) -> JsonPatch:
 
     metadata = pod.get("metadata") or {}
     claimed = pod_claim_devices(spec, fence.claim_templates) if fence.device_class else {}
-    patch.extend(_record_claim_devices(metadata, claimed))
-    if _safe_pod_gpus(pod) > 0 or sum(claimed.values()) > 0:
+    shared = pod_shared_claims(spec, fence.shared_claims) if fence.device_class else {}
+    patch.extend(_record(metadata, DRA_GPUS_ANNOTATION, claimed))
+    patch.extend(_record(metadata, SHARED_CLAIMS_ANNOTATION, shared, after=patch))
+    if _safe_pod_gpus(pod) > 0 or sum(claimed.values()) > 0 or shared:
         finalizers = metadata.get("finalizers")
         if finalizers is None:
             patch.append({"op": "add", "path": "/metadata/finalizers", "value": [USAGE_FINALIZER]})
@@ -219,15 +227,18 @@ def mutate_pod(pod: Mapping[str, Any], fence: Fence) -> JsonPatch:
     return patch
 
 
-def _record_claim_devices(metadata: Mapping[str, Any], claimed: Mapping[str, int]) -> JsonPatch:
-    """Set (or remove) the record of the pod's DRA devices, replacing whatever the pod came with."""
+def _record(
+    metadata: Mapping[str, Any], annotation: str, devices: Mapping[str, int], after: Sequence[Mapping[str, Any]] = ()
+) -> JsonPatch:
+    """Set (or remove) one of gpuaas's records of the pod's DRA devices, replacing whatever the pod came with.
+    `after`: ops already planned, which may have created the annotations map."""
     annotations = metadata.get("annotations")
-    path = f"/metadata/annotations/{_pointer(DRA_GPUS_ANNOTATION)}"
-    if not claimed:
-        return [{"op": "remove", "path": path}] if DRA_GPUS_ANNOTATION in (annotations or {}) else []
-    value = encode_claim_devices(claimed)
-    if annotations is None:
-        return [{"op": "add", "path": "/metadata/annotations", "value": {DRA_GPUS_ANNOTATION: value}}]
+    path = f"/metadata/annotations/{_pointer(annotation)}"
+    if not devices:
+        return [{"op": "remove", "path": path}] if annotation in (annotations or {}) else []
+    value = encode_claim_devices(devices)
+    if annotations is None and not any(op["path"] == "/metadata/annotations" for op in after):
+        return [{"op": "add", "path": "/metadata/annotations", "value": {annotation: value}}]
     return [{"op": "add", "path": path, "value": value}]
 
 
@@ -334,13 +345,18 @@ def _resource_problems(pod: Mapping[str, Any], fence: Fence) -> list[str]:
                 "ResourceClaims; remove the claims and request the GPUs in the containers' resources"
             )
         return problems
-    problems.extend(pod_claim_problems(spec, fence.claim_templates, fence.pool))
-    recorded = recorded_claim_devices(pod.get("metadata") or {})
-    if not problems and recorded != pod_claim_devices(spec, fence.claim_templates):
-        problems.append(
-            f"metadata.annotations[{DRA_GPUS_ANNOTATION}] is gpuaas's record of the pod's DRA devices and does not "
-            "match its claims; remove it (gpuaas writes it)"
-        )
+    problems.extend(pod_claim_problems(spec, fence.claim_templates, fence.shared_claims, fence.pool))
+    metadata = pod.get("metadata") or {}
+    records = (
+        (DRA_GPUS_ANNOTATION, recorded_claim_devices(metadata), pod_claim_devices(spec, fence.claim_templates)),
+        (SHARED_CLAIMS_ANNOTATION, recorded_shared_claims(metadata), pod_shared_claims(spec, fence.shared_claims)),
+    )
+    for annotation, recorded, expected in records:
+        if not problems and recorded != expected:
+            problems.append(
+                f"metadata.annotations[{annotation}] is gpuaas's record of the pod's DRA devices and does not "
+                "match its claims; remove it (gpuaas writes it)"
+            )
     return problems
 
 
@@ -377,6 +393,7 @@ def validate_pod(
         problems.append(str(error))
         gpus = 0
     gpus += sum(recorded_claim_devices(pod.get("metadata") or {}).values())
+    gpus += sum(recorded_shared_claims(pod.get("metadata") or {}).values())
     grace = spec.get("terminationGracePeriodSeconds")
     if gpus and grace is not None and int(grace) > fence.max_grace_seconds:
         problems.append(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpuaas.api.allocation import ALLOCATION_LABEL
-from gpuaas.domain.dra import DRA_GPUS_ANNOTATION
+from gpuaas.domain.dra import DRA_GPUS_ANNOTATION, SHARED_CLAIMS_ANNOTATION
 from gpuaas.domain.fence import USAGE_FINALIZER, Fence, pod_gpus
 
 GUARDED_PREFIXES = ("gpuaas.io/", "pod-security.kubernetes.io/")
@@ -97,13 +97,14 @@ def pod_change_problems(
             f"metadata.finalizers: {USAGE_FINALIZER} is removed by gpuaas once the pod's GPU time is booked; "
             f"{requester.username or 'a tenant'} may not remove it (delete the pod instead)"
         )
-    before = ((old.get("metadata") or {}).get("annotations") or {}).get(DRA_GPUS_ANNOTATION)
-    after = ((new.get("metadata") or {}).get("annotations") or {}).get(DRA_GPUS_ANNOTATION)
-    if before != after:
-        problems.append(
-            f"metadata.annotations[{DRA_GPUS_ANNOTATION}] records the DRA devices the pod is billed for; only gpuaas "
-            "writes it"
-        )
+    for annotation in (DRA_GPUS_ANNOTATION, SHARED_CLAIMS_ANNOTATION):
+        before = ((old.get("metadata") or {}).get("annotations") or {}).get(annotation)
+        after = ((new.get("metadata") or {}).get("annotations") or {}).get(annotation)
+        if before != after:
+            problems.append(
+                f"metadata.annotations[{annotation}] records the DRA devices the pod is billed for; only gpuaas "
+                "writes it"
+            )
     return problems
 
 

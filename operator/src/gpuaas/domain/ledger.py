@@ -25,7 +25,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from gpuaas.api.usage import MONTH_PATTERN, PodWatermark, UsageLedger
-from gpuaas.domain.dra import recorded_claim_devices
+from gpuaas.domain.dra import recorded_claim_devices, recorded_shared_claims
 from gpuaas.domain.fence import USAGE_FINALIZER
 from gpuaas.domain.fence import pod_gpus as fenced_pod_gpus
 
@@ -154,6 +154,8 @@ class PodInterval:
     # The end is the pod's kill deadline (deletion request + the grace it was allowed) because the kubelet has not
     # reported a finish. Booked to there, such a pod is counted in the record. Not part of the interval's identity.
     end_is_deadline: bool = field(default=False, compare=False)
+    # False for the stretch of a claim that pods share (`shared_claim_spans`): billed, but not counted as a pod.
+    is_pod: bool = field(default=True, compare=False)
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,7 @@ class _Span:
     booked_to: int
     """End of what may be booked now: the pod's end, or now while it runs (never past now)."""
     end_is_deadline: bool = False
+    is_pod: bool = True
 
 
 def _spans(pods: Iterable[PodInterval], now: int) -> list[_Span]:
@@ -202,7 +205,7 @@ def _spans(pods: Iterable[PodInterval], now: int) -> list[_Span]:
         start = to_epoch(pod.start)
         end = None if pod.end is None else max(start, to_epoch(pod.end))
         booked_to = now if end is None else min(end, now)
-        spans.append(_Span(pod.uid, pod.gpus, start, end, max(start, booked_to), pod.end_is_deadline))
+        spans.append(_Span(pod.uid, pod.gpus, start, end, max(start, booked_to), pod.end_is_deadline, pod.is_pod))
     return spans
 
 
@@ -285,7 +288,7 @@ def _book_month(
             continue
         watermark = status.pods.get(span.uid)
         if watermark is None:
-            status.pod_count += 1
+            status.pod_count += span.is_pod
             booked_from = start
         else:
             booked_from = max(start, to_epoch(watermark.booked_until))
@@ -517,6 +520,8 @@ class LedgerPod:
     finished: bool
     # The object is gone: its last state, remembered from the DELETED event (domain/departed.py).
     departed: bool = False
+    # (claim uid, devices) of the ResourceClaims it shares with other pods, recorded at its admission.
+    shared_claims: tuple[tuple[str, int], ...] = ()
 
 
 def ledger_pod(meta: Mapping[str, Any], interval: PodInterval | None, phase: str | None) -> LedgerPod:
@@ -527,4 +532,48 @@ def ledger_pod(meta: Mapping[str, Any], interval: PodInterval | None, phase: str
         interval=interval,
         has_finalizer=USAGE_FINALIZER in (meta.get("finalizers") or []),
         finished=bool(meta.get("deletionTimestamp")) or phase in TERMINAL_PHASES,
+        shared_claims=tuple(sorted(recorded_shared_claims(meta).items())),
     )
+
+
+def shared_claim_spans(pods: Iterable[LedgerPod]) -> list[PodInterval]:
+    """A claim that pods share holds its devices while any of them runs (the control plane frees it when the last
+    one stops): it is billed once, over the union of its pods' intervals. Each stretch of that union is booked under
+    its own uid (`<claim uid>/<start epoch>`), which stays the same while the stretch grows."""
+    by_claim: dict[tuple[str, int], list[PodInterval]] = {}
+    for pod in pods:
+        if pod.interval is None:
+            continue
+        for claim in pod.shared_claims:
+            by_claim.setdefault(claim, []).append(pod.interval)
+    spans: list[PodInterval] = []
+    for (claim_uid, devices), intervals in sorted(by_claim.items()):
+        stretch_start: datetime | None = None
+        stretch_end: datetime | None = None
+        for interval in sorted(intervals, key=lambda i: to_epoch(i.start)):
+            if stretch_start is not None and (stretch_end is None or interval.start <= stretch_end):
+                stretch_end = None if stretch_end is None or interval.end is None else max(stretch_end, interval.end)
+                continue
+            if stretch_start is not None:
+                spans.append(_stretch(claim_uid, devices, stretch_start, stretch_end))
+            stretch_start, stretch_end = interval.start, interval.end
+        if stretch_start is not None:
+            spans.append(_stretch(claim_uid, devices, stretch_start, stretch_end))
+    return spans
+
+
+def _stretch(claim_uid: str, devices: int, start: datetime, end: datetime | None) -> PodInterval:
+    return PodInterval(uid=f"{claim_uid}/{to_epoch(start)}", gpus=devices, start=start, end=end, is_pod=False)
+
+
+def shared_stretch_of(pod: LedgerPod, claim_uid: str, stretches: Iterable[PodInterval]) -> PodInterval | None:
+    """The stretch of the shared claim that holds the pod's interval."""
+    if pod.interval is None:
+        return None
+    interval = pod.interval
+    prefix = f"{claim_uid}/"
+    for stretch in stretches:
+        ends_after = stretch.end is None or (interval.end is not None and interval.end <= stretch.end)
+        if stretch.uid.startswith(prefix) and stretch.start <= interval.start and ends_after:
+            return stretch
+    return None

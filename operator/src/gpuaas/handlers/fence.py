@@ -48,6 +48,7 @@ def _fence_for(namespace: str | None, indexes: dict[str, kopf.Index[Any, Any]]) 
         max_grace_seconds=rules.max_grace_seconds,
         device_class=rules.device_class,
         claim_templates={t.name: t.devices for t in indexes["claim_templates_by_namespace"].get(namespace or "", [])},
+        shared_claims={c.name: c for c in indexes["shared_claims_by_namespace"].get(namespace or "", [])},
     )
 
 

@@ -16,9 +16,12 @@ from gpuaas.domain.dra import (
     DRA_GPUS_ANNOTATION,
     ClaimTemplate,
     PublishedDevices,
+    SharedClaim,
     claim_template,
     published_devices,
     recorded_claim_devices,
+    recorded_shared_claims,
+    shared_claim,
 )
 from gpuaas.domain.fence import DEFAULT_MAX_GRACE_SECONDS, PoolRules
 from gpuaas.domain.ledger import billed_pod_gpus, ledger_pod, pod_interval_from_pod
@@ -81,6 +84,13 @@ def pools_by_name(*, name: str, spec: kopf.Spec, **_: Any) -> dict[str, PoolRule
 def claim_templates_by_namespace(*, namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, ClaimTemplate]:
     """namespace -> its templates and the devices each asks for: what a DRA pod's claims will bill."""
     return {str(namespace): claim_template(body)}
+
+
+@kopf.index("resource.k8s.io", "v1", "resourceclaims")
+def shared_claims_by_namespace(*, namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, SharedClaim] | None:
+    """namespace -> the ResourceClaims its pods may share (not those made from a pod's template)."""
+    claim = shared_claim(body)
+    return {str(namespace): claim} if claim is not None else None
 
 
 @kopf.index("", "v1", "pods", annotations={DRA_GPUS_ANNOTATION: kopf.PRESENT})
@@ -150,8 +160,10 @@ def gpu_pods_by_namespace(
 ) -> dict[str, PodView] | None:
     """GPU pods, and any pod still holding the usage finalizer (it must be released even without GPUs)."""
     gpus = billed_pod_gpus(dict(body))
-    pod_ledger = ledger_pod(meta, pod_interval_from_pod(dict(body)) if gpus else None, status.get("phase"))
-    if (gpus == 0 and not pod_ledger.has_finalizer) or namespace is None:
+    shared = sum(recorded_shared_claims(meta).values())
+    interval = pod_interval_from_pod(dict(body)) if gpus or shared else None
+    pod_ledger = ledger_pod(meta, interval, status.get("phase"))
+    if (gpus == 0 and shared == 0 and not pod_ledger.has_finalizer) or namespace is None:
         return None
     running = status.get("phase") == "Running" and not meta.get("deletionTimestamp")
     return {
@@ -159,7 +171,9 @@ def gpu_pods_by_namespace(
             name=pod_ledger.name,
             namespace=namespace,
             uid=pod_ledger.uid,
-            gpus=gpus,
+            # A shared claim counts in full for each of its pods: reclaim stops them all, and capacity is never
+            # promised while one of them holds it (billing counts it once, `ledger.shared_claim_spans`).
+            gpus=gpus + shared,
             running=running,
             ledger=pod_ledger,
             created=str(meta.get("creationTimestamp", "")),
