@@ -25,6 +25,7 @@ from gpuaas.domain.dra import (
     published_devices,
     recorded_claim_devices,
     recorded_shared_claims,
+    replaced_shared_claim_problems,
 )
 from gpuaas.domain.fence import USAGE_FINALIZER, Fence, billed_gpus, mutate_pod, validate_pod
 from gpuaas.domain.guard import Requester, pod_change_problems
@@ -283,3 +284,9 @@ def test_a_pod_that_ends_while_another_shares_on_goes_once_the_claim_is_booked_p
     assert {a.name for a in plan.actions if isinstance(a, ReleasePod)} == {"early"}
     (ledger,) = plan.booked.values()
     assert ledger.used_gpu_seconds == 4 * 120  # the claim is held from the first start until now
+
+
+def test_a_shared_claim_made_again_while_pods_were_admitted_for_the_old_one_is_refused() -> None:
+    (problem,) = replaced_shared_claim_problems("team-gpus", ["train-0", "train-1"])
+    assert problem.startswith("pods train-0, train-1 were admitted for an earlier ResourceClaim team-gpus")
+    assert replaced_shared_claim_problems("team-gpus", []) == []

@@ -8,7 +8,7 @@ that class, a counted number of devices, without admin access.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -252,3 +252,14 @@ def generated_claim_problems(claim: Mapping[str, Any], recorded: Mapping[str, in
             f"{recorded.get(pod_claim, 0)}: its template changed after the pod was created; delete the pod"
         ]
     return []
+
+
+def replaced_shared_claim_problems(claim: str, users: Sequence[str]) -> list[str]:
+    """A shared claim made again under the name that unfinished pods were admitted for would reach them with other
+    devices than they are billed for."""
+    if not users:
+        return []
+    return [
+        f"pods {', '.join(users)} were admitted for an earlier ResourceClaim {claim} and are billed for its devices; "
+        "make the new claim under another name, or delete those pods first"
+    ]

@@ -15,7 +15,7 @@ import kopf
 from gpuaas.api.allocation import ALLOCATION_LABEL, ALLOCATION_PLURAL, GpuAllocationSpec
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.domain.access import binding_problems
-from gpuaas.domain.dra import CLAIM_KINDS, claim_problems, generated_claim_problems
+from gpuaas.domain.dra import CLAIM_KINDS, claim_problems, generated_claim_problems, replaced_shared_claim_problems
 from gpuaas.domain.fence import Fence, PoolRules, hide_devices_from_ephemeral_containers, mutate_pod, validate_pod
 from gpuaas.domain.guard import (
     Requester,
@@ -215,7 +215,12 @@ def guard_claims(kind: str) -> Callable[..., None]:
         if fence is None:
             _reject([f"{kind}s are not allowed in namespace {namespace}: it holds no GPU grant"])
             return
-        _reject(generated + claim_problems(claim, kind, fence.pool, fence.device_class))
+        replaced = []
+        if kind == "ResourceClaim":
+            name = str((claim.get("metadata") or {}).get("name", ""))
+            users = sorted(indexes["shared_claim_users"].get((namespace or "", name), []))
+            replaced = replaced_shared_claim_problems(name, users)
+        _reject(generated + replaced + claim_problems(claim, kind, fence.pool, fence.device_class))
 
     guard.__name__ = f"guard_{kind.lower()}"
     return guard

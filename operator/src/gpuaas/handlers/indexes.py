@@ -14,6 +14,7 @@ from gpuaas.api.usage import USAGE_PLURAL, GpuUsage
 from gpuaas.domain.access import TenantBinding
 from gpuaas.domain.dra import (
     DRA_GPUS_ANNOTATION,
+    SHARED_CLAIMS_ANNOTATION,
     ClaimTemplate,
     PublishedDevices,
     SharedClaim,
@@ -24,7 +25,7 @@ from gpuaas.domain.dra import (
     shared_claim,
 )
 from gpuaas.domain.fence import DEFAULT_MAX_GRACE_SECONDS, PoolRules
-from gpuaas.domain.ledger import billed_pod_gpus, ledger_pod, pod_interval_from_pod
+from gpuaas.domain.ledger import TERMINAL_PHASES, billed_pod_gpus, ledger_pod, pod_interval_from_pod
 from gpuaas.domain.namespaces import NamespaceClaim, TerminatingNamespace, terminating_namespace
 from gpuaas.domain.nodes import NodeInfo, node_info_from_manifest
 from gpuaas.domain.snapshot import AllocationView, PodView
@@ -97,6 +98,17 @@ def shared_claims_by_namespace(*, namespace: str | None, body: kopf.Body, **_: A
 def dra_pods_by_name(*, name: str, namespace: str | None, meta: kopf.Meta, **_: Any) -> dict[Any, dict[str, int]]:
     """(namespace, pod) -> the DRA devices recorded at its admission, to check the claims made for it."""
     return {(str(namespace), name): recorded_claim_devices(meta)}
+
+
+@kopf.index("", "v1", "pods", annotations={SHARED_CLAIMS_ANNOTATION: kopf.PRESENT})
+def shared_claim_users(
+    *, name: str, namespace: str | None, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, **_: Any
+) -> dict[tuple[str, str], str] | None:
+    """(namespace, claim name) -> the unfinished pods admitted for the shared claim of that name."""
+    if meta.get("deletionTimestamp") or status.get("phase") in TERMINAL_PHASES:
+        return None
+    claims = [str(e["resourceClaimName"]) for e in spec.get("resourceClaims") or [] if e.get("resourceClaimName")]
+    return {(str(namespace), claim): name for claim in claims} or None
 
 
 @kopf.index("resource.k8s.io", "v1", "resourceslices")
