@@ -189,9 +189,16 @@ def test_an_expired_grant_stops_its_pods_only_after_the_grace_period() -> None:
     view = allocation("late", end=end, gracePeriodSeconds=3600)
     snap = SnapshotBuilder().with_allocation(view, gpu_pod("p", "late")).build()
     spec = spec_of(view)
-    assert planner.expired_pod_stops(spec, snap.pods_of("late"), NOW) == []
+    assert planner.expired_pod_stops(spec, snap.pods_of("late"), NOW, 300) == []
     after = NOW + timedelta(hours=1)
-    assert planner.expired_pod_stops(spec, snap.pods_of("late"), after) == [DeletePod("late", "p")]
+    assert planner.expired_pod_stops(spec, snap.pods_of("late"), after, 300) == [DeletePod("late", "p", 30)]
+
+
+def test_pods_stop_with_their_own_grace_but_never_more_than_the_pool_allows() -> None:
+    patient = replace(gpu_pod("patient", "lab"), grace_seconds=600)  # admitted before the pool lowered its cap
+    quick = replace(gpu_pod("quick", "lab"), grace_seconds=5)
+    assert patient.stop(300) == DeletePod("lab", "patient", 300)
+    assert quick.stop(300) == DeletePod("lab", "quick", 5)
 
 
 def test_a_tenant_binding_to_someone_who_is_not_an_owner_loses_that_subject() -> None:

@@ -13,6 +13,8 @@ from typing import Any
 from gpuaas.api.usage import GpuUsage, UsageLedger
 from gpuaas.domain.access import TenantBinding
 
+DEFAULT_POD_GRACE_SECONDS = 30  # Kubernetes' default terminationGracePeriodSeconds
+
 
 @dataclass(frozen=True)
 class ApplyObject:
@@ -33,6 +35,9 @@ class PatchNode:
 class DeletePod:
     namespace: str
     name: str
+    # The pod's own terminationGracePeriodSeconds, never more than its pool allows: it may checkpoint, and its GPUs
+    # are free at a bounded time.
+    grace_seconds: int = DEFAULT_POD_GRACE_SECONDS
 
 
 @dataclass(frozen=True)

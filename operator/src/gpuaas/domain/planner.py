@@ -299,21 +299,25 @@ def binding_actions(
     return actions
 
 
-def expired_pod_stops(spec: GpuAllocationSpec, pods: Iterable[PodView], now: datetime) -> list[DeletePod]:
+def expired_pod_stops(
+    spec: GpuAllocationSpec, pods: Iterable[PodView], now: datetime, max_grace_seconds: int
+) -> list[DeletePod]:
     """GPU pods (Pending and gated ones too) get the grace period after window.end, then are deleted; the
     namespace and PVCs stay."""
     if now < spec.window.end + timedelta(seconds=spec.grace_period_seconds):
         return []
-    return [DeletePod(pod.namespace, pod.name) for pod in pods if holds_quota(pod.held())]
+    return [pod.stop(max_grace_seconds) for pod in pods if holds_quota(pod.held())]
 
 
-def beyond_grant_stops(view: AllocationView, decision: AdmissionDecision, pods: list[PodView]) -> list[Action]:
+def beyond_grant_stops(
+    view: AllocationView, decision: AdmissionDecision, pods: list[PodView], max_grace_seconds: int
+) -> list[Action]:
     """Suspension, idle reclaim and a smaller grant take GPUs away: the pods holding them stop now."""
     by_name = {pod.name: pod for pod in pods}
     stopping = pods_to_stop(decision.phase, decision.granted_gpus, [pod.held() for pod in pods])
     if not stopping:
         return []
-    actions: list[Action] = [DeletePod(by_name[held.name].namespace, held.name) for held in stopping]
+    actions: list[Action] = [by_name[held.name].stop(max_grace_seconds) for held in stopping]
     names = ", ".join(pod.name for pod in stopping)
     reason = "not in force" if decision.phase != "Active" else f"granted {decision.granted_gpus}"
     actions.append(PostEvent(ALLOCATION_KIND, view.name, view.uid, "PodsStopped", f"GPUs {reason}: stopping {names}"))
@@ -364,8 +368,8 @@ def plan_tenant(
     owners = desired_owner_binding(view.name, spec)["subjects"]
     actions.extend(binding_actions(snap.tenant_bindings.get(namespace, []), namespace, owners))
     if decision.phase == "Expired":
-        actions.extend(expired_pod_stops(spec, pods, now))
-    actions.extend(beyond_grant_stops(view, decision, pods))
+        actions.extend(expired_pod_stops(spec, pods, now, pool_spec.max_termination_grace_period_seconds))
+    actions.extend(beyond_grant_stops(view, decision, pods, pool_spec.max_termination_grace_period_seconds))
     return TenantPlan(
         actions=actions,
         settling=settling,
@@ -503,7 +507,8 @@ def plan_release(
     ours = spec is not None and snap.namespace_is_of(namespace, view.name)
     if spec is not None:
         pods = snap.pods_of(namespace) if ours else []
-        actions.extend(DeletePod(pod.namespace, pod.name) for pod in pods if pod.gpus > 0 and not pod.ledger.finished)
+        max_grace = GpuPoolSpec.model_validate(dict(snap.spec)).max_termination_grace_period_seconds
+        actions.extend(pod.stop(max_grace) for pod in pods if pod.gpus > 0 and not pod.ledger.finished)
         if any(pod.ledger.has_finalizer for pod in pods):
             return ReleasePlan(actions, grant_returned=False)
     actions.extend(release_exclusive_nodes(view.name, members))

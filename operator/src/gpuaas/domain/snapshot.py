@@ -10,6 +10,7 @@ from typing import Any
 from gpuaas.api.allocation import ALLOCATION_LABEL
 from gpuaas.api.usage import GpuUsage
 from gpuaas.domain.access import TenantBinding
+from gpuaas.domain.actions import DEFAULT_POD_GRACE_SECONDS, DeletePod
 from gpuaas.domain.ledger import LedgerPod
 from gpuaas.domain.namespaces import NamespaceClaim, TerminatingNamespace
 from gpuaas.domain.nodes import NodeInfo
@@ -49,6 +50,11 @@ class PodView:
     running: bool
     ledger: LedgerPod
     created: str = ""
+    grace_seconds: int = DEFAULT_POD_GRACE_SECONDS  # its terminationGracePeriodSeconds
+
+    def stop(self, max_grace_seconds: int) -> DeletePod:
+        """Delete it with its own grace, never more than its pool allows (pods admitted before a lower cap)."""
+        return DeletePod(self.namespace, self.name, min(self.grace_seconds, max_grace_seconds))
 
     def held(self) -> HeldPod:
         interval = self.ledger.interval

@@ -12,6 +12,7 @@ from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.pool import POOL_LABEL
 from gpuaas.api.usage import USAGE_PLURAL, GpuUsage
 from gpuaas.domain.access import TenantBinding
+from gpuaas.domain.actions import DEFAULT_POD_GRACE_SECONDS
 from gpuaas.domain.dra import (
     DRA_GPUS_ANNOTATION,
     SHARED_CLAIMS_ANNOTATION,
@@ -189,6 +190,7 @@ def gpu_pods_by_namespace(
             running=running,
             ledger=pod_ledger,
             created=str(meta.get("creationTimestamp", "")),
+            grace_seconds=int(spec.get("terminationGracePeriodSeconds", DEFAULT_POD_GRACE_SECONDS)),
         )
     }
 

@@ -88,7 +88,7 @@ def set_role_binding_subjects(binding: TenantBinding, subjects: list[Mapping[str
             raise
 
 
-def delete_pod(name: str, namespace: str, grace_period_seconds: int = 30) -> None:
+def delete_pod(name: str, namespace: str, grace_period_seconds: int) -> None:
     try:
         client.CoreV1Api().delete_namespaced_pod(name, namespace, grace_period_seconds=grace_period_seconds)
     except ApiException as error:

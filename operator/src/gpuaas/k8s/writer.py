@@ -48,8 +48,8 @@ class KubernetesWriter:
                 objects.apply(manifest)
             case PatchNode(name, patch):
                 objects.patch_node(name, patch)
-            case DeletePod(namespace, name):
-                objects.delete_pod(name, namespace)
+            case DeletePod(namespace, name, grace_seconds):
+                objects.delete_pod(name, namespace, grace_seconds)
             case DeleteNamespace(name):
                 objects.delete_namespace(name)
             case DeleteRoleBinding(namespace, name):
