@@ -153,7 +153,9 @@ def main() -> None:
     parser.add_argument("--bulk", type=int, default=3000)
     parser.add_argument("--out", default="allocations.json", help="File name under bench/results/.")
     parser.add_argument(
-        "--profile", help="Flame graph (SVG) of the operator during the latency samples, by py-spy (on PATH)."
+        "--profile",
+        help="Profile of the operator during the latency samples, by py-spy (on PATH): a flame graph (.svg) or "
+        "collapsed stacks (.txt).",
     )
     options = parser.parse_args()
     result: dict[str, Any] = {"scenario": "program", "nodes": 1307}
@@ -180,6 +182,9 @@ def main() -> None:
                     "--output",
                     options.profile,
                     "--subprocesses",
+                    # .svg: a flame graph; .txt: collapsed stacks, to read with grep and sort
+                    "--format",
+                    "raw" if options.profile.endswith(".txt") else "flamegraph",
                 ]
                 profiler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             samples = latency(api, options.latency_samples)
