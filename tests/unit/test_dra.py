@@ -290,3 +290,15 @@ def test_a_shared_claim_made_again_while_pods_were_admitted_for_the_old_one_is_r
     (problem,) = replaced_shared_claim_problems("team-gpus", ["train-0", "train-1"])
     assert problem.startswith("pods train-0, train-1 were admitted for an earlier ResourceClaim team-gpus")
     assert replaced_shared_claim_problems("team-gpus", []) == []
+
+
+def test_a_stretch_whose_first_pod_is_gone_is_not_booked_again() -> None:
+    first = book([sharer("early", 0, 100), sharer("late", 50, None)], 120)
+    (record,) = first.written.values()
+    assert record.ledger.used_gpu_seconds == 4 * 120
+    # "early" was released and is gone; "late" alone now starts the stretch at 50, which was booked from 0.
+    written = WrittenLedger(records={record.spec.month: record}, last_write=T0 + timedelta(seconds=120))
+    later = book([sharer("late", 50, 200)], 300, written)
+    (ledger,) = later.booked.values()
+    assert ledger.used_gpu_seconds == 4 * 200  # the claim was held from 0 to 200, once
+    assert {a.name for a in later.actions if isinstance(a, ReleasePod)} == {"late"}

@@ -22,6 +22,7 @@ from gpuaas.domain.ledger import (
     PodInterval,
     TimeZoneLike,
     book_up_to,
+    continued_stretches,
     months_touched,
     prune,
     shared_claim_spans,
@@ -111,6 +112,11 @@ def plan_booking(
     """Book one allocation up to `now`. `identity` is the record spec without month; `indexed` holds the records the
     index has (by name), `ledger` those this writer wrote (the index may lag them). `force` writes now (release)."""
     stretches = shared_claim_spans(pods)
+    if stretches:  # whatever month the records booked a stretch in: it may have begun in an earlier one
+        known_records = [*indexed.values(), *ledger.records.values()]
+        stretches = continued_stretches(
+            stretches, [r.ledger for r in known_records if r.spec.allocation_uid == identity.allocation_uid]
+        )
     intervals = [pod.interval for pod in pods if pod.interval is not None] + stretches
     current: dict[str, GpuUsage] = {}
     for month in months_touched(intervals, grant, now, tz):

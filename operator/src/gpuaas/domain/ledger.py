@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache
@@ -560,6 +560,29 @@ def shared_claim_spans(pods: Iterable[LedgerPod]) -> list[PodInterval]:
         if stretch_start is not None:
             spans.append(_stretch(claim_uid, devices, stretch_start, stretch_end))
     return spans
+
+
+def continued_stretches(stretches: Iterable[PodInterval], records: Iterable[UsageLedger]) -> list[PodInterval]:
+    """A stretch whose first pods are gone (released) still began where they began: it keeps the uid and start under
+    which the records booked it, when one of them is booked up to (or past) where the pods still here begin.
+    Without this, the remaining pods would open a new stretch and book again what was booked."""
+    booked: dict[str, list[tuple[int, int]]] = {}  # claim uid -> (stretch start, booked until)
+    for record in records:
+        for uid, mark in record.pods.items():
+            claim_uid, slash, first_text = uid.rpartition("/")
+            if slash and first_text.isdigit():
+                booked.setdefault(claim_uid, []).append((int(first_text), to_epoch(mark.booked_until)))
+    continued = []
+    for stretch in stretches:
+        claim_uid = stretch.uid.rpartition("/")[0]
+        begins = to_epoch(stretch.start)
+        earlier = [first for first, until in booked.get(claim_uid, []) if first < begins <= until]
+        if earlier:
+            first = min(earlier)
+            continued.append(replace(stretch, uid=f"{claim_uid}/{first}", start=from_epoch(first)))
+        else:
+            continued.append(stretch)
+    return continued
 
 
 def _stretch(claim_uid: str, devices: int, start: datetime, end: datetime | None) -> PodInterval:
