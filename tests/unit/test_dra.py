@@ -27,9 +27,9 @@ from gpuaas.domain.dra import (
     recorded_shared_claims,
     replaced_shared_claim_problems,
 )
-from gpuaas.domain.fence import USAGE_FINALIZER, Fence, billed_gpus, mutate_pod, validate_pod
+from gpuaas.domain.fence import USAGE_FINALIZER, Fence, mutate_pod, validate_pod
 from gpuaas.domain.guard import Requester, pod_change_problems
-from gpuaas.domain.ledger import LedgerPod, PodInterval, shared_claim_spans
+from gpuaas.domain.ledger import LedgerPod, PodInterval, billed_pod_gpus, shared_claim_spans
 from gpuaas.domain.tenant import GPU_QUOTA_KEY, desired_resource_quota, device_class_quota_key, gpu_quota_items
 
 CLASS = "gpu.nvidia.com"
@@ -160,7 +160,7 @@ def test_a_dra_pod_records_its_template_devices_and_is_billed_for_them() -> None
     )
     assert json.loads(pod["metadata"]["annotations"][DRA_GPUS_ANNOTATION]) == {"a": 2, "b": 1}
     assert USAGE_FINALIZER in pod["metadata"]["finalizers"]
-    assert billed_gpus(pod) == 3
+    assert billed_pod_gpus(pod) == 3
     assert validate_pod(pod, DRA_FENCE) == []
 
 
@@ -226,7 +226,7 @@ def test_a_pod_sharing_a_claim_records_it_by_uid_and_is_not_billed_for_it_itself
     assert recorded_shared_claims(pod["metadata"]) == {"claim-uid-1": 4}
     assert recorded_claim_devices(pod["metadata"]) == {"b": 1}
     assert USAGE_FINALIZER in pod["metadata"]["finalizers"]
-    assert billed_gpus(pod) == 1  # the shared claim is billed once, for all its pods (below)
+    assert billed_pod_gpus(pod) == 1  # the shared claim is billed once, for all its pods (below)
 
 
 def sharer(uid: str, start: int, end: int | None, claim_uid: str = "claim-uid-1") -> LedgerPod:

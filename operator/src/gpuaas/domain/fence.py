@@ -168,11 +168,6 @@ def pod_gpus(pod: Mapping[str, Any]) -> int:
     return max(app + sidecars, init_peak)
 
 
-def billed_gpus(pod: Mapping[str, Any]) -> int:
-    """The GPUs the ledger bills a pod for: its nvidia.com/gpu, plus the DRA devices recorded at its admission."""
-    return pod_gpus(pod) + sum(recorded_claim_devices(pod.get("metadata") or {}).values())
-
-
 def _tolerates(toleration: Mapping[str, Any], key: str, value: str) -> bool:
     """Whether a toleration already covers the NoSchedule taint key=value the fence adds."""
     operator = toleration.get("operator") or "Equal"
