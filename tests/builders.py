@@ -11,6 +11,7 @@ from kubernetes.client.exceptions import ApiException
 
 from gpuaas.api.allocation import ALLOCATION_LABEL
 from gpuaas.api.pool import POOL_LABEL
+from gpuaas.api.usage import GpuUsageSpec, UsageTenant
 from gpuaas.domain.actions import Action
 from gpuaas.domain.ledger import LedgerPod, PodInterval
 from gpuaas.domain.namespaces import NamespaceClaim
@@ -154,3 +155,17 @@ def finished(pod: PodView, at: datetime) -> PodView:
     assert pod.ledger.interval is not None
     interval = replace(pod.ledger.interval, end=at)
     return replace(pod, running=False, ledger=replace(pod.ledger, interval=interval, finished=True))
+
+
+def usage_identity(time_zone: str = "UTC") -> GpuUsageSpec:
+    """The record spec (without its month) of allocation `t` on the builders' pool, as the ledger writer takes it."""
+    return GpuUsageSpec(
+        allocation="t",
+        allocation_uid="uid-t",
+        tenant=UsageTenant(name="t", organization="KAIST"),
+        pool=POOL,
+        gpu_model="H200",
+        provider="naver",
+        month="1970-01",
+        time_zone=time_zone,
+    )

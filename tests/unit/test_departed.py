@@ -5,13 +5,13 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from gpuaas.api.usage import GpuUsage, GpuUsageSpec, UsageTenant
+from gpuaas.api.usage import GpuUsage
 from gpuaas.domain.actions import CreateUsage, ReleasePod, WriteUsageLedger
 from gpuaas.domain.booking import WrittenLedger, plan_booking
 from gpuaas.domain.departed import DEPARTED_POD_MEMORY, WATERMARK_KEEP, DepartedPods, departed_pod
 from gpuaas.domain.ledger import GrantState, LedgerPod
 from gpuaas.k8s.ledger import LedgerWriter
-from tests.builders import NOW, POOL, RecordingWriter, gpu_pod
+from tests.builders import NOW, RecordingWriter, gpu_pod, usage_identity
 
 STARTED = NOW - timedelta(minutes=10)
 GRANT = GrantState(8, NOW - timedelta(hours=2))
@@ -29,13 +29,6 @@ def last_state(
         "containerStatuses": [{"name": "c", "state": {"running": {"startedAt": STARTED.isoformat()}}}],
     }
     return {"metadata": metadata, "spec": {"containers": [container]}, "status": status}
-
-
-def identity() -> GpuUsageSpec:
-    tenant = UsageTenant(name="t", organization="KAIST", contact="lab@kaist.ac.kr")
-    return GpuUsageSpec(
-        allocation="t", tenant=tenant, pool=POOL, gpu_model="H200", provider="naver", month="1970-01", time_zone="UTC"
-    )
 
 
 def test_a_pod_deleted_without_its_finalizer_ends_at_its_deletion_or_when_it_was_seen_gone() -> None:
@@ -68,14 +61,16 @@ def test_a_pod_gpuaas_released_departs_too_and_books_nothing_more() -> None:
     ledger = LedgerWriter(time_zone="UTC", writer=writer, flush_interval=timedelta(hours=1))
     deleted = NOW - timedelta(minutes=2)
     pod = gpu_pod("p", "t", 2, started=STARTED, ended=deleted, finished=True).ledger
-    ledger.book(identity(), "t", {}, [pod], GRANT, NOW)
+    ledger.book(usage_identity(), "t", {}, [pod], GRANT, NOW)
     assert [type(a) for a in writer.actions] == [CreateUsage, ReleasePod]
     record = booked_record(writer)
     gone = departed_pod(last_state(deleted=deleted), NOW)
     assert gone is not None
     written = WrittenLedger(last_write=NOW)  # no flush due: only a departure would write now
     later = NOW + timedelta(seconds=1)
-    plan = plan_booking(identity(), {record.name: record}, written, [gone], GRANT, later, "UTC", timedelta(hours=1))
+    plan = plan_booking(
+        usage_identity(), {record.name: record}, written, [gone], GRANT, later, "UTC", timedelta(hours=1)
+    )
     assert plan.departures == ()
     assert plan.actions == []
     assert plan.booked["2026-11"].used_gpu_seconds == 2 * 8 * 60
@@ -109,7 +104,7 @@ def test_a_departed_pod_is_booked_at_once_to_its_end_and_a_second_replica_books_
     ledger = LedgerWriter(time_zone="UTC", writer=writer, flush_interval=timedelta(hours=1))
     running = gpu_pod("p", "t", 2, started=STARTED).ledger
     flushed = NOW - timedelta(minutes=5)
-    ledger.book(identity(), "t", {}, [running], GRANT, flushed, force=True)  # the last periodic flush
+    ledger.book(usage_identity(), "t", {}, [running], GRANT, flushed, force=True)  # the last periodic flush
     record = booked_record(writer)
     assert record.ledger.used_gpu_seconds == 2 * 5 * 60
 
@@ -117,7 +112,7 @@ def test_a_departed_pod_is_booked_at_once_to_its_end_and_a_second_replica_books_
     gone = departed_pod(last_state(deleted=NOW - timedelta(minutes=2)), NOW)
     assert gone is not None
     indexed = {record.name: record}
-    ledger.book(identity(), "t", indexed, [gone], GRANT, NOW)  # written at once, not at the next flush
+    ledger.book(usage_identity(), "t", indexed, [gone], GRANT, NOW)  # written at once, not at the next flush
     record = booked_record(writer)
     assert record.ledger.used_gpu_seconds == 2 * 8 * 60  # started 10 minutes ago, deleted 2 minutes ago
     assert writer.of(ReleasePod) == []  # nothing to release: the object is gone
@@ -125,7 +120,7 @@ def test_a_departed_pod_is_booked_at_once_to_its_end_and_a_second_replica_books_
     # A standby remembered it too; having taken over, it books nothing more.
     standby = RecordingWriter()
     LedgerWriter(time_zone="UTC", writer=standby).book(
-        identity(), "t", {record.name: record}, [gone], GRANT, NOW + timedelta(minutes=1), force=True
+        usage_identity(), "t", {record.name: record}, [gone], GRANT, NOW + timedelta(minutes=1), force=True
     )
     # (It writes the allocation's granted and idle time of that minute; the pod's GPU time stands.)
     assert [w.ledger.used_gpu_seconds for w in standby.of(WriteUsageLedger)] == [2 * 8 * 60]
@@ -136,13 +131,13 @@ def test_the_watermark_of_a_gone_pod_outlives_every_replica_s_memory_of_it() -> 
     ledger = LedgerWriter(time_zone="UTC", writer=writer, read_live_pod_uids=lambda namespace: set())
     gone = departed_pod(last_state(deleted=NOW), NOW)
     assert gone is not None
-    ledger.book(identity(), "t", {}, [gone], GRANT, NOW, force=True)
+    ledger.book(usage_identity(), "t", {}, [gone], GRANT, NOW, force=True)
     record = booked_record(writer)
     assert "uid-p" in record.ledger.pods
 
     def pods_after(later: datetime, pods: list[LedgerPod]) -> set[str]:
         LedgerWriter(time_zone="UTC", writer=writer, read_live_pod_uids=lambda namespace: set()).book(
-            identity(), "t", {record.name: record}, pods, GRANT, later, force=True
+            usage_identity(), "t", {record.name: record}, pods, GRANT, later, force=True
         )
         writes = writer.of(WriteUsageLedger)
         return set(writes[-1].ledger.pods) if writes else set(record.ledger.pods)

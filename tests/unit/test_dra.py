@@ -12,7 +12,6 @@ import jsonpatch
 import pytest
 
 from gpuaas.api.allocation import GpuAllocationSpec
-from gpuaas.api.usage import GpuUsageSpec, UsageTenant
 from gpuaas.domain.actions import ReleasePod
 from gpuaas.domain.booking import BookingPlan, WrittenLedger, plan_booking
 from gpuaas.domain.dra import (
@@ -31,6 +30,7 @@ from gpuaas.domain.fence import USAGE_FINALIZER, Fence, mutate_pod, validate_pod
 from gpuaas.domain.guard import Requester, pod_change_problems
 from gpuaas.domain.ledger import LedgerPod, PodInterval, billed_pod_gpus, shared_claim_spans
 from gpuaas.domain.tenant import GPU_QUOTA_KEY, desired_resource_quota, device_class_quota_key, gpu_quota_items
+from tests.builders import usage_identity
 
 CLASS = "gpu.nvidia.com"
 
@@ -245,21 +245,18 @@ def sharer(uid: str, start: int, end: int | None, claim_uid: str = "claim-uid-1"
 T0 = datetime(2026, 11, 10, 3, tzinfo=UTC)
 
 
-IDENTITY = GpuUsageSpec(
-    allocation="lab",
-    allocation_uid="a-uid",
-    tenant=UsageTenant(name="lab", organization="KAIST"),
-    pool="dra-b200",
-    gpu_model="B200",
-    provider="nhn",
-    month="1970-01",
-    time_zone="Asia/Seoul",
-)
-
-
 def book(pods: list[LedgerPod], at_seconds: int, written: WrittenLedger | None = None) -> BookingPlan:
     now = T0 + timedelta(seconds=at_seconds)
-    return plan_booking(IDENTITY, {}, written or WrittenLedger(), pods, None, now, "Asia/Seoul", timedelta(seconds=60))
+    return plan_booking(
+        usage_identity("Asia/Seoul"),
+        {},
+        written or WrittenLedger(),
+        pods,
+        None,
+        now,
+        "Asia/Seoul",
+        timedelta(seconds=60),
+    )
 
 
 def test_a_shared_claim_is_billed_once_over_the_union_of_its_pods() -> None:

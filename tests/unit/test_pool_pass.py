@@ -7,7 +7,6 @@ from datetime import timedelta
 
 from gpuaas.api.allocation import ALLOCATION_PLURAL
 from gpuaas.api.pool import POOL_PLURAL
-from gpuaas.api.usage import GpuUsageSpec, UsageTenant
 from gpuaas.domain.actions import (
     ApplyObject,
     CreateUsage,
@@ -20,7 +19,7 @@ from gpuaas.domain.actions import (
 from gpuaas.domain.ledger import GrantState
 from gpuaas.k8s.ledger import LedgerWriter
 from gpuaas.k8s.reconciler import PoolReconciler
-from tests.builders import NOW, POOL, RecordingWriter, SnapshotBuilder, allocation, finished, gpu_pod
+from tests.builders import NOW, POOL, RecordingWriter, SnapshotBuilder, allocation, finished, gpu_pod, usage_identity
 
 
 def reconciler(writer: RecordingWriter) -> PoolReconciler:
@@ -87,26 +86,12 @@ def test_release_books_the_last_interval_before_it_removes_the_finalizer() -> No
     assert writer.of(RemoveAllocationFinalizer)[0].allocation == "gone"
 
 
-def identity() -> GpuUsageSpec:
-    tenant = UsageTenant(name="t", organization="KAIST")
-    return GpuUsageSpec(
-        allocation="t",
-        allocation_uid="uid-t",
-        tenant=tenant,
-        pool=POOL,
-        gpu_model="H200",
-        provider="naver",
-        month="1970-01",
-        time_zone="UTC",
-    )
-
-
 def test_the_ledger_writes_records_before_it_releases_a_finished_pod_and_a_replay_books_nothing() -> None:
     writer = RecordingWriter()
     ledger = LedgerWriter(time_zone="UTC", writer=writer, read_live_pod_uids=lambda namespace: set())
     pod = finished(gpu_pod("p", "t"), NOW - timedelta(minutes=30)).ledger
     grant = GrantState(8, NOW - timedelta(hours=2))
-    booked = ledger.book(identity(), "t", {}, [pod], grant, NOW)
+    booked = ledger.book(usage_identity(), "t", {}, [pod], grant, NOW)
     assert [type(a) for a in writer.actions] == [CreateUsage, ReleasePod]  # a new record is created booked
     assert booked["2026-11"].used_gpu_seconds == 8 * 30 * 60
     assert ledger.writes == 1
@@ -116,7 +101,7 @@ def test_the_ledger_writes_records_before_it_releases_a_finished_pod_and_a_repla
     indexed = {create.record.name: create.record}
     writer.actions.clear()
     released = replace(pod, has_finalizer=False)
-    assert ledger.book(identity(), "t", indexed, [released], grant, NOW) == {"2026-11": create.record.ledger}
+    assert ledger.book(usage_identity(), "t", indexed, [released], grant, NOW) == {"2026-11": create.record.ledger}
     assert writer.actions == []
 
 
@@ -132,19 +117,19 @@ def test_a_record_naming_a_pod_the_index_lacks_is_pruned_only_after_a_fresh_read
     ledger = LedgerWriter(time_zone="UTC", writer=writer, read_live_pod_uids=read)
     pod = finished(gpu_pod("p", "t"), NOW - timedelta(minutes=30)).ledger
     grant = GrantState(8, NOW - timedelta(hours=2))
-    ledger.book(identity(), "t", {}, [pod], grant, NOW)
+    ledger.book(usage_identity(), "t", {}, [pod], grant, NOW)
     (create,) = writer.of(CreateUsage)
     indexed = {create.record.name: create.record}
     assert "uid-p" in create.record.ledger.pods
 
     later = NOW + ledger.flush_interval
-    ledger.book(identity(), "t", indexed, [], grant, later)  # the index lags: the pod still exists
+    ledger.book(usage_identity(), "t", indexed, [], grant, later)  # the index lags: the pod still exists
     assert reads == ["t"]
     kept = writer.of(WriteUsageLedger)[-1]
     assert "uid-p" in kept.ledger.pods
     assert kept.dropped_pods == ()
     live.clear()
-    ledger.book(identity(), "t", indexed, [], grant, later + ledger.flush_interval)
+    ledger.book(usage_identity(), "t", indexed, [], grant, later + ledger.flush_interval)
     pruned = writer.of(WriteUsageLedger)[-1]
     assert "uid-p" not in pruned.ledger.pods
     assert pruned.dropped_pods == ("uid-p",)  # the stored record loses the watermark too
