@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
@@ -11,6 +13,7 @@ from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from gpuaas.api.pool import GpuPoolSpec, GpuPoolStatus
 from gpuaas.domain.lifecycle import AllocationSample
@@ -42,6 +45,42 @@ namespace_terminating = Gauge(
     ("pool", "allocation", "namespace"),
 )
 _terminating_series: dict[str, set[tuple[str, str]]] = {}
+
+
+class GcPauses:
+    """Pauses of Python's cyclic garbage collector, by generation. Every thread waits for one, the webhooks' and
+    /metrics' included, and a full collection of a large heap takes long. Counted in plain lists: the collector
+    may run while a thread holds a metric's lock, so its callback must take none."""
+
+    def __init__(self) -> None:
+        self.count = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self.longest = [0.0, 0.0, 0.0]
+        self._started = 0.0
+
+    def on_collection(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        generation, pause = info["generation"], time.perf_counter() - self._started
+        self.count[generation] += 1
+        self.seconds[generation] += pause
+        self.longest[generation] = max(self.longest[generation], pause)
+
+    def collect(self) -> Iterable[Metric]:
+        total = CounterMetricFamily("gpuaas_gc_pause_seconds", "Time spent in GC pauses.", labels=["generation"])
+        count = CounterMetricFamily("gpuaas_gc_pauses", "GC pauses.", labels=["generation"])
+        longest = GaugeMetricFamily("gpuaas_gc_pause_max_seconds", "Longest GC pause so far.", labels=["generation"])
+        for generation in range(3):
+            total.add_metric([str(generation)], self.seconds[generation])
+            count.add_metric([str(generation)], self.count[generation])
+            longest.add_metric([str(generation)], self.longest[generation])
+        return [total, count, longest]
+
+
+gc_pauses = GcPauses()
+REGISTRY.register(gc_pauses)
+gc.callbacks.append(gc_pauses.on_collection)
 
 
 _POOL_GAUGES = (

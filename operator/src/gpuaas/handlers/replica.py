@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import kopf
@@ -31,4 +32,8 @@ async def release_leadership(memo: kopf.Memo, **_: Any) -> None:
 def indexes_warm(**_: Any) -> None:
     """kopf calls non-index handlers only once every index has its initial listing, and every cluster has namespaces:
     the first call means this replica's indexes are live, so it may answer admission requests."""
+    if not metrics.readiness.indexes_warm:
+        # What the initial listings built lives as long as the process: kept out of the collector's full passes,
+        # which otherwise walk every index entry and stall every thread (gpuaas_gc_pause_max_seconds).
+        gc.freeze()
     metrics.readiness.indexes_warm = True
