@@ -189,7 +189,17 @@ def main() -> None:
                     time.sleep(max(0.0, 1 - (time.monotonic() - tick)))
                 future.result()
             elapsed = time.monotonic() - churn_started
-            writes1 = metric_value(scrape()[1], "gpuaas_ledger_writes_total")
+            text = scrape()[1]
+            writes1 = metric_value(text, "gpuaas_ledger_writes_total")
+            result["gc_pauses"] = {
+                "full_collections": metric_value(text, 'gpuaas_gc_pauses_total{generation="2"}'),
+                "full_collection_seconds": round(
+                    metric_value(text, 'gpuaas_gc_pause_seconds_total{generation="2"}'), 3
+                ),
+                "longest_pause_seconds": round(
+                    max(metric_value(text, f'gpuaas_gc_pause_max_seconds{{generation="{g}"}}') for g in range(3)), 3
+                ),
+            }
             cpu = (cpu_seconds(operator.pid) - cpu0) / elapsed
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
