@@ -161,3 +161,11 @@ def pod_phase(cluster: LocalCluster, name: str, namespace: str) -> str | None:
             return None
         raise
     return pod.status.phase if pod.status else None
+
+
+def can(cluster: LocalCluster, actor: str, namespace: str, verb: str, resource: str, subresource: str = "") -> bool:
+    """`kubectl auth can-i`, as the API server's authorizer answers for that user. (A subresource goes in its own
+    flag: can-i reads `pods/status` as the pod named status.)"""
+    extra = ("--subresource", subresource) if subresource else ()
+    result = cluster.kubectl("auth", "can-i", verb, resource, *extra, "-n", namespace, "--as", actor, check=False)
+    return result.stdout.strip() == "yes"

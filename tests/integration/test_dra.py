@@ -27,6 +27,7 @@ from gpuaas.domain.tenant import GPU_QUOTA_KEY, QUOTA_NAME, device_class_quota_k
 from tests.integration.allocations import (
     allocation,
     allocation_manifest,
+    can,
     gpu_pod,
     pod_phase,
     pool_status,
@@ -167,6 +168,10 @@ def test_a_pod_of_a_dra_pool_runs_on_its_claim_and_is_billed_for_its_devices(
         (claim,) = json.loads(cluster.kubectl("get", "resourceclaims", "-n", name, "-o", "json").stdout)["items"]
         assert len(claim["status"]["allocation"]["devices"]["results"]) == 2
 
+        # Nor can it write a claim's allocation or its consumers (the scheduler's and the claim controller's).
+        assert can(cluster, "alice", name, "get", "resourceclaims", "status")
+        assert not can(cluster, "alice", name, "update", "resourceclaims", "status")
+        assert not can(cluster, "alice", name, "patch", "resourceclaims", "status")
         # The tenant cannot lower what it is billed for.
         lowered = {"metadata": {"annotations": {DRA_GPUS_ANNOTATION: '{"gpus":0}'}}}
         result = cluster.kubectl(

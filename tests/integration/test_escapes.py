@@ -10,7 +10,15 @@ import pytest
 from kubernetes import client
 
 from gpuaas.domain.scenarios import SCENARIOS
-from tests.integration.allocations import allocation, allocation_manifest, gpu_pod, pod_phase, unique, wait_for_ready
+from tests.integration.allocations import (
+    allocation,
+    allocation_manifest,
+    can,
+    gpu_pod,
+    pod_phase,
+    unique,
+    wait_for_ready,
+)
 from tests.integration.conftest import LocalCluster, OperatorProcess
 from tests.waiting import wait_for
 
@@ -319,14 +327,6 @@ def test_hand_made_endpoints_are_refused_and_selector_services_work(cluster: Loc
             message="the RoleBinding in force",
         )
         assert "written by the control plane" in error, error
-
-
-def can(cluster: LocalCluster, actor: str, namespace: str, verb: str, resource: str, subresource: str = "") -> bool:
-    """`kubectl auth can-i`, as the API server's authorizer answers for that user. (A subresource goes in its own
-    flag: can-i reads `pods/status` as the pod named status.)"""
-    extra = ("--subresource", subresource) if subresource else ()
-    result = cluster.kubectl("auth", "can-i", verb, resource, *extra, "-n", namespace, "--as", actor, check=False)
-    return result.stdout.strip() == "yes"
 
 
 def team_binding(namespace: str, *subjects: dict[str, str]) -> dict[str, Any]:
