@@ -21,8 +21,9 @@ DEBIAN_PACKAGES := prometheus runc containernetworking-plugins iptables conntrac
 setup: $(UV)  ## Python environment from uv.lock, and the Debian packages above
 	$(UV) sync --frozen --quiet
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
-	if [ -n "$$missing" ]; then echo "installing Debian packages:" $$missing; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+	if [ -n "$$missing" ]; then echo "installing Debian packages:" $$missing "(log: .cluster/apt.log)"; mkdir -p .cluster; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; } >.cluster/apt.log 2>&1 \
+	  || { cat .cluster/apt.log; exit 1; }; fi
 
 binaries:  ## Pinned Kubernetes, etcd, kwok, helm and kind binaries (cached by version outside the repo)
 	bash tools/build.sh >/dev/null
