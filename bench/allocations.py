@@ -6,7 +6,7 @@
    (bench/ssa_baseline.py) on a fresh cluster.
 
 Usage: python bench/allocations.py [--latency-samples 50] [--bulk 3000 (0: latency only)] [--out allocations.json]
-[--profile flame.svg]. Writes bench/results/allocations.json (or the --out name).
+[--profile flame.svg] [--bulk-gpus 1 --no-baseline]. Writes bench/results/allocations.json (or the --out name).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def start_operator() -> subprocess.Popen[bytes]:
     raise TimeoutError("the operator did not become ready")
 
 
-def manifest(index: int, prefix: str) -> dict[str, Any]:
+def manifest(index: int, prefix: str, gpus: int | None = None) -> dict[str, Any]:
     now = datetime.now(UTC)
     pool = POOLS[index % len(POOLS)]
     name = f"{prefix}-{index:05d}"
@@ -86,7 +86,7 @@ def manifest(index: int, prefix: str) -> dict[str, Any]:
         "spec": {
             "tenant": {"name": name, "organization": f"Lab {index}"},
             "pool": pool.name,
-            "gpus": SIZES[index % len(SIZES)],
+            "gpus": gpus or SIZES[index % len(SIZES)],
             "window": {"start": (now - timedelta(days=1)).isoformat(), "end": (now + timedelta(days=90)).isoformat()},
             "owners": [{"kind": "User", "name": f"user-{index}"}],
         },
@@ -114,9 +114,9 @@ def latency(api: client.ApiClient, samples: int) -> list[float]:
     return results
 
 
-def bulk(api: client.ApiClient, count: int) -> dict[str, Any]:
+def bulk(api: client.ApiClient, count: int, gpus: int | None) -> dict[str, Any]:
     custom = client.CustomObjectsApi(api)
-    bodies = [manifest(index, "bulk") for index in range(count)]
+    bodies = [manifest(index, "bulk", gpus) for index in range(count)]
     started = time.monotonic()
     with ThreadPoolExecutor(16) as executor:
         list(executor.map(lambda b: custom.create_cluster_custom_object("gpuaas.io", "v1alpha1", "gpuallocations", b),
@@ -142,6 +142,28 @@ def bulk(api: client.ApiClient, count: int) -> dict[str, Any]:
     }
 
 
+def passes_and_memory(pid: int) -> dict[str, Any]:
+    """The operator's pool passes so far (all, and those over 2 s, from its duration histogram) and its peak RSS."""
+    with urllib.request.urlopen("http://127.0.0.1:18180/metrics", timeout=30) as response:
+        text = response.read().decode()
+
+    def total(prefix: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+    passes = total("gpuaas_reconcile_duration_seconds_count")
+    within = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("gpuaas_reconcile_duration_seconds_bucket") and 'le="2.0"' in line
+    )
+    peak_kib = next(
+        int(line.split()[1])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith("VmHWM")
+    )
+    return {"passes": int(passes), "passes_over_2s": int(passes - within), "operator_peak_rss_mib": peak_kib // 1024}
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
@@ -151,6 +173,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--latency-samples", type=int, default=50)
     parser.add_argument("--bulk", type=int, default=3000)
+    parser.add_argument("--bulk-gpus", type=int, help="GPUs of every bulk allocation (default: 1, 2, 4, 8 in turn).")
+    parser.add_argument("--no-baseline", action="store_true", help="Skip the plain SSA baseline.")
     parser.add_argument("--out", default="allocations.json", help="File name under bench/results/.")
     parser.add_argument(
         "--profile",
@@ -160,7 +184,7 @@ def main() -> None:
     options = parser.parse_args()
     result: dict[str, Any] = {"scenario": "program", "nodes": 1307}
 
-    if options.bulk:
+    if options.bulk and not options.no_baseline:
         fresh_cluster()
         with new_api_client(str(KUBECONFIG), pool_size=32) as api:
             started = time.monotonic()
@@ -199,11 +223,12 @@ def main() -> None:
                 "max": round(max(samples), 3),
             }
             if options.bulk:
-                result["bulk"] = bulk(api, options.bulk)
+                result["bulk"] = bulk(api, options.bulk, options.bulk_gpus)
+                result["bulk"].update(passes_and_memory(operator.pid))
     finally:
         operator.terminate()
         operator.wait()
-    if options.bulk:
+    if options.bulk and not options.no_baseline:
         result["bulk_vs_baseline"] = round(result["bulk"]["all_decided_seconds"] / result["baseline_ssa_seconds"], 2)
     gpuaas("cluster", "down", "--name", CLUSTER)
     out = REPO / "bench" / "results" / options.out

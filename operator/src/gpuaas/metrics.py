@@ -35,7 +35,7 @@ reconcile_duration = Histogram(
     "gpuaas_reconcile_duration_seconds",
     "Duration of one pool reconcile pass (admission, tenant objects, status).",
     ("pool",),
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 5, 10, 30),
 )
 ledger_writes = Counter("gpuaas_ledger_writes_total", "Writes of GpuUsage records (creates and ledger updates).")
 reconcile_errors = Counter("gpuaas_reconcile_errors_total", "Reconcile passes that failed.", ("pool",))
