@@ -265,7 +265,7 @@ def released(view: AllocationView) -> AllocationView:
 def test_release_first_stops_gpu_pods_and_keeps_the_grant_until_they_are_booked() -> None:
     view = released(allocation("bye"))
     snap = SnapshotBuilder().with_allocation(view, gpu_pod("p", "bye")).build()
-    plan = planner.plan_release(view, spec_of(view), snap, snap.nodes, NO_STATUS, {}, NOW)
+    plan = planner.plan_release(view, spec_of(view), snap, snap.nodes, POOL_SPEC, NO_STATUS, {}, NOW)
     assert plan.actions == [DeletePod("bye", "p")]
     assert not plan.grant_returned
     assert not plan.done
@@ -274,7 +274,7 @@ def test_release_first_stops_gpu_pods_and_keeps_the_grant_until_they_are_booked(
 def test_release_retains_the_namespace_closed_and_removes_the_finalizer_last() -> None:
     view = released(allocation("keep", deletionPolicy="Retain"))
     snap = SnapshotBuilder(nodes=[gpu_node("n1", labels={ALLOCATION_LABEL: "keep"})]).with_allocation(view).build()
-    plan = planner.plan_release(view, spec_of(view), snap, snap.nodes, NO_STATUS, {}, NOW)
+    plan = planner.plan_release(view, spec_of(view), snap, snap.nodes, POOL_SPEC, NO_STATUS, {}, NOW)
     assert kinds(plan.actions) == [
         "PatchNode",
         "ApplyObject",
@@ -294,11 +294,11 @@ def test_release_retains_the_namespace_closed_and_removes_the_finalizer_last() -
 def test_release_with_delete_policy_waits_for_the_namespace_and_says_what_holds_it() -> None:
     view = released(allocation("del", deletionPolicy="Delete"))
     snap = SnapshotBuilder().with_allocation(view).build()
-    first = planner.plan_release(view, spec_of(view), snap, snap.nodes, NO_STATUS, {}, NOW)
+    first = planner.plan_release(view, spec_of(view), snap, snap.nodes, POOL_SPEC, NO_STATUS, {}, NOW)
     assert first.actions == [DeleteNamespace("del")]
     assert not first.done
     snap.terminating_namespaces["del"] = TerminatingNamespace("del", NOW.isoformat(), "finalizer example.com/keep")
-    waiting = planner.plan_release(view, spec_of(view), snap, snap.nodes, NO_STATUS, {}, NOW)
+    waiting = planner.plan_release(view, spec_of(view), snap, snap.nodes, POOL_SPEC, NO_STATUS, {}, NOW)
     assert kinds(waiting.actions) == ["PatchStatus", "PostEvent", "PostEvent"]
     assert waiting.waiting_for is not None
     assert not waiting.done
@@ -313,6 +313,6 @@ def test_release_with_delete_policy_waits_for_the_namespace_and_says_what_holds_
 def test_release_of_an_allocation_that_never_owned_its_namespace_leaves_that_namespace_alone() -> None:
     view = released(allocation("squat", namespace="someone-else"))
     snap = SnapshotBuilder().with_allocation(view, gpu_pod("theirs", "someone-else"), owns_namespace=False).build()
-    plan = planner.plan_release(view, spec_of(view), snap, snap.nodes, NO_STATUS, {}, NOW)
+    plan = planner.plan_release(view, spec_of(view), snap, snap.nodes, POOL_SPEC, NO_STATUS, {}, NOW)
     assert kinds(plan.actions) == ["RemoveAllocationFinalizer", "PostEvent"]
     assert not any(isinstance(a, DeletePod | DeleteNamespace | PatchNode) for a in plan.actions)

@@ -494,6 +494,7 @@ def plan_release(
     spec: GpuAllocationSpec | None,
     snap: PoolSnapshot,
     members: list[NodeInfo],
+    pool_spec: GpuPoolSpec,
     previous: GpuAllocationStatus,
     old_wire: Mapping[str, Any],
     now: datetime,
@@ -507,7 +508,7 @@ def plan_release(
     ours = spec is not None and snap.namespace_is_of(namespace, view.name)
     if spec is not None:
         pods = snap.pods_of(namespace) if ours else []
-        max_grace = GpuPoolSpec.model_validate(dict(snap.spec)).max_termination_grace_period_seconds
+        max_grace = pool_spec.max_termination_grace_period_seconds
         actions.extend(pod.stop(max_grace) for pod in pods if pod.gpus > 0 and not pod.ledger.finished)
         if any(pod.ledger.has_finalizer for pod in pods):
             return ReleasePlan(actions, grant_returned=False)
@@ -536,7 +537,7 @@ def plan_release(
                 )
             return ReleasePlan(actions, waiting_for=terminating, status=status)
         actions.append(ApplyObject(desired_namespace(view.name, spec, released=True)))
-        gpu_items = gpu_quota_items_of(GpuPoolSpec.model_validate(dict(snap.spec)), snap)
+        gpu_items = gpu_quota_items_of(pool_spec, snap)
         actions.append(ApplyObject(desired_resource_quota(view.name, spec, is_open=False, gpu_items=gpu_items)))
         actions.append(DeleteRoleBinding(namespace, OWNERS_BINDING_NAME))
         actions.extend(binding_actions(snap.tenant_bindings.get(namespace, []), namespace, None))

@@ -260,7 +260,7 @@ class PoolReconciler:
             granted = planner.granted_so_far(previous, self.granted.get(view.uid))
             grant = planner.grant_in_force(valid, view.created, granted, previous.phase)
             self._book(view, valid, pool_spec, snap, grant, now, force=True)
-        plan = planner.plan_release(view, valid, snap, members, previous, self._status_wire(view), now)
+        plan = planner.plan_release(view, valid, snap, members, pool_spec, previous, self._status_wire(view), now)
         self._perform_all(plan.actions)
         if plan.grant_returned:
             self.granted.pop(view.uid, None)
