@@ -14,7 +14,7 @@ call `validate_pod(..., creating=False)`, which allows the nodeName the schedule
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,8 +211,7 @@ def mutate_pod(pod: Mapping[str, Any], fence: Fence) -> JsonPatch:
     metadata = pod.get("metadata") or {}
     claimed = pod_claim_devices(spec, fence.claim_templates) if fence.device_class else {}
     shared = pod_shared_claims(spec, fence.shared_claims) if fence.device_class else {}
-    patch.extend(_record(metadata, DRA_GPUS_ANNOTATION, claimed))
-    patch.extend(_record(metadata, SHARED_CLAIMS_ANNOTATION, shared, after=patch))
+    patch.extend(_record_devices(metadata, {DRA_GPUS_ANNOTATION: claimed, SHARED_CLAIMS_ANNOTATION: shared}))
     if _safe_pod_gpus(pod) > 0 or sum(claimed.values()) > 0 or shared:
         finalizers = metadata.get("finalizers")
         if finalizers is None:
@@ -222,19 +221,21 @@ def mutate_pod(pod: Mapping[str, Any], fence: Fence) -> JsonPatch:
     return patch
 
 
-def _record(
-    metadata: Mapping[str, Any], annotation: str, devices: Mapping[str, int], after: Sequence[Mapping[str, Any]] = ()
-) -> JsonPatch:
-    """Set (or remove) one of gpuaas's records of the pod's DRA devices, replacing whatever the pod came with.
-    `after`: ops already planned, which may have created the annotations map."""
+def _record_devices(metadata: Mapping[str, Any], records: Mapping[str, Mapping[str, int]]) -> JsonPatch:
+    """Set (or remove) gpuaas's records of the pod's DRA devices (annotation -> devices), replacing whatever the pod
+    came with."""
     annotations = metadata.get("annotations")
-    path = f"/metadata/annotations/{_pointer(annotation)}"
-    if not devices:
-        return [{"op": "remove", "path": path}] if annotation in (annotations or {}) else []
-    value = encode_claim_devices(devices)
-    if annotations is None and not any(op["path"] == "/metadata/annotations" for op in after):
-        return [{"op": "add", "path": "/metadata/annotations", "value": {annotation: value}}]
-    return [{"op": "add", "path": path, "value": value}]
+    wanted = {annotation: encode_claim_devices(devices) for annotation, devices in records.items() if devices}
+    if annotations is None:
+        return [{"op": "add", "path": "/metadata/annotations", "value": wanted}] if wanted else []
+    patch: JsonPatch = []
+    for annotation in records:
+        path = f"/metadata/annotations/{_pointer(annotation)}"
+        if annotation in wanted:
+            patch.append({"op": "add", "path": path, "value": wanted[annotation]})
+        elif annotation in annotations:
+            patch.append({"op": "remove", "path": path})
+    return patch
 
 
 def _requests_gpus(container: Mapping[str, Any]) -> bool:
