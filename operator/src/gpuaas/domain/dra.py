@@ -192,6 +192,11 @@ def recorded_shared_claims(metadata: Mapping[str, Any]) -> dict[str, int]:
     return _recorded(metadata, SHARED_CLAIMS_ANNOTATION)
 
 
+def recorded_devices(metadata: Mapping[str, Any]) -> int:
+    """Every DRA device recorded on the pod: its own claims' and those of the claims it shares (each in full)."""
+    return sum(recorded_claim_devices(metadata).values()) + sum(recorded_shared_claims(metadata).values())
+
+
 def _recorded(metadata: Mapping[str, Any], annotation: str) -> dict[str, int]:
     text = (metadata.get("annotations") or {}).get(annotation)
     if not text:

@@ -29,6 +29,7 @@ from gpuaas.domain.dra import (
     pod_claim_problems,
     pod_shared_claims,
     recorded_claim_devices,
+    recorded_devices,
     recorded_shared_claims,
 )
 
@@ -388,8 +389,7 @@ def validate_pod(
     except ValueError as error:
         problems.append(str(error))
         gpus = 0
-    gpus += sum(recorded_claim_devices(pod.get("metadata") or {}).values())
-    gpus += sum(recorded_shared_claims(pod.get("metadata") or {}).values())
+    gpus += recorded_devices(pod.get("metadata") or {})
     grace = spec.get("terminationGracePeriodSeconds")
     if gpus and grace is not None and int(grace) > fence.max_grace_seconds:
         problems.append(

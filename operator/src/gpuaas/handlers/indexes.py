@@ -22,11 +22,11 @@ from gpuaas.domain.dra import (
     claim_template,
     published_devices,
     recorded_claim_devices,
-    recorded_shared_claims,
+    recorded_devices,
     shared_claim,
 )
 from gpuaas.domain.fence import DEFAULT_MAX_GRACE_SECONDS, PoolRules
-from gpuaas.domain.ledger import TERMINAL_PHASES, billed_pod_gpus, ledger_pod, pod_interval_from_pod
+from gpuaas.domain.ledger import TERMINAL_PHASES, ledger_pod, pod_gpus, pod_interval_from_pod
 from gpuaas.domain.namespaces import NamespaceClaim, TerminatingNamespace, terminating_namespace
 from gpuaas.domain.nodes import NodeInfo, node_info_from_manifest
 from gpuaas.domain.snapshot import AllocationView, PodView
@@ -176,11 +176,12 @@ def gpu_pods_by_namespace(
     *, body: kopf.Body, namespace: str | None, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status, **_: Any
 ) -> dict[str, PodView] | None:
     """GPU pods, and any pod still holding the usage finalizer (it must be released even without GPUs)."""
-    gpus = billed_pod_gpus(dict(body))
-    shared = sum(recorded_shared_claims(meta).values())
-    interval = pod_interval_from_pod(dict(body)) if gpus or shared else None
+    # A shared claim counts in full for each of its pods: reclaim stops them all, and capacity is never promised
+    # while one of them holds it (billing counts it once, `ledger.shared_claim_spans`).
+    gpus = pod_gpus(dict(spec)) + recorded_devices(meta)
+    interval = pod_interval_from_pod(dict(body)) if gpus else None
     pod_ledger = ledger_pod(meta, interval, status.get("phase"))
-    if (gpus == 0 and shared == 0 and not pod_ledger.has_finalizer) or namespace is None:
+    if (gpus == 0 and not pod_ledger.has_finalizer) or namespace is None:
         return None
     running = status.get("phase") == "Running" and not meta.get("deletionTimestamp")
     return {
@@ -188,9 +189,7 @@ def gpu_pods_by_namespace(
             name=pod_ledger.name,
             namespace=namespace,
             uid=pod_ledger.uid,
-            # A shared claim counts in full for each of its pods: reclaim stops them all, and capacity is never
-            # promised while one of them holds it (billing counts it once, `ledger.shared_claim_spans`).
-            gpus=gpus + shared,
+            gpus=gpus,
             running=running,
             ledger=pod_ledger,
             created=str(meta.get("creationTimestamp", "")),
