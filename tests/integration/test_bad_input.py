@@ -140,7 +140,8 @@ def test_a_namespace_held_by_a_finalizer_is_reported_truthfully(
     # The tenant's finalizer goes: the namespace goes, and only now is the allocation released.
     core.patch_namespaced_config_map("results", name, {"metadata": {"finalizers": None}})
     wait_for(lambda: not allocation_exists(cluster, name), timeout=60, message="the allocation released")
-    assert "Released" in event_reasons(cluster, name)
+    # The Released event is posted right after the finalizer goes, so it may come a moment after the allocation.
+    wait_for(lambda: "Released" in event_reasons(cluster, name), timeout=10, message="the Released event")
     wait_for(lambda: f'allocation="{name}"' not in operator_metrics(operator), message="the metric series gone")
     with allocation(cluster, again) as again_name:
         wait_for_ready(cluster, again_name)
