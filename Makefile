@@ -15,8 +15,9 @@ $(UV):
 	.tools/uv/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
 # Debian packages: Prometheus for the dashboard test; runc, CNI plugins, iptables and conntrack for the real node;
-# mmdebstrap for the operator image's base (built here: no registry).
-DEBIAN_PACKAGES := prometheus runc containernetworking-plugins iptables conntrack mmdebstrap
+# mmdebstrap for the operator image's base (built here: no registry); Chromium and a Korean font to render the HTML
+# report as a person sees it.
+DEBIAN_PACKAGES := prometheus runc containernetworking-plugins iptables conntrack mmdebstrap chromium fonts-noto-cjk
 
 setup: $(UV)  ## Python environment from uv.lock, and the Debian packages above
 	$(UV) sync --frozen --quiet

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from gpuaas.domain.scenarios import SCENARIOS, pool_manifest
+from gpuaas.domain.scenarios import SCENARIOS, Scenario, pool_manifest
 from gpuaas.k8s import localcluster
 from gpuaas.k8s.client import new_api_client
 from gpuaas.k8s.manifests import load_manifests, server_side_apply
@@ -54,28 +54,38 @@ class LocalCluster:
         )
 
 
+def start_cluster(name: str, scenario: Scenario) -> LocalCluster:
+    """A fresh local control plane with the scenario's nodes and pools and gpuaas's CRDs (an old one of that name
+    is deleted first). The caller deletes it with `stop_cluster`."""
+    binaries = localcluster.ensure_binaries()
+    kubeconfig = REPO / ".cluster" / f"{name}.kubeconfig"
+    localcluster.delete_cluster(binaries, name, kubeconfig)
+    localcluster.create_cluster(binaries, name, kubeconfig)
+    localcluster.wait_for_apiserver(kubeconfig)
+    localcluster.create_nodes(kubeconfig, scenario, lambda _: None)
+    api = new_api_client(str(kubeconfig))
+    crds = load_manifests((REPO / "crds").glob("*.yaml"))
+    for manifest in crds:
+        server_side_apply(api, manifest)
+    localcluster.wait_for_crds(api, [m["metadata"]["name"] for m in crds])
+    for pool in scenario.pools:
+        server_side_apply(api, pool_manifest(pool))
+    return LocalCluster(name, kubeconfig, binaries, api)
+
+
+def stop_cluster(name: str) -> None:
+    if not os.environ.get("GPUAAS_KEEP_CLUSTER"):
+        localcluster.delete_cluster(localcluster.ensure_binaries(), name, REPO / ".cluster" / f"{name}.kubeconfig")
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[LocalCluster]:
-    binaries = localcluster.ensure_binaries()
-    kubeconfig = REPO / ".cluster" / f"{CLUSTER_NAME}.kubeconfig"
-    localcluster.delete_cluster(binaries, CLUSTER_NAME, kubeconfig)
-    localcluster.create_cluster(binaries, CLUSTER_NAME, kubeconfig)
     try:
-        localcluster.wait_for_apiserver(kubeconfig)
-        scenario = SCENARIOS["small"]
-        localcluster.create_nodes(kubeconfig, scenario, lambda _: None)
-        api = new_api_client(str(kubeconfig))
-        crds = load_manifests((REPO / "crds").glob("*.yaml"))
-        for manifest in crds:
-            server_side_apply(api, manifest)
-        localcluster.wait_for_crds(api, [m["metadata"]["name"] for m in crds])
-        for pool in scenario.pools:
-            server_side_apply(api, pool_manifest(pool))
-        yield LocalCluster(CLUSTER_NAME, kubeconfig, binaries, api)
-        api.close()
+        started = start_cluster(CLUSTER_NAME, SCENARIOS["small"])
+        yield started
+        started.api.close()
     finally:
-        if not os.environ.get("GPUAAS_KEEP_CLUSTER"):
-            localcluster.delete_cluster(binaries, CLUSTER_NAME, kubeconfig)
+        stop_cluster(CLUSTER_NAME)
 
 
 class OperatorProcess:

@@ -35,6 +35,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 H200 = next(pool for pool in SCENARIOS["small"].pools if pool.name == "test-h200")
 ORGANIZATION = "서울대학교 AI연구원"
+CLUSTER = "nhn"  # the cluster name the scrape adds, as the chart's ServiceMonitor does with clusterName set
 
 GRAFANA_DURATIONS = {
     "__rate_interval": "30s",
@@ -93,7 +94,13 @@ def prometheus(operator: OperatorProcess, tmp_path_factory: pytest.TempPathFacto
             {
                 "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
                 "scrape_configs": [
-                    {"job_name": "gpuaas", "static_configs": [{"targets": [f"127.0.0.1:{operator.metrics_port}"]}]}
+                    {
+                        "job_name": "gpuaas",
+                        # What the chart's ServiceMonitor adds with clusterName set.
+                        "static_configs": [
+                            {"targets": [f"127.0.0.1:{operator.metrics_port}"], "labels": {"cluster": CLUSTER}}
+                        ],
+                    }
                 ],
             }
         )
@@ -213,11 +220,12 @@ def wait_for_scrapes(server: Prometheus, allocation: str) -> None:
 def test_every_panel_query_returns_data(prometheus: Prometheus, busy_allocation: str) -> None:
     wait_for_scrapes(prometheus, busy_allocation)
     # As Grafana sends them with "All" selected ...
-    count, failures = run_queries(prometheus, {"provider": ".*", "pool": ".*", "tenant": ".*"})
+    count, failures = run_queries(prometheus, {"cluster": ".*", "provider": ".*", "pool": ".*", "tenant": ".*"})
     assert count >= 30
     assert not failures, "panel queries failed:\n" + "\n".join(failures)
     # ... and with one provider, pool and tenant (a Korean organisation) picked.
-    _, failures = run_queries(prometheus, {"provider": H200.provider, "pool": H200.name, "tenant": busy_allocation})
+    picked = {"cluster": CLUSTER, "provider": H200.provider, "pool": H200.name, "tenant": busy_allocation}
+    _, failures = run_queries(prometheus, picked)
     assert not failures, "panel queries failed for one tenant:\n" + "\n".join(failures)
 
 
@@ -242,7 +250,7 @@ def test_template_variable_queries_find_values(prometheus: Prometheus, busy_allo
             definition = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
             match = _LABEL_VALUES.match(definition)
             assert match, (file_name, name, definition)
-            selector = substitute(match.group(1), {"provider": ".*", "pool": ".*", "tenant": ".*"})
+            selector = substitute(match.group(1), {"cluster": ".*", "provider": ".*", "pool": ".*", "tenant": ".*"})
             body = prometheus.get(f"/api/v1/label/{match.group(2)}/values", **{"match[]": selector})
             assert body["status"] == "success", (file_name, name, body)
             assert body["data"], f"{file_name}: variable {name} has no values ({definition})"
@@ -250,3 +258,5 @@ def test_template_variable_queries_find_values(prometheus: Prometheus, busy_allo
                 assert busy_allocation in body["data"]
             if name == "pool":
                 assert H200.name in body["data"]
+            if name == "cluster":
+                assert body["data"] == [CLUSTER]

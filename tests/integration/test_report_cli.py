@@ -138,7 +138,9 @@ def xlsx_row(path: Path, allocation: str) -> dict[str, Any]:
 
 def html_row(path: Path, allocation: str) -> dict[str, str]:
     """The allocation's row of the HTML usage table, by the cells' data-key (the JSON keys)."""
-    text = path.read_text(encoding="utf-8")
+    page = path.read_text(encoding="utf-8")
+    text = page[page.index('<table id="rows">') :]
+    text = text[: text.index("</table>")]
     rows = [
         {key: html.unescape(value) for key, value in re.findall(r'<td data-key="(\w+)"[^>]*>([^<]*)</td>', row)}
         for row in re.findall(r"<tr>(.*?)</tr>", text, flags=re.DOTALL)

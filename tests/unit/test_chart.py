@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gpuaas.k8s.localcluster import ensure_helm
 
@@ -38,3 +39,21 @@ def test_schema_rejects_wrong_values(helm: Path) -> None:
     result = run_helm(helm, "template", "gpuaas", str(CHART), "--set", "operator.replicas=two", "--set", "unknownKey=1")
     assert result.returncode != 0
     assert "values don't meet the specifications of the schema" in result.stderr, result.stderr
+
+
+def service_monitor_relabelings(helm: Path, *values: str) -> list[dict[str, str]]:
+    args = ["template", "gpuaas", str(CHART), "--set", "metrics.serviceMonitor.enabled=true"]
+    result = run_helm(helm, *args, *(arg for value in values for arg in ("--set", value)))
+    assert result.returncode == 0, result.stderr
+    (monitor,) = [doc for doc in yaml.safe_load_all(result.stdout) if doc and doc["kind"] == "ServiceMonitor"]
+    relabelings: list[dict[str, str]] = monitor["spec"]["endpoints"][0].get("relabelings", [])
+    return relabelings
+
+
+def test_the_cluster_name_labels_every_scraped_series(helm: Path) -> None:
+    assert service_monitor_relabelings(helm) == []
+    assert service_monitor_relabelings(helm, "clusterName=nhn") == [{"targetLabel": "cluster", "replacement": "nhn"}]
+    # The provider's own relabelings come after it.
+    assert service_monitor_relabelings(
+        helm, "clusterName=nhn", "metrics.serviceMonitor.relabelings[0].targetLabel=region"
+    ) == [{"targetLabel": "cluster", "replacement": "nhn"}, {"targetLabel": "region"}]

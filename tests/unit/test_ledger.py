@@ -159,6 +159,19 @@ class Expected:
     idle: int
     peak: int
     pods: int
+    daily_used: dict[str, int]
+    daily_granted: dict[str, int]
+
+
+def local_midnights(month: str, zone: str) -> set[int]:
+    """Every local midnight of the month, from the wall clock (a midnight in a DST gap resolves forward)."""
+    year, number = int(month[:4]), int(month[5:])
+    midnights = set()
+    day = datetime(year, number, 1)
+    while day.month == number:
+        midnights.add(to_epoch(day.replace(tzinfo=ZoneInfo(zone))))
+        day += timedelta(days=1)
+    return midnights
 
 
 def visible(pods: list[TruePod], now: int) -> list[PodInterval]:
@@ -189,15 +202,23 @@ def reference(pods: list[TruePod], grant: GrantState | None, now: int, zone: str
         ]
         points = {month_start, horizon, grant_from, grant_until}
         points |= {edge for start, end, _ in spans for edge in (start, end)}
+        points |= local_midnights(month, zone)
         cuts = sorted(point for point in points if month_start <= point <= horizon)
         used = granted = idle = peak = 0
+        daily_used: dict[str, int] = {}
+        daily_granted: dict[str, int] = {}
         for low, high in pairwise(cuts):
+            day = f"{from_epoch(low).astimezone(ZoneInfo(zone)).day:02d}"
             open_gpus = sum(gpus for start, end, gpus in spans if start <= low and end >= high)
             active = grant is not None and grant_from <= low and grant_until >= high
             used += open_gpus * (high - low)
+            if open_gpus:
+                daily_used[day] = daily_used.get(day, 0) + open_gpus * (high - low)
             peak = max(peak, open_gpus)
             if active and grant is not None:
                 granted += grant.gpus * (high - low)
+                if grant.gpus:
+                    daily_granted[day] = daily_granted.get(day, 0) + grant.gpus * (high - low)
                 idle += (high - low) if open_gpus == 0 and grant.gpus > 0 else 0
         counted = sum(1 for start, end, _ in spans if min(end, horizon) > max(start, month_start))
         if (
@@ -207,13 +228,22 @@ def reference(pods: list[TruePod], grant: GrantState | None, now: int, zone: str
             or counted
             or (grant is not None and min(grant_until, horizon) > max(grant_from, month_start))
         ):
-            expected[month] = Expected(used, granted, idle, peak, counted)
+            expected[month] = Expected(used, granted, idle, peak, counted, daily_used, daily_granted)
     return expected
 
 
 def observed(records: dict[str, UsageLedger]) -> dict[str, Expected]:
     return {
-        month: Expected(r.used_gpu_seconds, r.granted_gpu_seconds, r.idle_seconds, r.peak_gpus_in_use, r.pod_count)
+        month: Expected(
+            r.used_gpu_seconds,
+            r.granted_gpu_seconds,
+            r.idle_seconds,
+            r.peak_gpus_in_use,
+            r.pod_count,
+            # Days with nothing booked are absent either way.
+            {day: seconds for day, seconds in r.daily_used_gpu_seconds.items() if seconds},
+            {day: seconds for day, seconds in r.daily_granted_gpu_seconds.items() if seconds},
+        )
         for month, r in records.items()
     }
 

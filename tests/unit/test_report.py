@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+from datetime import UTC, datetime
 from decimal import Decimal
 from html.parser import HTMLParser
 from pathlib import Path
@@ -18,14 +19,21 @@ from typing import Any
 import pytest
 from openpyxl import load_workbook
 
-from gpuaas.api.usage import GpuUsage, GpuUsageSpec, UsageLedger, UsageTenant, usage_name
+from gpuaas.api.usage import GpuUsage, GpuUsageSpec, GrantChange, UsageLedger, UsageTenant, usage_name
 from gpuaas.domain.report import Report, build_report, utilisation_percent
 from gpuaas.reporting import render, to_csv, to_html, to_json, to_xlsx
-from gpuaas.reporting.formats import ROW_COLUMNS, TOTAL_COLUMNS
+from gpuaas.reporting.formats import ROW_COLUMNS, SCOPE_TITLES, TOTAL_COLUMNS
 
 GOLDEN = Path(__file__).parent / "golden"
 MONTH = "2026-10"
 OCTOBER_HOURS = 31 * 24
+
+
+def spread_over_october(seconds: int) -> dict[str, int]:
+    """Equal parts on each of the 31 days, the remainder on the last: they sum to `seconds`."""
+    days = {f"{day:02d}": seconds // 31 for day in range(1, 32)}
+    days["31"] += seconds % 31
+    return days
 
 
 def record(
@@ -40,7 +48,10 @@ def record(
     pods: int = 1,
     month: str = MONTH,
     contract: str = "",
+    daily: bool = True,
 ) -> GpuUsage:
+    """A month's record; with `daily`, its used seconds and its grant are spread over the days (without, it is a
+    record booked before records kept daily figures)."""
     model, provider = {
         "nhn-b200-a": ("B200", "nhn"),
         "kakao-b200-a": ("B200", "kakao"),
@@ -64,12 +75,33 @@ def record(
             granted_gpus=gpus,
             peak_gpus_in_use=gpus if peak is None else peak,
             pod_count=pods,
+            daily_used_gpu_seconds=spread_over_october(used_gpu_seconds) if daily else {},
+            daily_granted_gpu_seconds={f"{day:02d}": gpus * 86400 for day in range(1, 32)} if daily else {},
         ),
     )
 
 
+HISTORY = {
+    "upstage-fm": [
+        GrantChange(at=datetime(2026, 10, 1, tzinfo=UTC), by="nipa-officer-kim", changes=["gpus 512 -> 1024"]),
+        GrantChange(
+            at=datetime(2026, 10, 20, 9, tzinfo=UTC), by="nipa-officer-lee", changes=["suspended", "priority 0 -> 5"]
+        ),
+    ],
+    "lg-exaone": [GrantChange(at=datetime(2026, 10, 24, tzinfo=UTC), by="nipa-officer-kim", changes=["deleted"])],
+}
+
+
 def ledger() -> list[GpuUsage]:
-    """A month of the program: Korean tenant names, a deleted allocation, a zero grant, another month."""
+    """A month of the program: Korean tenant names, a deleted allocation, a zero grant, another month, changes."""
+    records = ledger_without_history()
+    for item in records:
+        if item.spec.month == MONTH:
+            item.ledger.history = HISTORY.get(item.spec.allocation, [])
+    return records
+
+
+def ledger_without_history() -> list[GpuUsage]:
     return [
         record(
             "upstage-fm",
@@ -97,7 +129,7 @@ def ledger() -> list[GpuUsage]:
         ),
         record("kaist-nlp", "KAIST 자연어처리 연구실", "KAIST", "nhn-b200-a", 16, 9, 2_678_391, 1, 1),
         # Deleted last week: only its record is left, and it still belongs in the report.
-        record("lg-exaone", "LG AI연구원", "LG", "kakao-b200-a", 512, 1_300_000_001, 0, 512, 64),
+        record("lg-exaone", "LG AI연구원", "LG", "kakao-b200-a", 512, 1_300_000_001, 0, 512, 64, daily=False),
         record("rebellions-beta", "(주)리벨리온 & 파트너스 <베타>", "리벨리온", "kakao-b200-a", 8, 18, 1_800, 8, 3),
         record("snu-ai-lab-h200", "서울대학교 AI연구실", "서울대학교", "naver-h200-a", 32, 50_000_000, 7_200, 32, 12),
         record("naver-startup", '스타트업 "지원" 프로그램', "네이버 클라우드", "naver-h200-a", 0, 0, 0, 0, 0),
@@ -282,7 +314,7 @@ def csv_tables(data: bytes) -> tuple[list[dict[str, str]], list[dict[str, str]]]
 
 def xlsx_tables(data: bytes) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     workbook = load_workbook(io.BytesIO(data))
-    assert workbook.sheetnames == ["Usage", "Totals"]
+    assert workbook.sheetnames == ["Usage", "Totals", "Daily", "History"]
     tables = []
     for sheet, columns in ((workbook["Usage"], ROW_COLUMNS), (workbook["Totals"], TOTAL_COLUMNS)):
         lines = list(sheet.iter_rows())
@@ -337,10 +369,12 @@ class TableReader(HTMLParser):
 def html_tables(page: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     reader = TableReader()
     reader.feed(page)
-    # The first <tr> of each table is the header: it has no data cells.
+    # The first <tr> of each table is the header: it has no data cells. The page names scopes for people; the
+    # scope's key is what the other formats hold.
+    scope_keys = {title: key for key, title in SCOPE_TITLES.items()}
     return (
         [row for row in reader.tables["rows"] if row],
-        [row for row in reader.tables["totals"] if row],
+        [row | {"scope": scope_keys[row["scope"]]} for row in reader.tables["totals"] if row],
     )
 
 
@@ -366,10 +400,95 @@ def test_html_is_self_contained_with_a_chart_per_pool_and_korean_text_escaped(re
     assert "<script" not in page
     assert not re.search(r"(src|href)=|@import|url\(", page)
     assert [link for link in re.findall(r"https?://[^\"' ]+", page) if link != "http://www.w3.org/2000/svg"] == []
-    assert page.count("<svg") == 3 + 1  # three pools and the top tenants
+    assert page.count("<svg") == 3 + 1 + 3  # three pools, the top tenants, and each pool's days
     assert "<베타>" not in page
     reader = TableReader()
     reader.feed(page)
     tenants = {row["tenant"] for row in reader.tables["rows"] if row}
     assert "(주)리벨리온 & 파트너스 <베타>" in tenants
     assert "서울대학교 AI연구실" in tenants
+
+
+def test_each_pools_days_and_what_predates_them_add_up_to_its_total(report: Report) -> None:
+    totals = {total.key: total for total in report.totals if total.scope == "pool"}
+    assert [series.pool for series in report.daily] == sorted(totals)
+    for series in report.daily:
+        assert len(series.days) == 31
+        assert series.days[0].day == "2026-10-01"
+        assert sum(day.used_gpu_seconds for day in series.days) + series.unsplit_used_gpu_seconds == (
+            totals[series.pool].used_gpu_seconds
+        )
+        assert sum(day.granted_gpu_seconds for day in series.days) + series.unsplit_granted_gpu_seconds == (
+            totals[series.pool].granted_gpu_seconds
+        )
+    # Only the deleted allocation's record predates daily figures.
+    unsplit = {series.pool: series.unsplit_used_gpu_seconds for series in report.daily}
+    assert unsplit == {"kakao-b200-a": 1_300_000_001, "naver-h200-a": 0, "nhn-b200-a": 0}
+
+
+def test_the_daily_sheet_and_page_show_the_days_of_the_json(report: Report) -> None:
+    document = json.loads(to_json(report))
+    expected = [{"pool": series["pool"], **day} for series in document["daily"] for day in series["days"]]
+    sheet = load_workbook(io.BytesIO(to_xlsx(report)))["Daily"]
+    lines = [[cell.value for cell in line] for line in sheet.iter_rows()]
+    assert lines[0] == ["Pool", "Day", "Granted GPU-hours", "Used GPU-hours"]
+    assert [dict(zip(["pool", "day", "grantedGPUHours", "usedGPUHours"], line, strict=True)) for line in lines[1:]] == (
+        expected
+    )
+    page = to_html(report)
+    for series in document["daily"]:
+        day = series["days"][30]
+        assert f"{day['day']}: granted {day['grantedGPUHours']:.3f}, used {day['usedGPUHours']:.3f} GPU-hours" in page
+    assert "booked before records kept daily figures" in page
+
+
+def test_the_page_has_a_row_per_tenant_with_its_organisation_and_contract(report: Report) -> None:
+    reader = TableReader()
+    reader.feed(to_html(report))
+    tenants = [row for row in reader.tables["tenants"] if row]
+    snu = [row for row in tenants if row["tenant"] == "서울대학교 AI연구실"]
+    assert snu == [  # sorted by contract: the H200 allocation has none
+        {
+            "tenant": "서울대학교 AI연구실",
+            "organization": "서울대학교",
+            "contract": "",
+            "allocations": "1",
+            "grantedGPUHours": "23808.000",
+            "usedGPUHours": "13888.889",
+            "utilisationPercent": "58.3",
+            "idleHours": "2.000",
+        },
+        {
+            "tenant": "서울대학교 AI연구실",
+            "organization": "서울대학교",
+            "contract": "NIPA-2026-114",
+            "allocations": "1",
+            "grantedGPUHours": "47616.000",
+            "usedGPUHours": "34293.553",
+            "utilisationPercent": "72.0",
+            "idleHours": "24.000",
+        },
+    ]
+    assert len(tenants) == len({(r.tenant, r.organization, r.contract) for r in report.rows})
+
+
+def test_the_month_s_changes_are_an_appendix_in_every_format_but_csv(report: Report) -> None:
+    assert [(line.at, line.allocation, line.by, line.changes) for line in report.history] == [
+        ("2026-10-01T00:00:00Z", "upstage-fm", "nipa-officer-kim", "gpus 512 -> 1024"),
+        ("2026-10-20T09:00:00Z", "upstage-fm", "nipa-officer-lee", "suspended; priority 0 -> 5"),
+        ("2026-10-24T00:00:00Z", "lg-exaone", "nipa-officer-kim", "deleted"),
+    ]
+    document = json.loads(to_json(report))
+    assert [line["by"] for line in document["history"]] == ["nipa-officer-kim", "nipa-officer-lee", "nipa-officer-kim"]
+    sheet = load_workbook(io.BytesIO(to_xlsx(report)))["History"]
+    assert [cell.value for cell in next(sheet.iter_rows())] == [
+        "When (UTC)",
+        "Allocation",
+        "Tenant",
+        "Requested by",
+        "Change",
+    ]
+    assert sheet.max_row == 1 + 3
+    reader = TableReader()
+    reader.feed(to_html(report))
+    assert [row["changes"] for row in reader.tables["history"] if row] == [line.changes for line in report.history]

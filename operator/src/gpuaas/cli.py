@@ -10,16 +10,17 @@ from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import typer
+from kubernetes.config.config_exception import ConfigException
 from rich.console import Console
 
-from gpuaas.api.usage import DEFAULT_TIME_ZONE, GpuUsage
+from gpuaas.api.usage import DEFAULT_TIME_ZONE
 from gpuaas.domain.ledger import month_of, parse_month
-from gpuaas.domain.report import build_report
+from gpuaas.domain.report import build_merged_report, build_report
 from gpuaas.domain.scenarios import REAL_NODE_POOL, SCENARIOS, pool_manifest
-from gpuaas.k8s.client import new_api_client
+from gpuaas.k8s.client import current_context, new_api_client
 from gpuaas.k8s.manifests import load_manifests, server_side_apply
 from gpuaas.k8s.resources import list_pools, wait_for_pool_status
-from gpuaas.k8s.usage import list_usage
+from gpuaas.k8s.usage import LedgerSource, LedgerUnreadableError, read_ledgers
 from gpuaas.options import OperatorOptions
 from gpuaas.reporting.formats import FORMATS, render
 
@@ -261,6 +262,35 @@ def report_path(out: str, month: str, format_name: str) -> Path:
     return path
 
 
+def ledger_sources(kubeconfigs: list[str], contexts: list[str]) -> list[LedgerSource]:
+    """Where the report reads: one cluster by default; several contexts of one kubeconfig, or several kubeconfigs
+    each at its current context, for a merged report. Each cluster is named by its context."""
+    if len(kubeconfigs) > 1 and contexts:
+        raise typer.BadParameter(
+            "give several --context with one --kubeconfig, or several --kubeconfig each at its current context",
+            param_hint="--context",
+        )
+    if contexts:
+        kubeconfig = kubeconfigs[0] if kubeconfigs else None
+        sources = [LedgerSource(context, kubeconfig, context) for context in contexts]
+    elif len(kubeconfigs) > 1:
+        try:
+            sources = [LedgerSource(current_context(path), path) for path in kubeconfigs]
+        except (ConfigException, OSError) as error:
+            raise typer.BadParameter(str(error), param_hint="--kubeconfig") from None
+    else:
+        return [LedgerSource("", kubeconfigs[0] if kubeconfigs else None)]
+    names = [source.name for source in sources]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise typer.BadParameter(
+            f"several clusters are named {', '.join(repeated)}; each cluster of a merged report needs a context "
+            "name of its own",
+            param_hint="--context",
+        )
+    return sources
+
+
 @app.command()
 def report(
     month: Annotated[
@@ -271,12 +301,27 @@ def report(
         str | None,
         typer.Option(help="File, or directory for gpuaas-report-<month>.<format>; default stdout."),
     ] = None,
-    kubeconfig: Annotated[str | None, typer.Option(help="Kubeconfig; default in-cluster or $KUBECONFIG.")] = None,
+    kubeconfig: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Kubeconfig; default in-cluster or $KUBECONFIG. Repeat it to merge clusters, each at its current "
+            "context."
+        ),
+    ] = None,
+    context: Annotated[
+        list[str] | None,
+        typer.Option(help="Kubeconfig context to read. Repeat it to merge clusters into one report (one per context)."),
+    ] = None,
     time_zone: Annotated[
         str, typer.Option("--time-zone", "--timezone", help="Time zone that resolves 'current' and 'previous'.")
     ] = DEFAULT_TIME_ZONE,
 ) -> None:
-    """Write the monthly usage report, computed from the GpuUsage ledger (deleted allocations included)."""
+    """Write the monthly usage report, computed from the GpuUsage ledger (deleted allocations included).
+
+    With several clusters (one per provider), the report merges their ledgers: rows per cluster and allocation,
+    totals per cluster, pool, GPU model and provider, and the program's total. A cluster that cannot be read fails
+    the report; none is ever left out.
+    """
     if format_name not in FORMATS:
         raise typer.BadParameter(
             f"unknown format {format_name!r}; choose one of {', '.join(FORMATS)}", param_hint="--format"
@@ -286,16 +331,25 @@ def report(
     except (ZoneInfoNotFoundError, ValueError):
         raise typer.BadParameter(f"unknown time zone {time_zone!r}", param_hint="--time-zone") from None
     chosen = resolve_month(month, time_zone, now())
-    with new_api_client(kubeconfig) as api:
-        records = [GpuUsage.from_object(obj) for obj in list_usage(api)]
-    data = render(build_report(records, chosen), format_name)
+    sources = ledger_sources(kubeconfig or [], context or [])
+    try:
+        ledgers = read_ledgers(sources)
+    except LedgerUnreadableError as error:
+        console.print(f"error: cannot read the ledger of {error}; no report was written", markup=False, highlight=False)
+        raise typer.Exit(1) from None
+    if len(sources) == 1:
+        built = build_report(ledgers[sources[0].name], chosen)
+    else:
+        built = build_merged_report(ledgers, chosen)
+    data = render(built, format_name)
     if out is None:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return
     path = report_path(out, chosen, format_name)
     path.write_bytes(data)
-    console.print(f"report {chosen}: {len(data):,} bytes written to {path}")
+    covered = f" ({len(sources)} clusters: {', '.join(built.clusters)})" if built.clusters else ""
+    console.print(f"report {chosen}{covered}: {len(data):,} bytes written to {path}")
 
 
 def main() -> None:

@@ -59,6 +59,14 @@ class PodWatermark(ApiModel):
     booked_until: datetime
 
 
+class GrantChange(ApiModel):
+    """One change to the allocation, as the API server saw who asked (domain/history.py)."""
+
+    at: datetime
+    by: str = Field(min_length=1)
+    changes: list[str] = Field(min_length=1)
+
+
 class UsageLedger(ApiModel):
     """Booked totals of one allocation in one month, and the watermarks up to which they are booked."""
 
@@ -73,8 +81,14 @@ class UsageLedger(ApiModel):
     pod_count: int = Field(default=0, ge=0)
     # Pods whose finish the kubelet never reported, billed to their kill deadline (deletion request + allowed grace).
     pods_billed_to_deadline: int = Field(default=0, ge=0)
+    # The seconds split by local day of the month ("01".."31"): the report's daily series. They sum to the month's
+    # seconds, except in records booked before they existed.
+    daily_used_gpu_seconds: dict[str, int] = Field(default_factory=dict, alias="dailyUsedGPUSeconds")
+    daily_granted_gpu_seconds: dict[str, int] = Field(default_factory=dict, alias="dailyGrantedGPUSeconds")
     booked_until: datetime | None = None
     pods: dict[str, PodWatermark] = Field(default_factory=dict)
+    # Changes to the allocation made in this month, oldest first.
+    history: list[GrantChange] = Field(default_factory=list)
 
 
 class GpuUsage(ApiModel):

@@ -83,6 +83,15 @@ class RemoveAllocationFinalizer:
 
 
 @dataclass(frozen=True)
+class AnnotateAllocation:
+    """Set one annotation of an allocation (the grant history's delete stamp)."""
+
+    allocation: str
+    key: str
+    value: str
+
+
+@dataclass(frozen=True)
 class SuspendAllocation:
     """Set spec.suspend, so that resuming is the documented `spec.suspend: false`."""
 
@@ -132,6 +141,7 @@ Action = (
     | AddAllocationFinalizer
     | RemoveAllocationFinalizer
     | SuspendAllocation
+    | AnnotateAllocation
     | PostEvent
     | CreateUsage
     | WriteUsageLedger

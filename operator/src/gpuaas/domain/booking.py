@@ -13,9 +13,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from gpuaas.api.usage import GpuUsage, GpuUsageSpec, UsageLedger, usage_name
-from gpuaas.domain.actions import Action, CreateUsage, ReleasePod, WriteUsageLedger
+from gpuaas.api.allocation import ALLOCATION_KIND
+from gpuaas.api.usage import GpuUsage, GpuUsageSpec, GrantChange, UsageLedger, usage_name
+from gpuaas.domain.actions import Action, CreateUsage, PostEvent, ReleasePod, WriteUsageLedger
 from gpuaas.domain.departed import WATERMARK_KEEP
+from gpuaas.domain.history import UNKNOWN_REQUESTER
 from gpuaas.domain.ledger import (
     GrantState,
     LedgerPod,
@@ -23,6 +25,7 @@ from gpuaas.domain.ledger import (
     TimeZoneLike,
     book_up_to,
     continued_stretches,
+    month_of,
     months_touched,
     prune,
     shared_claim_spans,
@@ -93,6 +96,42 @@ def _unbooked_sharers(
     return waiting
 
 
+def _unrecorded(changes: Sequence[GrantChange], allocation_uid: str, records: Sequence[GpuUsage]) -> list[GrantChange]:
+    """The changes no record of the allocation holds yet. A change nobody was seen to make is dated when it was
+    noticed, so it is the same change whatever its date."""
+    held = [entry for r in records if r.spec.allocation_uid == allocation_uid for entry in r.ledger.history]
+    return [
+        change
+        for change in changes
+        if not any(
+            (entry.by, entry.changes) == (change.by, change.changes)
+            and (entry.at == change.at or change.by == UNKNOWN_REQUESTER)
+            for entry in held
+        )
+    ]
+
+
+def _add_changes(
+    changes: Sequence[GrantChange],
+    identity: GpuUsageSpec,
+    indexed: Mapping[str, GpuUsage],
+    ledger: WrittenLedger,
+    tz: TimeZoneLike,
+    current: dict[str, GpuUsage],
+    statuses: Mapping[str, UsageLedger],
+    to_write: dict[str, UsageLedger],
+) -> None:
+    """Add each change to the record of its month in `to_write` (and to `current` if no month booked it)."""
+    for change in changes:
+        month = month_of(change.at, tz)
+        if month not in current:
+            spec = identity.model_copy(update={"month": month})
+            name = record_name_for(indexed, spec)
+            current[month] = ledger.records.get(month) or indexed.get(name) or GpuUsage(name=name, spec=spec)
+        base = to_write.get(month) or statuses.get(month) or current[month].ledger
+        to_write[month] = base.model_copy(update={"history": [*base.history, change]})
+
+
 def flush_due(ledger: WrittenLedger, now: datetime, interval: timedelta) -> bool:
     return ledger.last_write is None or now - ledger.last_write >= interval
 
@@ -108,9 +147,12 @@ def plan_booking(
     flush_interval: timedelta,
     force: bool = False,
     live_pod_uids: frozenset[str] | None = None,
+    changes: Sequence[GrantChange] = (),
 ) -> BookingPlan:
     """Book one allocation up to `now`. `identity` is the record spec without month; `indexed` holds the records the
-    index has (by name), `ledger` those this writer wrote (the index may lag them). `force` writes now (release)."""
+    index has (by name), `ledger` those this writer wrote (the index may lag them). `force` writes now (release).
+    `changes` are the allocation's grant-history entries (domain/history.py): each one no record holds yet is
+    added to the record of its month, and written at once."""
     stretches = shared_claim_spans(pods)
     if stretches:  # whatever month the records booked a stretch in: it may have begun in an earlier one
         known_records = [*indexed.values(), *ledger.records.values()]
@@ -160,8 +202,10 @@ def plan_booking(
     ending = any(p.has_finalizer and p.finished and p.uid in released for p in pods) or bool(
         finished_unbooked or departures
     )
+    new_changes = _unrecorded(changes, identity.allocation_uid, [*indexed.values(), *ledger.records.values()])
+    _add_changes(new_changes, identity, indexed, ledger, tz, current, statuses, to_write)
     booked = {**statuses, **to_write}
-    if to_write and not (due or ending):
+    if to_write and not (due or ending or new_changes):
         return BookingPlan(booked=booked, actions=[], written={})  # in memory only; written at the next due flush
 
     actions: list[Action] = []
@@ -169,11 +213,16 @@ def plan_booking(
     for month, booked_month in sorted(to_write.items()):
         record = current[month]
         written[record.name] = record.model_copy(update={"ledger": booked_month})
-        if month in result.created and record.name not in indexed and month not in ledger.records:
+        if record.name not in indexed and month not in ledger.records:
             actions.append(CreateUsage(written[record.name]))
         else:
             dropped = tuple(sorted(set(record.ledger.pods) - set(booked_month.pods)))
             actions.append(WriteUsageLedger(record.name, booked_month, dropped))
+    for change in new_changes:  # `kubectl describe` shows them beside the latest stamp
+        message = f"{change.by}: {'; '.join(change.changes)}"
+        actions.append(
+            PostEvent(ALLOCATION_KIND, identity.allocation, identity.allocation_uid, "GrantChanged", message)
+        )
     for pod in pods:
         if pod.has_finalizer and pod.finished and (pod.uid in released or pod.interval is None):
             actions.append(ReleasePod(pod.namespace, pod.name))

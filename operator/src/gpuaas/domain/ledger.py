@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache
 from typing import Any
@@ -120,6 +120,36 @@ def _months_spanning(start: int, end: int, zone: ZoneInfo) -> list[tuple[str, in
         spans.append((_format_month(year, month), month_start, month_end))
         (year, month), month_start = following, month_end
     return spans
+
+
+def _day_start(day: date, zone: ZoneInfo) -> int:
+    return to_epoch(datetime(day.year, day.month, day.day, tzinfo=zone))
+
+
+def _days_spanning(start: int, end: int, zone: ZoneInfo) -> list[tuple[str, int, int]]:
+    """(day of the month "DD", day_start, day_end) for every local day overlapping [start, end)."""
+    if end <= start:
+        return []
+    day = from_epoch(start).astimezone(zone).date()
+    day_start = _day_start(day, zone)
+    if day_start > start:  # a midnight in a DST gap: the bounds, not the wall clock, decide
+        day -= timedelta(days=1)
+        day_start = _day_start(day, zone)
+    spans: list[tuple[str, int, int]] = []
+    while day_start < end:
+        following = day + timedelta(days=1)
+        day_end = _day_start(following, zone)
+        spans.append((f"{day.day:02d}", day_start, day_end))
+        day, day_start = following, day_end
+    return spans
+
+
+def _add_by_day(daily: dict[str, int], start: int, end: int, weight: int, zone: ZoneInfo) -> None:
+    """Add weight x the seconds of [start, end) to each local day they fall on; the parts sum to the whole."""
+    for day, day_start, day_end in _days_spanning(start, end, zone):
+        seconds = min(end, day_end) - max(start, day_start)
+        if seconds > 0:
+            daily[day] = daily.get(day, 0) + weight * seconds
 
 
 def split_by_month(start: datetime, end: datetime, tz: TimeZoneLike) -> list[tuple[str, int]]:
@@ -277,6 +307,7 @@ def _book_month(
     grant: GrantState | None,
     grant_span: tuple[int, int] | None,
     now: int,
+    zone: ZoneInfo,
 ) -> UsageLedger:
     status = previous.model_copy(deep=True) if previous is not None else UsageLedger()
     window_end = min(now, month_end)
@@ -294,6 +325,7 @@ def _book_month(
             booked_from = max(start, to_epoch(watermark.booked_until))
         if end > booked_from:
             status.used_gpu_seconds += span.gpus * (end - booked_from)
+            _add_by_day(status.daily_used_gpu_seconds, booked_from, end, span.gpus, zone)
             status.pods[span.uid] = PodWatermark(gpus=span.gpus, booked_until=from_epoch(end))
             if span.end_is_deadline and end == span.end:  # the watermark reaches the end once: counted once
                 status.pods_billed_to_deadline += 1
@@ -306,6 +338,7 @@ def _book_month(
             if active_end > active_start:
                 active = active_end - active_start
                 status.granted_gpu_seconds += grant.gpus * active
+                _add_by_day(status.daily_granted_gpu_seconds, active_start, active_end, grant.gpus, zone)
                 status.granted_gpus = grant.gpus
                 if grant.gpus > 0:  # a grant of nothing (suspended) cannot sit idle
                     busy = _covered_seconds(((span.start, span.booked_to) for span in spans), active_start, active_end)
@@ -367,7 +400,7 @@ def book_up_to(
         year, number = parse_month(month)
         month_start, month_end = _month_start(year, number, zone), _month_start(*_next_month(year, number), zone)
         previous = records.get(month)
-        booked = _book_month(previous, month_start, month_end, spans, grant, grant_span, now_epoch)
+        booked = _book_month(previous, month_start, month_end, spans, grant, grant_span, now_epoch, zone)
         final[month] = booked
         if previous is None:
             created.add(month)

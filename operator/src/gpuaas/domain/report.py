@@ -2,21 +2,27 @@
 
 Records outlive their allocations, so deleted allocations appear like any other. Hours are exact
 seconds divided by 3600 and rounded once (3 decimals, half up); totals are summed from exact seconds
-and rounded once, never summed from rounded rows. Row order is fixed (pool, tenant, allocation) so
+and rounded once, never summed from rounded rows. Row order is fixed (cluster, pool, tenant, allocation) so
 the same ledger always yields the same report.
+
+A merged report covers several clusters (one per provider): each row names its cluster, pools are totalled per
+cluster (two clusters may both have a pool `b200-a`), and clusters get totals of their own. Its numbers are the sums
+of the clusters' own reports, to the GPU-second.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from calendar import monthrange
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Literal
 
 from gpuaas.api.usage import DEFAULT_TIME_ZONE, GpuUsage
 from gpuaas.domain.ledger import parse_month, seconds_to_hours
 
-TotalScope = Literal["pool", "gpuModel", "provider", "all"]
+TotalScope = Literal["cluster", "pool", "gpuModel", "provider", "all"]
 _PERCENT_QUANTUM = Decimal("0.1")
 
 
@@ -27,6 +33,11 @@ def utilisation_percent(used_gpu_seconds: int, granted_gpu_seconds: int) -> Deci
     return (Decimal(used_gpu_seconds) * 100 / Decimal(granted_gpu_seconds)).quantize(
         _PERCENT_QUANTUM, rounding=ROUND_HALF_UP
     )
+
+
+def qualified_pool(cluster: str, pool: str) -> str:
+    """The pool, named with its cluster in a merged report, where two clusters may each have a pool of that name."""
+    return f"{cluster}/{pool}" if cluster else pool
 
 
 class _Hours:
@@ -55,8 +66,9 @@ class _Hours:
 
 @dataclass(frozen=True)
 class ReportRow(_Hours):
-    """One allocation in one month."""
+    """One allocation in one month; `cluster` is empty in a single cluster's report."""
 
+    cluster: str
     month: str
     allocation: str
     allocation_uid: str
@@ -72,6 +84,10 @@ class ReportRow(_Hours):
     idle_seconds: int
     peak_gpus_in_use: int
     pod_count: int
+
+    @property
+    def qualified_pool(self) -> str:
+        return qualified_pool(self.cluster, self.pool)
 
 
 @dataclass(frozen=True)
@@ -89,17 +105,68 @@ class ReportTotal(_Hours):
 
 
 @dataclass(frozen=True)
+class DayUsage:
+    """One local day of a pool: GPU-seconds used by pods and granted to allocations."""
+
+    day: str
+    """The date, YYYY-MM-DD."""
+    used_gpu_seconds: int
+    granted_gpu_seconds: int
+
+    @property
+    def used_gpu_hours(self) -> Decimal:
+        return seconds_to_hours(self.used_gpu_seconds)
+
+    @property
+    def granted_gpu_hours(self) -> Decimal:
+        return seconds_to_hours(self.granted_gpu_seconds)
+
+
+@dataclass(frozen=True)
+class DailySeries:
+    """A pool's days in the month, every day in order (zero where nothing was booked)."""
+
+    pool: str
+    """The pool, named with its cluster in a merged report."""
+    days: tuple[DayUsage, ...]
+    unsplit_used_gpu_seconds: int
+    """Used seconds booked before records kept daily figures: in the month's total, on no day."""
+    unsplit_granted_gpu_seconds: int
+
+
+@dataclass(frozen=True)
+class HistoryLine:
+    """One change to an allocation in the month: the report's grant-history appendix."""
+
+    cluster: str
+    allocation: str
+    tenant: str
+    at: str
+    """ISO 8601 in UTC."""
+    by: str
+    changes: str
+
+
+@dataclass(frozen=True)
 class Report:
     month: str
     time_zone: str
     rows: tuple[ReportRow, ...]
     totals: tuple[ReportTotal, ...]
-    """Per pool, per GPU model, per provider (each sorted by key), then the grand total."""
+    """Per cluster (merged reports only), per pool, per GPU model, per provider (each sorted by key), then the grand
+    total."""
+    clusters: tuple[str, ...] = ()
+    """The clusters a merged report covers, sorted; empty for a single cluster's report."""
+    daily: tuple[DailySeries, ...] = ()
+    """Per pool (sorted), its used and granted GPU-seconds on each day of the month."""
+    history: tuple[HistoryLine, ...] = ()
+    """Every change to an allocation made in the month, oldest first."""
 
 
-def _row(record: GpuUsage) -> ReportRow:
+def _row(cluster: str, record: GpuUsage) -> ReportRow:
     spec, status = record.spec, record.ledger
     return ReportRow(
+        cluster=cluster,
         month=spec.month,
         allocation=spec.allocation,
         allocation_uid=spec.allocation_uid,
@@ -138,25 +205,123 @@ def _totals_by(scope: TotalScope, rows: tuple[ReportRow, ...], key: Callable[[Re
     ]
 
 
+@dataclass(frozen=True)
+class TenantSummary(_Hours):
+    """A tenant's allocations in the month, summed: who it is, under which contract, what it had and used."""
+
+    tenant: str
+    organization: str
+    contract: str
+    allocations: int
+    used_gpu_seconds: int
+    granted_gpu_seconds: int
+    idle_seconds: int
+
+
+def tenant_summaries(rows: Iterable[ReportRow]) -> list[TenantSummary]:
+    """One summary per tenant, organisation and contract, sorted by them."""
+    groups: dict[tuple[str, str, str], list[ReportRow]] = {}
+    for row in rows:
+        groups.setdefault((row.tenant, row.organization, row.contract), []).append(row)
+    return [
+        TenantSummary(
+            tenant=tenant,
+            organization=organization,
+            contract=contract,
+            allocations=len(members),
+            used_gpu_seconds=sum(row.used_gpu_seconds for row in members),
+            granted_gpu_seconds=sum(row.granted_gpu_seconds for row in members),
+            idle_seconds=sum(row.idle_seconds for row in members),
+        )
+        for (tenant, organization, contract), members in sorted(groups.items())
+    ]
+
+
+def _daily_series(month: str, selected: Sequence[tuple[GpuUsage, str]]) -> tuple[DailySeries, ...]:
+    year, number = parse_month(month)
+    days = [f"{day:02d}" for day in range(1, monthrange(year, number)[1] + 1)]
+    by_pool: dict[str, list[GpuUsage]] = {}
+    for record, cluster in selected:
+        by_pool.setdefault(qualified_pool(cluster, record.spec.pool), []).append(record)
+    series = []
+    for pool, records in sorted(by_pool.items()):
+        used = {day: sum(r.ledger.daily_used_gpu_seconds.get(day, 0) for r in records) for day in days}
+        granted = {day: sum(r.ledger.daily_granted_gpu_seconds.get(day, 0) for r in records) for day in days}
+        series.append(
+            DailySeries(
+                pool=pool,
+                days=tuple(DayUsage(f"{month}-{day}", used[day], granted[day]) for day in days),
+                unsplit_used_gpu_seconds=sum(r.ledger.used_gpu_seconds for r in records) - sum(used.values()),
+                unsplit_granted_gpu_seconds=sum(r.ledger.granted_gpu_seconds for r in records) - sum(granted.values()),
+            )
+        )
+    return tuple(series)
+
+
 def build_report(records: Iterable[GpuUsage], month: str, time_zone: str | None = None) -> Report:
     """The report of `month`: one row per allocation from the records of that month, and totals.
 
     `time_zone` names the zone the month is in for the header; by default the records' own zone.
     """
+    return _build(((record, "") for record in records), month, time_zone, clusters=())
+
+
+def build_merged_report(
+    records_by_cluster: Mapping[str, Iterable[GpuUsage]], month: str, time_zone: str | None = None
+) -> Report:
+    """One report of `month` over several clusters' ledgers, keyed by cluster name."""
+    if not records_by_cluster:
+        raise ValueError("a merged report needs at least one cluster")
+    for cluster in records_by_cluster:
+        if not cluster:
+            raise ValueError("every cluster of a merged report needs a name")
+    pairs = ((record, cluster) for cluster, records in records_by_cluster.items() for record in records)
+    return _build(pairs, month, time_zone, clusters=tuple(sorted(records_by_cluster)))
+
+
+def _build(
+    records: Iterable[tuple[GpuUsage, str]], month: str, time_zone: str | None, clusters: tuple[str, ...]
+) -> Report:
     parse_month(month)
-    selected = [record for record in records if record.spec.month == month]
+    selected = [(record, cluster) for record, cluster in records if record.spec.month == month]
     rows = tuple(
         sorted(
-            (_row(record) for record in selected),
-            key=lambda row: (row.pool, row.tenant, row.allocation, row.allocation_uid),
+            (_row(cluster, record) for record, cluster in selected),
+            key=lambda row: (row.cluster, row.pool, row.tenant, row.allocation, row.allocation_uid),
         )
     )
-    zones = sorted({record.spec.time_zone for record in selected})
+    zones = sorted({record.spec.time_zone for record, _ in selected})
     zone = time_zone or (", ".join(zones) if zones else DEFAULT_TIME_ZONE)
+    # A cluster with nothing booked this month still gets its (zero) total: it was read, not left out.
+    per_cluster = [_total("cluster", cluster, (row for row in rows if row.cluster == cluster)) for cluster in clusters]
     totals = [
-        *_totals_by("pool", rows, lambda row: row.pool),
+        *per_cluster,
+        *_totals_by("pool", rows, lambda row: row.qualified_pool),
         *_totals_by("gpuModel", rows, lambda row: row.gpu_model),
         *_totals_by("provider", rows, lambda row: row.provider),
         _total("all", "", rows),
     ]
-    return Report(month=month, time_zone=zone, rows=rows, totals=tuple(totals))
+    history = sorted(
+        (
+            HistoryLine(
+                cluster=cluster,
+                allocation=record.spec.allocation,
+                tenant=record.spec.tenant.name,
+                at=change.at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+                by=change.by,
+                changes="; ".join(change.changes),
+            )
+            for record, cluster in selected
+            for change in record.ledger.history
+        ),
+        key=lambda line: (line.at, line.cluster, line.allocation, line.by, line.changes),
+    )
+    return Report(
+        month=month,
+        time_zone=zone,
+        rows=rows,
+        totals=tuple(totals),
+        clusters=clusters,
+        daily=_daily_series(month, selected),
+        history=tuple(history),
+    )

@@ -32,6 +32,9 @@ class AllocationView:
     finalizers: tuple[str, ...]
     spec: Mapping[str, Any]
     status: Mapping[str, Any]
+    # The grant-history annotations the webhooks stamp (domain/history.py), and when the deletion was requested.
+    history_stamps: Mapping[str, str] = field(default_factory=dict)
+    deletion_timestamp: datetime | None = None
 
     @property
     def target_namespace(self) -> str:

@@ -26,6 +26,7 @@ from gpuaas.domain.dra import (
     shared_claim,
 )
 from gpuaas.domain.fence import DEFAULT_MAX_GRACE_SECONDS, PoolRules
+from gpuaas.domain.history import HISTORY_ANNOTATIONS
 from gpuaas.domain.ledger import TERMINAL_PHASES, ledger_pod, pod_gpus, pod_interval_from_pod
 from gpuaas.domain.namespaces import NamespaceClaim, TerminatingNamespace, terminating_namespace
 from gpuaas.domain.nodes import NodeInfo, node_info_from_manifest
@@ -41,8 +42,13 @@ def nodes_by_name(*, name: str, body: kopf.Body, **_: Any) -> dict[str, NodeInfo
     return {name: node_info_from_manifest(body, (POOL_LABEL, ALLOCATION_LABEL))}
 
 
+def _time(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+
+
 def allocation_view(body: kopf.Body) -> AllocationView:
     meta = body.get("metadata", {})
+    annotations = meta.get("annotations") or {}
     return AllocationView(
         name=meta["name"],
         uid=meta["uid"],
@@ -53,6 +59,8 @@ def allocation_view(body: kopf.Body) -> AllocationView:
         finalizers=tuple(meta.get("finalizers") or ()),
         spec=dict(body.get("spec") or {}),
         status=dict(body.get("status") or {}),
+        history_stamps={key: annotations[key] for key in HISTORY_ANNOTATIONS if key in annotations},
+        deletion_timestamp=_time(meta.get("deletionTimestamp")),
     )
 
 

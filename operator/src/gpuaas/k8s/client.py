@@ -33,12 +33,18 @@ def discard(response: Any) -> None:
     response.release_conn()
 
 
-def new_api_client(kubeconfig: str | None = None, pool_size: int = 16) -> client.ApiClient:
+def new_api_client(kubeconfig: str | None = None, pool_size: int = 16, context: str | None = None) -> client.ApiClient:
     """A dedicated client, with a connection pool large enough for parallel writers."""
     configuration = client.Configuration()
-    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+    if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
         config.load_incluster_config(client_configuration=configuration)
     else:
-        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+        config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
     configuration.connection_pool_maxsize = pool_size
     return client.ApiClient(configuration)
+
+
+def current_context(kubeconfig: str | None = None) -> str:
+    """The name of the kubeconfig's current context (kubeconfig None: $KUBECONFIG or ~/.kube/config)."""
+    _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+    return str(active["name"])

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from gpuaas.api.usage import GpuUsage, GpuUsageSpec, UsageLedger
+from gpuaas.api.usage import GpuUsage, GpuUsageSpec, GrantChange, UsageLedger
 from gpuaas.domain.actions import CreateUsage, WriteUsageLedger
 from gpuaas.domain.booking import WrittenLedger, plan_booking
 from gpuaas.domain.ledger import GrantState, LedgerPod
@@ -44,6 +44,7 @@ class LedgerWriter:
         grant: GrantState | None,
         now: datetime,
         force: bool = False,
+        changes: Sequence[GrantChange] = (),
     ) -> dict[str, UsageLedger]:
         """Book one allocation up to `now` and write what is due. Returns every touched month's ledger as booked up
         to now, written or not (for live metrics)."""
@@ -52,9 +53,10 @@ class LedgerWriter:
         # watermarks in the records (or their absence) say what is not booked yet.
         ledger = self.ledgers.setdefault(uid, WrittenLedger(last_write=now))
         args = (identity, indexed, ledger, pods, grant, now, self.time_zone, self.flush_interval, force)
-        plan = plan_booking(*args)
+        plan = plan_booking(*args, changes=changes)
         if plan.needs_live_pods:
-            plan = plan_booking(*args, live_pod_uids=frozenset(self.read_live_pod_uids(namespace)))
+            live = frozenset(self.read_live_pod_uids(namespace))
+            plan = plan_booking(*args, live_pod_uids=live, changes=changes)
         for action in plan.actions:
             self.writer.perform(action)
             if isinstance(action, CreateUsage | WriteUsageLedger):

@@ -129,6 +129,12 @@ def add_allocation_finalizer(name: str, finalizer: str, has_any: bool) -> None:
     _patch_allocation(name, [op])
 
 
+def annotate_allocation(name: str, key: str, value: str) -> None:
+    client.CustomObjectsApi().patch_cluster_custom_object(
+        GROUP, VERSION, "gpuallocations", name, {"metadata": {"annotations": {key: value}}}
+    )
+
+
 def suspend_allocation(name: str) -> None:
     client.CustomObjectsApi().patch_cluster_custom_object(
         GROUP, VERSION, "gpuallocations", name, {"spec": {"suspend": True}}

@@ -24,6 +24,7 @@ from gpuaas.api.usage import GpuUsageSpec, UsageLedger, UsageTenant
 from gpuaas.domain import planner
 from gpuaas.domain.actions import Action, ApplyObject, PatchStatus
 from gpuaas.domain.capacity import AdmissionDecision
+from gpuaas.domain.history import stamped_changes
 from gpuaas.domain.ledger import GrantState
 from gpuaas.domain.lifecycle import AllocationSample, allocation_status, rejected_status
 from gpuaas.domain.nodes import NodeInfo
@@ -224,7 +225,9 @@ class PoolReconciler:
             time_zone=self.ledger.time_zone,
         )
         pods = snap.ledger_pods_of(namespace)
-        return self.ledger.book(identity, namespace, snap.usage.get(view.uid, {}), pods, grant, now, force=force)
+        changes = stamped_changes(view.history_stamps, view.spec, view.deletion_timestamp, now)
+        records = snap.usage.get(view.uid, {})
+        return self.ledger.book(identity, namespace, records, pods, grant, now, force=force, changes=changes)
 
     def _parsed_spec(self, view: AllocationView) -> GpuAllocationSpec | ValidationError:
         """Specs only change with the generation; parsing 600 of them every pass would be the pass's cost."""

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, cast
 
+import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+from pydantic import ValidationError
 
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.usage import USAGE_PLURAL, GpuUsage, UsageLedger, ledger_patch
 from gpuaas.domain.fence import USAGE_FINALIZER
-from gpuaas.k8s.client import discard
+from gpuaas.k8s.client import discard, new_api_client
 
 PAGE_SIZE = 500
 JSON_PATCH = "application/json-patch+json"
+
+
+# Seconds to connect to, and to read each page from, a cluster's API server before its ledger counts as unreadable.
+READ_TIMEOUT = (10, 60)
 
 
 def list_usage(api: client.ApiClient) -> list[dict[str, Any]]:
@@ -23,7 +32,7 @@ def list_usage(api: client.ApiClient) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     token: str | None = None
     while True:
-        kwargs: dict[str, Any] = {"limit": PAGE_SIZE}
+        kwargs: dict[str, Any] = {"limit": PAGE_SIZE, "_request_timeout": READ_TIMEOUT}
         if token:
             kwargs["_continue"] = token
         listing = cast(dict[str, Any], objects.list_cluster_custom_object(GROUP, VERSION, USAGE_PLURAL, **kwargs))
@@ -31,6 +40,49 @@ def list_usage(api: client.ApiClient) -> list[dict[str, Any]]:
         token = (listing.get("metadata") or {}).get("continue")
         if not token:
             return items
+
+
+@dataclass(frozen=True)
+class LedgerSource:
+    """One cluster's ledger: where to read it, and the name a merged report gives its rows."""
+
+    name: str
+    kubeconfig: str | None = None
+    context: str | None = None
+
+    def describe(self) -> str:
+        where = [
+            f"context {self.context}" if self.context else "",
+            f"kubeconfig {self.kubeconfig}" if self.kubeconfig else "",
+        ]
+        return f"cluster {self.name!r} ({', '.join(part for part in where if part) or 'in-cluster'})"
+
+
+class LedgerUnreadableError(Exception):
+    """A cluster's ledger could not be read; a report without it would be silently short."""
+
+
+def read_ledger(source: LedgerSource) -> list[GpuUsage]:
+    try:
+        with new_api_client(source.kubeconfig, context=source.context) as api:
+            return [GpuUsage.from_object(obj) for obj in list_usage(api)]
+    except ApiException as error:
+        raise LedgerUnreadableError(
+            f"{source.describe()}: the API server answered {error.status} {error.reason}"
+        ) from error
+    except (urllib3.exceptions.HTTPError, ConfigException, OSError, ValidationError) as error:
+        raise LedgerUnreadableError(f"{source.describe()}: {error}") from error
+
+
+def read_ledgers(sources: Sequence[LedgerSource]) -> dict[str, list[GpuUsage]]:
+    """Every source's records by name, read in parallel. Any unreadable source fails the whole read, naming each
+    one that failed."""
+    with ThreadPoolExecutor(max_workers=max(1, len(sources))) as pool:
+        futures = [pool.submit(read_ledger, source) for source in sources]
+    failures = [str(error) for future in futures if (error := future.exception()) is not None]
+    if failures:
+        raise LedgerUnreadableError("; ".join(failures))
+    return {source.name: future.result() for source, future in zip(sources, futures, strict=True)}
 
 
 class UsageRecordExistsError(Exception):

@@ -132,7 +132,14 @@ def desired_configurations(base_url: str, ca_pem: bytes) -> tuple[dict[str, Any]
                 namespaceSelector=MANAGED_NAMESPACES,
                 failurePolicy="Fail",
                 reinvocationPolicy="IfNeeded",
-            )
+            ),
+            _hook(
+                "mutate-allocations",
+                f"{base}/mutate-allocations",
+                ca,
+                [_rule("gpuaas.io", ["gpuallocations"], ["CREATE", "UPDATE"], "Cluster")],
+                failurePolicy="Ignore",
+            ),
         ],
     }
     validating = {
@@ -196,6 +203,14 @@ def desired_configurations(base_url: str, ca_pem: bytes) -> tuple[dict[str, Any]
                 ca,
                 [_rule("gpuaas.io", ["gpuallocations"], ["CREATE", "UPDATE"], "Cluster")],
                 failurePolicy="Ignore",
+            ),
+            _hook(
+                "stamp-allocation-deletes",
+                f"{base}/stamp-allocation-deletes",
+                ca,
+                [_rule("gpuaas.io", ["gpuallocations"], ["DELETE"], "Cluster")],
+                failurePolicy="Ignore",
+                sideEffects="NoneOnDryRun",
             ),
         ],
     }

@@ -1,4 +1,5 @@
-"""The writer port: every API write of a pool pass goes through `ClusterWriter.perform`.
+"""The writer port: every API write of a pool pass (and of the webhooks' delete stamp) goes through
+`ClusterWriter.perform`.
 
 `KubernetesWriter` is the real one. Unit tests of the executor and the ledger writer use a recording fake; the
 integration tests keep the real API server.
@@ -13,6 +14,7 @@ from typing import Protocol
 from gpuaas.domain.actions import (
     Action,
     AddAllocationFinalizer,
+    AnnotateAllocation,
     ApplyObject,
     CreateUsage,
     DeleteNamespace,
@@ -64,6 +66,8 @@ class KubernetesWriter:
                 objects.remove_allocation_finalizer(allocation, finalizer, list(finalizers))
             case SuspendAllocation(allocation):
                 objects.suspend_allocation(allocation)
+            case AnnotateAllocation(allocation, key, value):
+                objects.annotate_allocation(allocation, key, value)
             case PostEvent(kind, name, uid, reason, message, event_type):
                 objects.post_event(kind, name, uid, reason, message, event_type)
             case CreateUsage(record):

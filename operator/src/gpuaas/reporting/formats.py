@@ -1,6 +1,6 @@
 """Render a Report as CSV, JSON, XLSX or HTML, with the same numbers in each.
 
-Every format is built from the same two tables (ROW_COLUMNS and TOTAL_COLUMNS) and the same
+Every format is built from the same two tables (`row_columns` and TOTAL_COLUMNS) and the same
 Decimal values, and every format is byte-for-byte reproducible for the same report.
 """
 
@@ -19,7 +19,15 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from gpuaas.domain.ledger import parse_month, seconds_to_hours
-from gpuaas.domain.report import Report, ReportRow, ReportTotal
+from gpuaas.domain.report import (
+    DailySeries,
+    HistoryLine,
+    Report,
+    ReportRow,
+    ReportTotal,
+    TenantSummary,
+    tenant_summaries,
+)
 
 Cell = str | int | Decimal | None
 ColumnKind = Literal["text", "count", "hours", "percent"]
@@ -69,8 +77,62 @@ TOTAL_COLUMNS: tuple[Column, ...] = (
 )
 
 
+CLUSTER_COLUMN = Column("cluster", "Cluster", "text")
+# How the HTML names a total's scope (CSV and JSON keep the keys, which scripts read).
+SCOPE_TITLES = {"cluster": "Cluster", "pool": "Pool", "gpuModel": "GPU model", "provider": "Provider", "all": "Program"}
+
+
+TENANT_COLUMNS: tuple[Column, ...] = (
+    Column("tenant", "Tenant", "text"),
+    Column("organization", "Organization", "text"),
+    Column("contract", "Contract", "text"),
+    Column("allocations", "Allocations", "count"),
+    Column("grantedGPUHours", "Granted GPU-hours", "hours"),
+    Column("usedGPUHours", "Used GPU-hours", "hours"),
+    Column("utilisationPercent", "Utilisation %", "percent"),
+    Column("idleHours", "Idle hours", "hours"),
+)
+
+DAILY_COLUMNS: tuple[Column, ...] = (
+    Column("pool", "Pool", "text"),
+    Column("day", "Day", "text"),
+    Column("grantedGPUHours", "Granted GPU-hours", "hours"),
+    Column("usedGPUHours", "Used GPU-hours", "hours"),
+)
+
+
+HISTORY_COLUMNS: tuple[Column, ...] = (
+    Column("at", "When (UTC)", "text"),
+    Column("allocation", "Allocation", "text"),
+    Column("tenant", "Tenant", "text"),
+    Column("by", "Requested by", "text"),
+    Column("changes", "Change", "text"),
+)
+
+
+def history_columns(report: Report) -> tuple[Column, ...]:
+    return (CLUSTER_COLUMN, *HISTORY_COLUMNS) if report.clusters else HISTORY_COLUMNS
+
+
+def history_cells(line: HistoryLine) -> dict[str, Cell]:
+    cluster: dict[str, Cell] = {"cluster": line.cluster} if line.cluster else {}
+    return cluster | {
+        "at": line.at,
+        "allocation": line.allocation,
+        "tenant": line.tenant,
+        "by": line.by,
+        "changes": line.changes,
+    }
+
+
+def row_columns(report: Report) -> tuple[Column, ...]:
+    """The row columns of this report: a merged report's rows start with their cluster."""
+    return (CLUSTER_COLUMN, *ROW_COLUMNS) if report.clusters else ROW_COLUMNS
+
+
 def row_cells(row: ReportRow) -> dict[str, Cell]:
-    return {
+    cluster: dict[str, Cell] = {"cluster": row.cluster} if row.cluster else {}
+    return cluster | {
         "month": row.month,
         "allocation": row.allocation,
         "tenant": row.tenant,
@@ -101,6 +163,33 @@ def total_cells(total: ReportTotal) -> dict[str, Cell]:
         "idleHours": total.idle_hours,
         "podCount": total.pod_count,
     }
+
+
+def tenant_cells(summary: TenantSummary) -> dict[str, Cell]:
+    return {
+        "tenant": summary.tenant,
+        "organization": summary.organization,
+        "contract": summary.contract,
+        "allocations": summary.allocations,
+        "grantedGPUHours": summary.granted_gpu_hours,
+        "usedGPUHours": summary.used_gpu_hours,
+        "utilisationPercent": summary.utilisation_percent,
+        "idleHours": summary.idle_hours,
+    }
+
+
+def daily_cells(report: Report) -> list[dict[str, Cell]]:
+    """One line per pool and day, every day of the month."""
+    return [
+        {
+            "pool": series.pool,
+            "day": day.day,
+            "grantedGPUHours": day.granted_gpu_hours,
+            "usedGPUHours": day.used_gpu_hours,
+        }
+        for series in report.daily
+        for day in series.days
+    ]
 
 
 def format_cell(value: Cell) -> str:
@@ -146,10 +235,11 @@ def to_csv(report: Report) -> bytes:
     """UTF-8 with a BOM and CRLF line ends, as Excel expects: the rows, a blank line, then the totals."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
-    writer.writerow([column.title for column in ROW_COLUMNS])
+    columns = row_columns(report)
+    writer.writerow([column.title for column in columns])
     for row in report.rows:
         cells = row_cells(row)
-        writer.writerow([_csv_text(cells[column.key]) for column in ROW_COLUMNS])
+        writer.writerow([_csv_text(cells[column.key]) for column in columns])
     writer.writerow([])
     writer.writerow([column.title for column in TOTAL_COLUMNS])
     for total in report.totals:
@@ -168,11 +258,29 @@ def _json_value(value: Cell) -> str | int | float | None:
 
 def report_document(report: Report) -> dict[str, object]:
     """The report as plain JSON-ready data."""
-    return {
+    clusters: dict[str, object] = {"clusters": list(report.clusters)} if report.clusters else {}
+    return clusters | {
         "month": report.month,
         "timeZone": report.time_zone,
         "rows": [{key: _json_value(value) for key, value in row_cells(row).items()} for row in report.rows],
         "totals": [{key: _json_value(value) for key, value in total_cells(total).items()} for total in report.totals],
+        "daily": [
+            {
+                "pool": series.pool,
+                "unsplitUsedGPUHours": _json_value(seconds_to_hours(series.unsplit_used_gpu_seconds)),
+                "unsplitGrantedGPUHours": _json_value(seconds_to_hours(series.unsplit_granted_gpu_seconds)),
+                "days": [
+                    {
+                        "day": day.day,
+                        "grantedGPUHours": _json_value(day.granted_gpu_hours),
+                        "usedGPUHours": _json_value(day.used_gpu_hours),
+                    }
+                    for day in series.days
+                ],
+            }
+            for series in report.daily
+        ],
+        "history": [history_cells(line) for line in report.history],
     }
 
 
@@ -234,8 +342,10 @@ def to_xlsx(report: Report) -> bytes:
     workbook = Workbook()
     usage = workbook.active
     usage.title = "Usage"
-    _fill_sheet(usage, ROW_COLUMNS, [row_cells(row) for row in report.rows])
+    _fill_sheet(usage, row_columns(report), [row_cells(row) for row in report.rows])
     _fill_sheet(workbook.create_sheet("Totals"), TOTAL_COLUMNS, [total_cells(total) for total in report.totals])
+    _fill_sheet(workbook.create_sheet("Daily"), DAILY_COLUMNS, daily_cells(report))
+    _fill_sheet(workbook.create_sheet("History"), history_columns(report), [history_cells(h) for h in report.history])
 
     year, month = parse_month(report.month)
     fixed = datetime(year, month, 1)  # openpyxl wants naive UTC; any fixed instant will do
@@ -341,8 +451,8 @@ def _bar_chart(title: str, bars: Sequence[_Bar]) -> str:
 
 def _charts(report: Report) -> str:
     sections = []
-    for pool in sorted({row.pool for row in report.rows}):
-        rows = [row for row in report.rows if row.pool == pool]
+    for pool in sorted({row.qualified_pool for row in report.rows}):
+        rows = [row for row in report.rows if row.qualified_pool == pool]
         title = f"{pool}: granted vs used GPU-hours by tenant"
         sections.append(f"<h3>{_escape(title)}</h3>{_bar_chart(title, _bars_by(rows, lambda row: row.tenant))}")
     top = sorted(
@@ -354,6 +464,64 @@ def _charts(report: Report) -> str:
     return "".join(sections)
 
 
+def _daily_chart(series: DailySeries) -> str:
+    """A column per day: granted GPU-hours behind, used GPU-hours in front; whole-number SVG units."""
+    axis_width, column_width, plot_height, top, bottom = 90, 22, 160, 28, 22
+    width = axis_width + column_width * len(series.days) + 8
+    height = top + plot_height + bottom
+    largest = max([1, *(max(day.granted_gpu_seconds, day.used_gpu_seconds) for day in series.days)])
+    title = f"{series.pool}: GPU-hours per day"
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{_escape(title)}">',
+        f"<title>{_escape(title)}</title>",
+        f'<g class="legend"><rect class="granted" x="{axis_width}" y="6" width="12" height="12"/>'
+        f'<text x="{axis_width + 16}" y="16">granted GPU-hours</text>'
+        f'<rect class="used" x="{axis_width + 150}" y="6" width="12" height="12"/>'
+        f'<text x="{axis_width + 166}" y="16">used GPU-hours</text></g>',
+        f'<text x="{axis_width - 6}" y="{top + 10}" text-anchor="end">{format_cell(seconds_to_hours(largest))}</text>',
+        f'<text x="{axis_width - 6}" y="{top + plot_height}" text-anchor="end">0</text>',
+        f'<line x1="{axis_width}" y1="{top + plot_height}" x2="{width - 8}" y2="{top + plot_height}" '
+        'stroke="#9aa5b1"/>',
+    ]
+    for index, day in enumerate(series.days):
+        x = axis_width + index * column_width
+        label = (
+            f"{day.day}: granted {format_cell(day.granted_gpu_hours)}, used {format_cell(day.used_gpu_hours)} GPU-hours"
+        )
+        for css, seconds, inset in (("granted", day.granted_gpu_seconds, 2), ("used", day.used_gpu_seconds, 6)):
+            bar = plot_height * seconds // largest
+            parts.append(
+                f'<rect class="{css}" x="{x + inset}" y="{top + plot_height - bar}" width="{column_width - 2 * inset}" '
+                f'height="{bar}"><title>{_escape(label)}</title></rect>'
+            )
+        parts.append(
+            f'<text x="{x + column_width // 2}" y="{height - 6}" text-anchor="middle" font-size="10">'
+            f"{int(day.day[-2:])}</text>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _daily(report: Report) -> str:
+    sections = []
+    for series in report.daily:
+        title = f"{series.pool}: GPU-hours per day"
+        note = ""
+        if series.unsplit_used_gpu_seconds or series.unsplit_granted_gpu_seconds:
+            note = (
+                f"<p>Not in the days above: {format_cell(seconds_to_hours(series.unsplit_used_gpu_seconds))} used and "
+                f"{format_cell(seconds_to_hours(series.unsplit_granted_gpu_seconds))} granted GPU-hours booked before "
+                "records kept daily figures (they are in the totals).</p>"
+            )
+        sections.append(f"<h3>{_escape(title)}</h3>{_daily_chart(series)}{note}")
+    return "".join(sections)
+
+
+def _titled_scope(total: ReportTotal) -> dict[str, Cell]:
+    return total_cells(total) | {"scope": SCOPE_TITLES[total.scope]}
+
+
 def to_html(report: Report) -> str:
     """One self-contained page (inline CSS and SVG, no scripts or fonts to fetch).
 
@@ -361,13 +529,18 @@ def to_html(report: Report) -> str:
     the page is later saved or served in.
     """
     title = f"GPU usage report {report.month} ({report.time_zone})"
+    tenants = [tenant_cells(summary) for summary in tenant_summaries(report.rows)]
+    history = [history_cells(line) for line in report.history]
     page = (
         '<!DOCTYPE html>\n<html lang="ko">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{_escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
         f"<h1>{_escape(title)}</h1>\n"
-        f"<h2>Totals</h2>\n{_table('totals', TOTAL_COLUMNS, [total_cells(t) for t in report.totals])}\n"
+        f"<h2>Totals</h2>\n{_table('totals', TOTAL_COLUMNS, [_titled_scope(t) for t in report.totals])}\n"
+        f"<h2>Tenants</h2>\n{_table('tenants', TENANT_COLUMNS, tenants)}\n"
         f"<h2>Charts</h2>\n{_charts(report)}\n"
-        f"<h2>Allocations</h2>\n{_table('rows', ROW_COLUMNS, [row_cells(row) for row in report.rows])}\n"
+        f"<h2>Daily</h2>\n{_daily(report)}\n"
+        f"<h2>Allocations</h2>\n{_table('rows', row_columns(report), [row_cells(row) for row in report.rows])}\n"
+        f"<h2>Grant history</h2>\n{_table('history', history_columns(report), history)}\n"
         "</body>\n</html>\n"
     )
     return page.encode("ascii", "xmlcharrefreplace").decode("ascii")
