@@ -149,10 +149,40 @@ def test_operator_down_while_pods_start_finish_and_are_deleted(
         assert used_seconds(cluster, name) == booked
 
 
+def test_operator_crash_right_after_creating_the_record_neither_loses_nor_doubles(
+    cluster: LocalCluster, operator: OperatorProcess
+) -> None:
+    """The month's record is created on the first pass, with the allocation's creation in its grant history."""
+    name = unique("crash")
+    operator.stop()
+    operator.start(env={CRASH_AFTER_ENV: f"CreateUsage:{name}"})
+    try:
+        with allocation(cluster, allocation_manifest(name, B200.name, 16)):
+            assert operator.process is not None
+            assert operator.process.wait(timeout=60) == 137
+            assert f"crash point: exiting right after CreateUsage for {name}" in operator.log_path.read_text()
+            operator.start()
+            wait_for_ready(cluster, name)
+            timeline = Timeline(cluster, name)
+            for pod in ("a", "b"):
+                timeline.start(pod, 8)
+            time.sleep(1)
+            for pod in ("a", "b"):
+                timeline.end(pod)
+            timeline.wait_all_gone()
+            assert_exact(cluster, name, timeline)
+            (record,) = usage_records(cluster, name)
+            history = record["ledger"]["history"]
+            assert len(history) == 1, history  # kept once, though the pass that wrote it never finished
+            assert history[0]["changes"][0].startswith("created:")
+    finally:
+        operator.stop()
+        operator.start()
+
+
 @pytest.mark.parametrize(
     ("crash_after", "pods_left"),
     [
-        ("CreateUsage", 2),  # the month's record is created, booked, and no pod released
         ("WriteUsageLedger", 2),  # the record is rewritten, and no pod released
         ("ReleasePod", 1),  # booked, one of the two pods released
     ],
@@ -164,12 +194,12 @@ def test_operator_crash_between_ledger_writes_neither_loses_nor_doubles(
     with allocation(cluster, allocation_manifest(name, B200.name, 16)):
         wait_for_ready(cluster, name)
         timeline = Timeline(cluster, name)
-        if crash_after != "CreateUsage":  # the month's record exists before the crash
-            timeline.start("first", 8)
-            time.sleep(1)  # a pod that starts and ends within one second books 0 s and creates no record
-            timeline.end("first")
-            timeline.wait_all_gone()
-            assert used_seconds(cluster, name) > 0
+        # The month's record exists before the crash (its creation has a test of its own, above).
+        timeline.start("first", 8)
+        time.sleep(1)  # a pod that starts and ends within one second books 0 s
+        timeline.end("first")
+        timeline.wait_all_gone()
+        assert used_seconds(cluster, name) > 0
         operator.stop()
         operator.start(env={CRASH_AFTER_ENV: f"{crash_after}:{name}"})
         try:
