@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 CLUSTER ?= gpuaas
 SCENARIO ?= program
 KUBECONFIG_FILE := .cluster/$(CLUSTER).kubeconfig
+# The demo's operator writes the ledger every 10 s (the default is 60 s), so its report shows every grant.
+LEDGER_FLUSH_SECONDS ?= 10
 
 .PHONY: setup binaries lint unit integration e2e e2e-kind test demo demo-down operator-start operator-stop bench clean
 
@@ -78,7 +80,7 @@ demo-down: operator-stop
 
 operator-start: operator-stop
 	@mkdir -p .cluster
-	@nohup $(BIN)/gpuaas run --kubeconfig $(KUBECONFIG_FILE) --webhook-url https://127.0.0.1:9443 --webhook-cert-dir .cluster/webhook >.cluster/operator.log 2>&1 & echo $$! >.cluster/operator.pid
+	@nohup $(BIN)/gpuaas run --kubeconfig $(KUBECONFIG_FILE) --webhook-url https://127.0.0.1:9443 --webhook-cert-dir .cluster/webhook --ledger-flush-seconds $(LEDGER_FLUSH_SECONDS) >.cluster/operator.log 2>&1 & echo $$! >.cluster/operator.pid
 	@echo "operator running (pid $$(cat .cluster/operator.pid)), log .cluster/operator.log, metrics :8080"
 
 operator-stop:

@@ -50,6 +50,18 @@ def training_pod(name: str, namespace: str, owner: str) -> dict[str, Any]:
     }
 
 
+def wait_booked(api: client.ApiClient, active: set[str], timeout: float = 90) -> None:
+    """Wait until the ledger holds every Active grant (written at the operator's next flush), so the report shows
+    each one's granted GPUs and not the zero of a record made before its grant was booked."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        items = client.CustomObjectsApi(api).list_cluster_custom_object("gpuaas.io", "v1alpha1", "gpuusages")["items"]
+        booked = {i["spec"]["allocation"] for i in items if ((i.get("ledger") or {}).get("grantedGPUs") or 0) > 0}
+        if active <= booked:
+            return
+        time.sleep(1)
+
+
 def wait_decided(api: client.ApiClient, names: set[str], timeout: float = 120) -> dict[str, str]:
     """Wait until every allocation is Active or Queued; returns the phases."""
     custom = client.CustomObjectsApi(api)
@@ -100,6 +112,7 @@ def main() -> None:
             time.sleep(1)
         print(f"   {len(pods)} pods ran, ended and were booked", flush=True)
         print(kubectl(kubeconfig, "get", "gpuallocations"), flush=True)
+        wait_booked(api, {name for name, phase in phases.items() if phase == "Active"})
 
     month = datetime.now(ZoneInfo("Asia/Seoul")).strftime("%Y-%m")
     out = REPO / "out"
