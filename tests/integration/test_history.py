@@ -14,7 +14,7 @@ from kubernetes import client
 
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.usage import USAGE_PLURAL, usage_name
-from gpuaas.domain.history import DELETE_REQUESTED_ANNOTATION, LAST_CHANGE_ANNOTATION
+from gpuaas.domain.history import DELETE_REQUESTED_ANNOTATION, RECENT_CHANGES_ANNOTATION
 from gpuaas.domain.ledger import month_of
 from gpuaas.domain.scenarios import SCENARIOS
 from tests.integration.allocations import allocation_exists, allocation_manifest, get_allocation, unique
@@ -62,12 +62,16 @@ def test_each_change_is_kept_with_who_asked_past_the_deletion(cluster: LocalClus
 
     # A stamp written by hand is undone: only gpuaas writes them.
     forged = json.dumps(
-        {"metadata": {"annotations": {LAST_CHANGE_ANNOTATION: "{}", DELETE_REQUESTED_ANNOTATION: "{}"}}}
+        {"metadata": {"annotations": {RECENT_CHANGES_ANNOTATION: "[]", DELETE_REQUESTED_ANNOTATION: "{}"}}}
     )
     as_officer(cluster, "officer-lee", "patch", "gpuallocation", name, "--type=merge", "-p", forged)
     annotations = get_allocation(cluster, name)["metadata"]["annotations"]
     assert DELETE_REQUESTED_ANNOTATION not in annotations
-    assert json.loads(annotations[LAST_CHANGE_ANNOTATION])["by"] == "officer-kim"
+    assert [stamp["by"] for stamp in json.loads(annotations[RECENT_CHANGES_ANNOTATION])] == [
+        "officer-kim",
+        "officer-lee",
+        "officer-kim",
+    ]
     # `kubectl describe` shows the latest change and the recorded ones as events.
     described = cluster.kubectl("describe", "gpuallocation", name).stdout
     assert "officer-kim: suspended" in described, described

@@ -11,7 +11,8 @@ from gpuaas.domain.actions import CreateUsage, PostEvent, WriteUsageLedger
 from gpuaas.domain.booking import WrittenLedger, plan_booking
 from gpuaas.domain.history import (
     DELETE_REQUESTED_ANNOTATION,
-    LAST_CHANGE_ANNOTATION,
+    RECENT_CHANGES_ANNOTATION,
+    RECENT_CHANGES_KEPT,
     UNKNOWN_REQUESTER,
     delete_stamp,
     describe_spec_change,
@@ -20,6 +21,7 @@ from gpuaas.domain.history import (
     stamp,
     stamp_annotations,
     stamped_changes,
+    stamps_text,
 )
 from gpuaas.domain.ledger import GrantState
 from tests.builders import NOW, usage_identity
@@ -53,54 +55,83 @@ def test_each_kind_of_change_is_described() -> None:
     assert describe_spec_change(SPEC, dict(SPEC)) == []
 
 
-def test_a_create_and_a_change_are_stamped_with_who_asked() -> None:
+def stamps_of(annotations: dict[str, str | None]) -> list[dict[str, Any]]:
+    value: list[dict[str, Any]] = json.loads(annotations[RECENT_CHANGES_ANNOTATION] or "")
+    return value
+
+
+def test_a_create_and_each_change_are_stamped_with_who_asked() -> None:
     created = stamp_annotations(None, allocation(SPEC), "program-office", False, NOW)
-    value = json.loads(created[LAST_CHANGE_ANNOTATION] or "")
-    assert value == {"at": NOW.isoformat(), "by": "program-office", "changes": describe_spec_change(None, SPEC)} | {
-        "spec": spec_digest(SPEC)
-    }
-    resized = stamp_annotations(allocation(SPEC), allocation({**SPEC, "gpus": 4}), "officer-kim", False, NOW)
-    assert json.loads(resized[LAST_CHANGE_ANNOTATION] or "")["changes"] == ["gpus 8 -> 4"]
+    assert stamps_of(created) == [
+        {"at": NOW.isoformat(), "by": "program-office", "changes": describe_spec_change(None, SPEC)}
+        | {"spec": spec_digest(SPEC)}
+    ]
+    resized_spec = {**SPEC, "gpus": 4}
+    old = allocation(SPEC, {RECENT_CHANGES_ANNOTATION: created[RECENT_CHANGES_ANNOTATION] or ""})
+    resized = stamp_annotations(old, allocation(resized_spec), "officer-kim", False, NOW + timedelta(seconds=1))
+    # Appended: a pass that comes after both changes still records the first one.
+    assert [(item["by"], item["changes"]) for item in stamps_of(resized)] == [
+        ("program-office", describe_spec_change(None, SPEC)),
+        ("officer-kim", ["gpus 8 -> 4"]),
+    ]
+    assert [
+        change.by
+        for change in stamped_changes(
+            {RECENT_CHANGES_ANNOTATION: resized[RECENT_CHANGES_ANNOTATION] or ""}, resized_spec, None, NOW
+        )
+    ] == ["program-office", "officer-kim"]
+
+
+def test_only_the_latest_changes_are_kept_on_the_allocation() -> None:
+    current: dict[str, str] = {}
+    spec = SPEC
+    for gpus in range(9, 9 + RECENT_CHANGES_KEPT + 3):
+        changed = {**spec, "gpus": gpus}
+        current = {
+            RECENT_CHANGES_ANNOTATION: stamp_annotations(
+                allocation(spec, current), allocation(changed), "k", False, NOW
+            )[RECENT_CHANGES_ANNOTATION]
+            or ""
+        }
+        spec = changed
+    stamps = json.loads(current[RECENT_CHANGES_ANNOTATION])
+    assert len(stamps) == RECENT_CHANGES_KEPT
+    assert stamps[-1]["changes"] == [f"gpus {spec['gpus'] - 1} -> {spec['gpus']}"]
 
 
 def test_nobody_but_gpuaas_writes_the_stamps() -> None:
-    old = allocation(SPEC, {LAST_CHANGE_ANNOTATION: "real"})
-    forged = allocation(SPEC, {LAST_CHANGE_ANNOTATION: "forged", DELETE_REQUESTED_ANNOTATION: "forged"})
+    old = allocation(SPEC, {RECENT_CHANGES_ANNOTATION: "real"})
+    forged = allocation(SPEC, {RECENT_CHANGES_ANNOTATION: "forged", DELETE_REQUESTED_ANNOTATION: "forged"})
     assert stamp_annotations(old, forged, "someone", False, NOW) == {
-        LAST_CHANGE_ANNOTATION: "real",
+        RECENT_CHANGES_ANNOTATION: "real",
         DELETE_REQUESTED_ANNOTATION: None,
     }
-    # A forged stamp on a create is dropped too: the webhook's own stamp replaces it.
+    # On a create, the webhook's own stamp replaces a forged one.
     on_create = stamp_annotations(None, forged, "someone", False, NOW)
     assert on_create[DELETE_REQUESTED_ANNOTATION] is None
-    assert json.loads(on_create[LAST_CHANGE_ANNOTATION] or "")["by"] == "someone"
+    assert [item["by"] for item in stamps_of(on_create)] == ["someone"]
     # gpuaas's own delete stamp goes through.
-    assert (
-        stamp_annotations(
-            old,
-            allocation(SPEC, {LAST_CHANGE_ANNOTATION: "real", DELETE_REQUESTED_ANNOTATION: "x"}),
-            "gpuaas",
-            True,
-            NOW,
-        )
-        == {}
-    )
+    mine = allocation(SPEC, {RECENT_CHANGES_ANNOTATION: "real", DELETE_REQUESTED_ANNOTATION: "x"})
+    assert stamp_annotations(old, mine, "gpuaas", True, NOW) == {}
 
 
 def test_a_stamp_stands_for_the_spec_it_describes_only() -> None:
-    stamped = {LAST_CHANGE_ANNOTATION: stamp(SPEC, "program-office", NOW, ["gpus 4 -> 8"])}
+    stamped = {RECENT_CHANGES_ANNOTATION: stamps_text([stamp(SPEC, "program-office", NOW, ["gpus 4 -> 8"])])}
     assert stamped_changes(stamped, SPEC, None, NOW + timedelta(hours=1)) == [
         GrantChange(at=NOW, by="program-office", changes=["gpus 4 -> 8"])
     ]
     # The spec moved on without the webhook: the change is recorded, by nobody known, when it was seen.
-    (unseen,) = stamped_changes(stamped, {**SPEC, "gpus": 16}, None, NOW + timedelta(hours=1))
+    *_, unseen = stamped_changes(stamped, {**SPEC, "gpus": 16}, None, NOW + timedelta(hours=1))
     assert (unseen.by, unseen.at) == (UNKNOWN_REQUESTER, NOW + timedelta(hours=1))
     assert spec_digest({**SPEC, "gpus": 16}) in unseen.changes[0]
+    # An allocation from before grant history: one unattributed entry.
+    (before,) = stamped_changes({}, SPEC, None, NOW)
+    assert before.by == UNKNOWN_REQUESTER
 
 
 def test_a_deletion_names_who_asked_or_says_nobody_knows() -> None:
     stamps = {
-        LAST_CHANGE_ANNOTATION: stamp(SPEC, "program-office", NOW, ["created"]),
+        RECENT_CHANGES_ANNOTATION: stamps_text([stamp(SPEC, "program-office", NOW, ["created"])]),
         DELETE_REQUESTED_ANNOTATION: delete_stamp("officer-kim", NOW + timedelta(days=3)),
     }
     deleting = NOW + timedelta(days=3, seconds=1)

@@ -96,7 +96,9 @@ def _unbooked_sharers(
     return waiting
 
 
-def _unrecorded(changes: Sequence[GrantChange], allocation_uid: str, records: Sequence[GpuUsage]) -> list[GrantChange]:
+def unrecorded_changes(
+    changes: Sequence[GrantChange], allocation_uid: str, records: Sequence[GpuUsage]
+) -> list[GrantChange]:
     """The changes no record of the allocation holds yet. A change nobody was seen to make is dated when it was
     noticed, so it is the same change whatever its date."""
     held = [entry for r in records if r.spec.allocation_uid == allocation_uid for entry in r.ledger.history]
@@ -202,7 +204,7 @@ def plan_booking(
     ending = any(p.has_finalizer and p.finished and p.uid in released for p in pods) or bool(
         finished_unbooked or departures
     )
-    new_changes = _unrecorded(changes, identity.allocation_uid, [*indexed.values(), *ledger.records.values()])
+    new_changes = unrecorded_changes(changes, identity.allocation_uid, [*indexed.values(), *ledger.records.values()])
     _add_changes(new_changes, identity, indexed, ledger, tz, current, statuses, to_write)
     booked = {**statuses, **to_write}
     if to_write and not (due or ending or new_changes):

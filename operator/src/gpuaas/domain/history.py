@@ -2,12 +2,12 @@
 
 Only admission sees who asked. The mutating webhook describes each change to an allocation's spec (create, GPUs,
 window, suspend and resume, priority, and any other field) and stamps it on the allocation in the annotation
-`gpuaas.io/last-change`, with a digest of the spec it describes. A DELETE is stamped by the validating webhook in
-`gpuaas.io/delete-requested`. The pool pass then copies each stamp, once, into the GpuUsage record of the month it
-happened in (`ledger.history`), where backups keep it and the report reads it.
+`gpuaas.io/recent-changes` (the latest ten, each with a digest of the spec it led to). The validating webhook stamps
+a DELETE in `gpuaas.io/delete-requested`. The pool pass then copies each stamp, once, into the GpuUsage record of
+the month it happened in (`ledger.history`), where backups keep it and the report reads it.
 
-A spec whose digest differs from the stamp's was changed without the webhook seeing it (it was down, or a write went
-around it): that change is recorded too, by "unknown", so the history never silently skips one.
+A spec that the latest stamp does not describe was changed without the webhook seeing it (it was down, or a write
+went around it): that change is recorded too, by "unknown", so the history never silently skips one.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from pydantic import ValidationError
 
 from gpuaas.api.usage import GrantChange
 
-LAST_CHANGE_ANNOTATION = "gpuaas.io/last-change"
+RECENT_CHANGES_ANNOTATION = "gpuaas.io/recent-changes"
+# Enough that no change is lost between two passes (a pass runs every few seconds); older ones are in the ledger.
+RECENT_CHANGES_KEPT = 10
 DELETE_REQUESTED_ANNOTATION = "gpuaas.io/delete-requested"
-HISTORY_ANNOTATIONS = (LAST_CHANGE_ANNOTATION, DELETE_REQUESTED_ANNOTATION)
+HISTORY_ANNOTATIONS = (RECENT_CHANGES_ANNOTATION, DELETE_REQUESTED_ANNOTATION)
 UNKNOWN_REQUESTER = "unknown"
 # The spec fields a person reads first, in this order; any other changed field is named by its path.
 _NAMED_FIELDS = ("gpus", "window", "suspend", "priority")
@@ -69,13 +71,23 @@ def describe_spec_change(old: Mapping[str, Any] | None, new: Mapping[str, Any]) 
     return changes
 
 
-def stamp(spec: Mapping[str, Any], by: str, at: datetime, changes: Sequence[str]) -> str:
-    """The annotation's value: the change, who asked, when, and the digest of the spec it led to."""
-    return json.dumps(
-        {"at": at.isoformat(), "by": by, "changes": list(changes), "spec": spec_digest(spec)},
-        ensure_ascii=False,
-        sort_keys=True,
-    )
+def stamp(spec: Mapping[str, Any], by: str, at: datetime, changes: Sequence[str]) -> dict[str, Any]:
+    """One change as the annotation lists it: what, who asked, when, and the digest of the spec it led to."""
+    return {"at": at.isoformat(), "by": by, "changes": list(changes), "spec": spec_digest(spec)}
+
+
+def stamps_text(stamps: Sequence[Mapping[str, Any]]) -> str:
+    return json.dumps(list(stamps), ensure_ascii=False, sort_keys=True)
+
+
+def _stamps(text: str | None) -> list[dict[str, Any]]:
+    if not text:
+        return []
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return []
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
 def delete_stamp(by: str, at: datetime) -> str:
@@ -104,7 +116,11 @@ def stamp_annotations(
     new_spec = new.get("spec") or {}
     changes = describe_spec_change(None if old is None else old.get("spec") or {}, new_spec)
     if changes:
-        result[LAST_CHANGE_ANNOTATION] = stamp(new_spec, by, at, changes)
+        # Appended to the stamps gpuaas wrote before (never to what the request sent): passes record them all,
+        # even when several changes come between two passes.
+        earlier = _stamps(old_annotations.get(RECENT_CHANGES_ANNOTATION))
+        stamps = [*earlier, stamp(new_spec, by, at, changes)][-RECENT_CHANGES_KEPT:]
+        result[RECENT_CHANGES_ANNOTATION] = stamps_text(stamps)
     return result
 
 
@@ -118,29 +134,27 @@ def _parsed(text: str | None) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def _change(item: Mapping[str, Any]) -> GrantChange | None:
+    try:
+        return GrantChange.model_validate({"at": item.get("at"), "by": item.get("by"), "changes": item.get("changes")})
+    except ValidationError:
+        return None
+
+
 def stamped_changes(
     annotations: Mapping[str, str], spec: Mapping[str, Any], deletion: datetime | None, now: datetime
 ) -> list[GrantChange]:
-    """The history entries an allocation's stamps stand for: its latest change and, once it is being deleted, the
-    deletion. `now` dates a change no stamp describes (seen now, made earlier)."""
-    entries: list[GrantChange] = []
-    last = _parsed(annotations.get(LAST_CHANGE_ANNOTATION))
-    described = None
-    if last is not None:
-        try:
-            described = GrantChange.model_validate(
-                {"at": last.get("at"), "by": last.get("by"), "changes": last.get("changes")}
-            )
-        except ValidationError:
-            described = None
-    if described is not None and last is not None and last.get("spec") == spec_digest(spec):
-        entries.append(described)
-    else:
-        entries.append(
-            GrantChange(
-                at=now, by=UNKNOWN_REQUESTER, changes=[f"spec changed to {spec_digest(spec)} unseen by the webhook"]
-            )
+    """The history entries an allocation's stamps stand for: its recent changes and, once it is being deleted, the
+    deletion. A spec that the latest stamp does not describe was changed unseen: that change is dated `now` (seen
+    now, made earlier) and named by the spec's digest."""
+    stamps = _stamps(annotations.get(RECENT_CHANGES_ANNOTATION))
+    entries = [change for item in stamps if (change := _change(item)) is not None]
+    if not stamps or stamps[-1].get("spec") != spec_digest(spec):
+        unseen = (
+            f"spec {spec_digest(spec)} not stamped by gpuaas's webhook (changed while it was unavailable, or before "
+            "grant history was kept)"
         )
+        entries.append(GrantChange(at=now, by=UNKNOWN_REQUESTER, changes=[unseen]))
     if deletion is not None:
         requested = _parsed(annotations.get(DELETE_REQUESTED_ANNOTATION)) or {}
         by = str(requested.get("by") or UNKNOWN_REQUESTER)

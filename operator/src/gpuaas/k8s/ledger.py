@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 from gpuaas.api.usage import GpuUsage, GpuUsageSpec, GrantChange, UsageLedger
 from gpuaas.domain.actions import CreateUsage, WriteUsageLedger
-from gpuaas.domain.booking import WrittenLedger, plan_booking
+from gpuaas.domain.booking import WrittenLedger, plan_booking, unrecorded_changes
 from gpuaas.domain.ledger import GrantState, LedgerPod
 from gpuaas.k8s import usage
 from gpuaas.k8s.writer import ClusterWriter, cluster_writer
@@ -70,6 +70,14 @@ class LedgerWriter:
         for name in plan.departures:
             logger.info(f"pod {namespace}/{name} went without gpuaas releasing it; booked from its last state")
         return plan.booked
+
+    def unrecorded(self, allocation_uid: str, indexed: Mapping[str, GpuUsage], changes: Sequence[GrantChange]) -> bool:
+        """Whether some of the changes are in no record the index has or this writer wrote."""
+        if not changes:
+            return False
+        written = self.ledgers.get(allocation_uid)
+        known = [*indexed.values(), *(written.records.values() if written else ())]
+        return bool(unrecorded_changes(changes, allocation_uid, known))
 
     def next_due(self, allocation_uid: str, now: datetime) -> datetime:
         ledger = self.ledgers.get(allocation_uid)

@@ -9,7 +9,7 @@ granted and wrote, which the index may not show yet.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from gpuaas.api.allocation import GpuAllocationSpec, GpuAllocationStatus
 from gpuaas.api.pool import POOL_PLURAL, GpuPoolSpec, GpuPoolStatus
-from gpuaas.api.usage import GpuUsageSpec, UsageLedger, UsageTenant
+from gpuaas.api.usage import GpuUsageSpec, GrantChange, UsageLedger, UsageTenant
 from gpuaas.domain import planner
 from gpuaas.domain.actions import Action, ApplyObject, PatchStatus
 from gpuaas.domain.capacity import AdmissionDecision
@@ -181,6 +181,10 @@ class PoolReconciler:
         )
         self._write_status(view, previous, status)
         self._perform_all(planner.idle_actions(view, spec, previous, status))
+        # The grant history is written after the status, so that recording a change never delays its effect.
+        changes = stamped_changes(view.history_stamps, view.spec, None, now)
+        if self.ledger.unrecorded(view.uid, snap.usage.get(view.uid, {}), changes):
+            self._book(view, spec, pool_spec, snap, c.grant, now, changes=changes)
         records = {r.spec.month: r.ledger for r in snap.usage.get(view.uid, {}).values()}
         records.update(booked)
         sample = planner.allocation_sample(self.pool, pool_spec, view, spec, status, records)
@@ -212,6 +216,7 @@ class PoolReconciler:
         grant: GrantState | None,
         now: datetime,
         force: bool = False,
+        changes: Sequence[GrantChange] = (),
     ) -> dict[str, UsageLedger]:
         namespace = spec.target_namespace
         identity = GpuUsageSpec(
@@ -225,7 +230,6 @@ class PoolReconciler:
             time_zone=self.ledger.time_zone,
         )
         pods = snap.ledger_pods_of(namespace)
-        changes = stamped_changes(view.history_stamps, view.spec, view.deletion_timestamp, now)
         records = snap.usage.get(view.uid, {})
         return self.ledger.book(identity, namespace, records, pods, grant, now, force=force, changes=changes)
 
@@ -262,7 +266,8 @@ class PoolReconciler:
         if valid is not None and planner.RELEASE_FINALIZER in view.finalizers:
             granted = planner.granted_so_far(previous, self.granted.get(view.uid))
             grant = planner.grant_in_force(valid, view.created, granted, previous.phase)
-            self._book(view, valid, pool_spec, snap, grant, now, force=True)
+            changes = stamped_changes(view.history_stamps, view.spec, view.deletion_timestamp, now)
+            self._book(view, valid, pool_spec, snap, grant, now, force=True, changes=changes)
         plan = planner.plan_release(view, valid, snap, members, pool_spec, previous, self._status_wire(view), now)
         self._perform_all(plan.actions)
         if plan.grant_returned:
