@@ -486,6 +486,17 @@ def test_expiry_stops_real_containers(real_cluster: RealCluster, tenant: Tenant)
     assert '"requests.nvidia.com/gpu": "0"' in quota
     tenant.assert_ledger_matches()
 
+    # The chart's webhook (behind its Service) stamped who moved the window's end, and the leader kept it.
+    def window_changes() -> list[str]:
+        records = real_cluster.get_json("gpuusages", "-l", f"gpuaas.io/allocation={ALLOCATION}")["items"]
+        history = [entry for record in records for entry in (record.get("ledger") or {}).get("history") or []]
+        return [
+            f"{entry['by']}: {change}" for entry in history for change in entry["changes"] if "window end" in change
+        ]
+
+    (change,) = wait_for(window_changes, timeout=30, message="the window's change in the grant history")
+    assert not change.startswith("unknown"), change
+
 
 def test_report_cronjob_writes_to_its_volume(real_cluster: RealCluster, chart: InstalledChart) -> None:
     job = "report-now"

@@ -55,7 +55,8 @@ class LedgerSource:
             f"context {self.context}" if self.context else "",
             f"kubeconfig {self.kubeconfig}" if self.kubeconfig else "",
         ]
-        return f"cluster {self.name!r} ({', '.join(part for part in where if part) or 'in-cluster'})"
+        named = f"cluster {self.name!r}" if self.name else "the cluster"
+        return f"{named} ({', '.join(part for part in where if part) or 'in-cluster or $KUBECONFIG'})"
 
 
 class LedgerUnreadableError(Exception):
