@@ -316,3 +316,10 @@ def test_release_of_an_allocation_that_never_owned_its_namespace_leaves_that_nam
     plan = planner.plan_release(view, spec_of(view), snap, snap.nodes, POOL_SPEC, NO_STATUS, {}, NOW)
     assert kinds(plan.actions) == ["RemoveAllocationFinalizer", "PostEvent"]
     assert not any(isinstance(a, DeletePod | DeleteNamespace | PatchNode) for a in plan.actions)
+
+
+def test_a_new_allocation_is_admitted_with_its_release_finalizer() -> None:
+    """The mutating webhook adds it at create, which saves the first pass a write; the pass still adds it otherwise."""
+    assert planner.finalizers_at_create([]) == [planner.RELEASE_FINALIZER]
+    assert planner.finalizers_at_create(["example.com/keep"]) == ["example.com/keep", planner.RELEASE_FINALIZER]
+    assert planner.finalizers_at_create([planner.RELEASE_FINALIZER]) is None

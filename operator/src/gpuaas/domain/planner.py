@@ -13,7 +13,7 @@ Where a step's input is the outcome of an earlier write (an apply that failed), 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -182,6 +182,12 @@ def namespace_rejection(view: AllocationView, spec: GpuAllocationSpec, snap: Poo
         snap.terminating_namespaces.get(namespace),
     )
     return Rejection(*problem) if problem is not None else None
+
+
+def finalizers_at_create(finalizers: Sequence[str]) -> list[str] | None:
+    """The finalizers a new allocation is admitted with: its own plus the release finalizer (None: it has it). The
+    first pass adds it when the webhook could not (`finalizer_actions`)."""
+    return None if RELEASE_FINALIZER in finalizers else [*finalizers, RELEASE_FINALIZER]
 
 
 def finalizer_actions(view: AllocationView) -> list[Action]:

@@ -55,7 +55,7 @@ def run_operator(options: OperatorOptions) -> None:
     if options.metrics_port:
         metrics.serve(options.metrics_port, MetricsAuthorizer() if options.metrics_auth else None)
     # Importing the handler modules registers them with kopf's default registry.
-    from gpuaas.handlers import fence, history, indexes, operator_settings, pools, replica  # noqa: F401
+    from gpuaas.handlers import allocations, fence, indexes, operator_settings, pools, replica  # noqa: F401
 
     pool_wakeups: dict[str, asyncio.Event] = {}
     metrics.readiness.registration_needed = bool(options.webhook_url and options.webhook_port)

@@ -1,4 +1,5 @@
-"""Admission webhooks that stamp who changed or deleted an allocation (rules in domain/history.py)."""
+"""Admission webhooks for GpuAllocations: they stamp who changed or deleted one (rules in domain/history.py), and
+give a new one its release finalizer (domain/planner.py), which saves the first pass a write."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from gpuaas.api.allocation import ALLOCATION_PLURAL
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.domain.actions import AnnotateAllocation
 from gpuaas.domain.history import DELETE_REQUESTED_ANNOTATION, delete_stamp, needs_delete_stamp, stamp_annotations
+from gpuaas.domain.planner import finalizers_at_create
 from gpuaas.k8s.writer import cluster_writer
 
 logger = logging.getLogger("gpuaas.history")
@@ -29,6 +31,10 @@ def stamp_allocation_change(
     )
     if stamps:
         patch.setdefault("metadata", {}).setdefault("annotations", {}).update(stamps)
+    if old is None:
+        finalizers = finalizers_at_create(body.get("metadata", {}).get("finalizers") or [])
+        if finalizers is not None:
+            patch.setdefault("metadata", {})["finalizers"] = finalizers
 
 
 # Its own registration: kopf skips DELETE for handlers that also take other operations.
