@@ -28,6 +28,7 @@ from kubernetes import client
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.usage import USAGE_PLURAL, GpuUsage, GpuUsageSpec, GrantChange, PodWatermark, UsageLedger, UsageTenant
 from gpuaas.k8s.client import new_api_client
+from gpuaas.k8s.localcluster import merged_kubeconfig
 
 REPO = Path(__file__).resolve().parents[1]
 PROVIDERS = {"nhn": ("nhn-b200-a", "B200"), "kakao": ("kakao-b200-a", "B200"), "naver": ("naver-h200-a", "H200")}
@@ -95,19 +96,6 @@ def fill(provider: str, records: int) -> None:
             list(pool.map(create, range(records)))
 
 
-def merged_kubeconfig(path: Path) -> Path:
-    merged: dict[str, Any] = {"apiVersion": "v1", "kind": "Config", "clusters": [], "users": [], "contexts": []}
-    for provider in PROVIDERS:
-        config = yaml.safe_load(kubeconfig_of(provider).read_text())
-        (context,) = config["contexts"]
-        merged["clusters"].extend(config["clusters"])
-        merged["users"].extend(config["users"])
-        merged["contexts"].append({"name": provider, "context": context["context"]})
-    merged["current-context"] = "nhn"
-    path.write_text(yaml.safe_dump(merged))
-    return path
-
-
 def timed_report(kubeconfig: Path, contexts: list[str], format_name: str) -> tuple[float, int]:
     args = [arg for context in contexts for arg in ("--context", context)]
     command = [sys.executable, "-m", "gpuaas", "report", "--month", MONTH, "--format", format_name]
@@ -127,7 +115,8 @@ def main() -> None:
             gpuaas("cluster", "down", "--name", cluster_name(provider))
             gpuaas("cluster", "up", "--scenario", "small", "--name", cluster_name(provider))
             fill(provider, options.records)
-        kubeconfig = merged_kubeconfig(REPO / ".cluster" / "gpuaas-bench-program.kubeconfig")
+        kubeconfig = REPO / ".cluster" / "gpuaas-bench-program.kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump(merged_kubeconfig({p: kubeconfig_of(p) for p in PROVIDERS})))
         results: dict[str, Any] = {"records_per_cluster": options.records, "clusters": list(PROVIDERS)}
         merged_csv = [timed_report(kubeconfig, list(PROVIDERS), "csv")[0] for _ in range(options.runs)]
         single_csv = [timed_report(kubeconfig, ["nhn"], "csv")[0] for _ in range(options.runs)]

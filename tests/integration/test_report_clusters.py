@@ -23,6 +23,7 @@ from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.usage import USAGE_PLURAL, usage_name
 from gpuaas.domain.ledger import month_of, seconds_to_hours
 from gpuaas.domain.scenarios import Scenario, ScenarioPool
+from gpuaas.k8s.localcluster import merged_kubeconfig
 from tests.integration.allocations import (
     allocation_manifest,
     create_allocation,
@@ -56,21 +57,14 @@ def cluster_name(provider: str) -> str:
     return f"{CLUSTER_NAME}-{provider}"
 
 
-def merged_kubeconfig(clusters: dict[str, LocalCluster], path: Path, unreachable: str | None = None) -> Path:
+def program_kubeconfig_file(clusters: dict[str, LocalCluster], path: Path, unreachable: str | None = None) -> Path:
     """One kubeconfig with a context per provider, named after it (and, if asked, one whose server is down)."""
-    merged: dict[str, Any] = {"apiVersion": "v1", "kind": "Config", "clusters": [], "users": [], "contexts": []}
-    for provider, cluster in clusters.items():
-        config = yaml.safe_load(cluster.kubeconfig.read_text())
-        (context,) = config["contexts"]
-        merged["clusters"].extend(config["clusters"])
-        merged["users"].extend(config["users"])
-        merged["contexts"].append({"name": provider, "context": context["context"]})
+    merged = merged_kubeconfig({provider: cluster.kubeconfig for provider, cluster in clusters.items()})
     if unreachable:
         first = merged["contexts"][0]["context"]
         server = {"server": f"https://127.0.0.1:{free_port()}", "insecure-skip-tls-verify": True}
         merged["clusters"].append({"name": unreachable, "cluster": server})
         merged["contexts"].append({"name": unreachable, "context": {"cluster": unreachable, "user": first["user"]}})
-    merged["current-context"] = merged["contexts"][0]["name"]
     path.write_text(yaml.safe_dump(merged))
     return path
 
@@ -153,7 +147,7 @@ def this_month() -> str:
 
 @pytest.fixture
 def program_kubeconfig(provider_clusters: dict[str, LocalCluster], tmp_path: Path) -> str:
-    return str(merged_kubeconfig(provider_clusters, tmp_path / "program.kubeconfig"))
+    return str(program_kubeconfig_file(provider_clusters, tmp_path / "program.kubeconfig"))
 
 
 ALL_CONTEXTS = [arg for provider in PROVIDERS for arg in ("--context", provider)]
@@ -205,7 +199,7 @@ def test_a_cluster_that_cannot_be_read_fails_the_report(
     provider_clusters: dict[str, LocalCluster], tmp_path: Path
 ) -> None:
     month = this_month()
-    kubeconfig = str(merged_kubeconfig(provider_clusters, tmp_path / "program.kubeconfig", unreachable="down"))
+    kubeconfig = str(program_kubeconfig_file(provider_clusters, tmp_path / "program.kubeconfig", unreachable="down"))
     contexts = [*ALL_CONTEXTS, "--context", "down"]
     out = tmp_path / "out"
     result = report("--kubeconfig", kubeconfig, *contexts, "--out", f"{out}/", month=month)

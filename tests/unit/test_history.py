@@ -188,3 +188,14 @@ def test_a_delete_is_stamped_once_per_requester() -> None:
     stamped = {DELETE_REQUESTED_ANNOTATION: delete_stamp("officer-kim", NOW)}
     assert not needs_delete_stamp(stamped, "officer-kim")
     assert needs_delete_stamp(stamped, "officer-lee")  # someone else deletes after a refused attempt
+
+
+def test_a_delete_stamp_that_does_not_parse_never_holds_up_the_release() -> None:
+    deleting = NOW + timedelta(days=3)
+    stamps = {
+        RECENT_CHANGES_ANNOTATION: stamps_text([stamp(SPEC, "program-office", NOW, ["created"])]),
+        DELETE_REQUESTED_ANNOTATION: json.dumps({"at": "yesterday", "by": "officer-kim"}),
+    }
+    assert stamped_changes(stamps, SPEC, deleting, deleting)[-1] == GrantChange(
+        at=deleting, by=UNKNOWN_REQUESTER, changes=["deleted"]
+    )

@@ -80,14 +80,24 @@ def stamps_text(stamps: Sequence[Mapping[str, Any]]) -> str:
     return json.dumps(list(stamps), ensure_ascii=False, sort_keys=True)
 
 
-def _stamps(text: str | None) -> list[dict[str, Any]]:
+def _json(text: str | None) -> Any:
+    """An annotation's JSON; None when absent or not JSON (stamps edited by hand while the webhook was down)."""
     if not text:
-        return []
+        return None
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except ValueError:
-        return []
+        return None
+
+
+def _stamps(text: str | None) -> list[dict[str, Any]]:
+    value = _json(text)
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _parsed(text: str | None) -> dict[str, Any] | None:
+    value = _json(text)
+    return value if isinstance(value, dict) else None
 
 
 def delete_stamp(by: str, at: datetime) -> str:
@@ -124,16 +134,6 @@ def stamp_annotations(
     return result
 
 
-def _parsed(text: str | None) -> dict[str, Any] | None:
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def _change(item: Mapping[str, Any]) -> GrantChange | None:
     try:
         return GrantChange.model_validate({"at": item.get("at"), "by": item.get("by"), "changes": item.get("changes")})
@@ -156,8 +156,9 @@ def stamped_changes(
         )
         entries.append(GrantChange(at=now, by=UNKNOWN_REQUESTER, changes=[unseen]))
     if deletion is not None:
+        # A stamp that does not parse must not hold up the release: the deletion is then nobody's, at its timestamp.
         requested = _parsed(annotations.get(DELETE_REQUESTED_ANNOTATION)) or {}
-        by = str(requested.get("by") or UNKNOWN_REQUESTER)
-        at = requested.get("at") or deletion.isoformat()
-        entries.append(GrantChange.model_validate({"at": at, "by": by, "changes": ["deleted"]}))
+        at, by = requested.get("at") or deletion, requested.get("by") or UNKNOWN_REQUESTER
+        stamped = _change({"at": at, "by": by, "changes": ["deleted"]})
+        entries.append(stamped or GrantChange(at=deletion, by=UNKNOWN_REQUESTER, changes=["deleted"]))
     return entries

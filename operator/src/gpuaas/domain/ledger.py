@@ -432,7 +432,8 @@ def prune(record: UsageLedger, live_uids: Iterable[str]) -> UsageLedger:
 # --- pods ------------------------------------------------------------------------------------------
 
 
-def _timestamp(value: object) -> datetime | None:
+def parse_timestamp(value: object) -> datetime | None:
+    """A Kubernetes timestamp (or a datetime) as an aware datetime; None when absent."""
     if isinstance(value, datetime):
         return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
     if isinstance(value, str) and value:
@@ -468,13 +469,13 @@ def _pod_start(status: Mapping[str, Any]) -> datetime | None:
     for container_status in _container_statuses(status):
         for state in _states(container_status):
             for kind in ("running", "terminated"):
-                started = _timestamp((state.get(kind) or {}).get("startedAt"))
+                started = parse_timestamp((state.get(kind) or {}).get("startedAt"))
                 if started is not None:
                     starts.append(started)
     if starts:
         return min(starts, key=to_epoch)
     if status.get("phase") == "Running":
-        return _timestamp(status.get("startTime"))
+        return parse_timestamp(status.get("startTime"))
     return None
 
 
@@ -482,12 +483,12 @@ def _pod_finish(status: Mapping[str, Any]) -> datetime | None:
     finishes = []
     for container_status in _container_statuses(status):
         for state in _states(container_status):
-            finished = _timestamp((state.get("terminated") or {}).get("finishedAt"))
+            finished = parse_timestamp((state.get("terminated") or {}).get("finishedAt"))
             if finished is not None:
                 finishes.append(finished)
     if finishes:
         return max(finishes, key=to_epoch)
-    transitions = [_timestamp(condition.get("lastTransitionTime")) for condition in status.get("conditions") or []]
+    transitions = [parse_timestamp(condition.get("lastTransitionTime")) for condition in status.get("conditions") or []]
     known = [moment for moment in transitions if moment is not None]
     return max(known, key=to_epoch) if known else None
 
@@ -523,7 +524,7 @@ def pod_interval_from_pod(pod: Mapping[str, Any]) -> PodInterval | None:
         return None
 
     ends: list[datetime] = []
-    deletion = _timestamp(metadata.get("deletionTimestamp"))
+    deletion = parse_timestamp(metadata.get("deletionTimestamp"))
     finished = status.get("phase") in TERMINAL_PHASES or (deletion is not None and _containers_terminated(status))
     finish = (_pod_finish(status) or start) if finished else None
     if finish is not None:

@@ -27,7 +27,7 @@ from gpuaas.domain.dra import (
 )
 from gpuaas.domain.fence import DEFAULT_MAX_GRACE_SECONDS, PoolRules
 from gpuaas.domain.history import HISTORY_ANNOTATIONS
-from gpuaas.domain.ledger import TERMINAL_PHASES, ledger_pod, pod_gpus, pod_interval_from_pod
+from gpuaas.domain.ledger import TERMINAL_PHASES, ledger_pod, parse_timestamp, pod_gpus, pod_interval_from_pod
 from gpuaas.domain.namespaces import NamespaceClaim, TerminatingNamespace, terminating_namespace
 from gpuaas.domain.nodes import NodeInfo, node_info_from_manifest
 from gpuaas.domain.snapshot import AllocationView, PodView
@@ -40,10 +40,6 @@ MANAGED = {MANAGED_LABEL: "true"}
 def nodes_by_name(*, name: str, body: kopf.Body, **_: Any) -> dict[str, NodeInfo]:
     # gpuaas's own taints (the pool fence, exclusive reservations) do not make a node unhealthy.
     return {name: node_info_from_manifest(body, (POOL_LABEL, ALLOCATION_LABEL))}
-
-
-def _time(text: str | None) -> datetime | None:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
 
 
 def allocation_view(body: kopf.Body) -> AllocationView:
@@ -60,7 +56,7 @@ def allocation_view(body: kopf.Body) -> AllocationView:
         spec=dict(body.get("spec") or {}),
         status=dict(body.get("status") or {}),
         history_stamps={key: annotations[key] for key in HISTORY_ANNOTATIONS if key in annotations},
-        deletion_timestamp=_time(meta.get("deletionTimestamp")),
+        deletion_timestamp=parse_timestamp(meta.get("deletionTimestamp")),
     )
 
 

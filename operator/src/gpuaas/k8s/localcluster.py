@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +154,20 @@ def create_cluster(binaries: Binaries, name: str, kubeconfig: Path, apiserver_po
     result = kwokctl(binaries, *args, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"kwokctl create cluster failed:\n{result.stdout}")
+
+
+def merged_kubeconfig(named: Mapping[str, Path]) -> dict[str, Any]:
+    """One kubeconfig holding several local clusters, each as a context named as given (the first is current), as
+    the program office keeps one per provider for the merged report."""
+    merged: dict[str, Any] = {"apiVersion": "v1", "kind": "Config", "clusters": [], "users": [], "contexts": []}
+    for name, path in named.items():
+        config = yaml.safe_load(path.read_text())
+        (context,) = config["contexts"]
+        merged["clusters"].extend(config["clusters"])
+        merged["users"].extend(config["users"])
+        merged["contexts"].append({"name": name, "context": context["context"]})
+    merged["current-context"] = next(iter(named), "")
+    return merged
 
 
 def delete_cluster(binaries: Binaries, name: str, kubeconfig: Path) -> None:

@@ -110,13 +110,21 @@ HISTORY_COLUMNS: tuple[Column, ...] = (
 )
 
 
+def _cluster_first(report: Report, columns: tuple[Column, ...]) -> tuple[Column, ...]:
+    """A merged report's tables start with the cluster; a single cluster's have no such column."""
+    return (CLUSTER_COLUMN, *columns) if report.clusters else columns
+
+
+def _cluster_cell(cluster: str) -> dict[str, Cell]:
+    return {"cluster": cluster} if cluster else {}
+
+
 def history_columns(report: Report) -> tuple[Column, ...]:
-    return (CLUSTER_COLUMN, *HISTORY_COLUMNS) if report.clusters else HISTORY_COLUMNS
+    return _cluster_first(report, HISTORY_COLUMNS)
 
 
 def history_cells(line: HistoryLine) -> dict[str, Cell]:
-    cluster: dict[str, Cell] = {"cluster": line.cluster} if line.cluster else {}
-    return cluster | {
+    return _cluster_cell(line.cluster) | {
         "at": line.at,
         "allocation": line.allocation,
         "tenant": line.tenant,
@@ -126,13 +134,11 @@ def history_cells(line: HistoryLine) -> dict[str, Cell]:
 
 
 def row_columns(report: Report) -> tuple[Column, ...]:
-    """The row columns of this report: a merged report's rows start with their cluster."""
-    return (CLUSTER_COLUMN, *ROW_COLUMNS) if report.clusters else ROW_COLUMNS
+    return _cluster_first(report, ROW_COLUMNS)
 
 
 def row_cells(row: ReportRow) -> dict[str, Cell]:
-    cluster: dict[str, Cell] = {"cluster": row.cluster} if row.cluster else {}
-    return cluster | {
+    return _cluster_cell(row.cluster) | {
         "month": row.month,
         "allocation": row.allocation,
         "tenant": row.tenant,
