@@ -18,13 +18,15 @@ from gpuaas.domain.actions import (
 )
 from gpuaas.domain.ledger import GrantState
 from gpuaas.k8s.ledger import LedgerWriter
+from gpuaas.k8s.pool_ledger import PoolLedgerWriter
 from gpuaas.k8s.reconciler import PoolReconciler
 from tests.builders import NOW, POOL, RecordingWriter, SnapshotBuilder, allocation, finished, gpu_pod, usage_identity
 
 
 def reconciler(writer: RecordingWriter) -> PoolReconciler:
     ledger = LedgerWriter(time_zone="UTC", writer=writer, read_live_pod_uids=lambda namespace: set())
-    return PoolReconciler(pool=POOL, ledger=ledger, writer=writer)
+    pool_ledger = PoolLedgerWriter(POOL, "UTC", ledger.flush_interval, writer, read_record=lambda name: None)
+    return PoolReconciler(pool=POOL, ledger=ledger, writer=writer, pool_ledger=pool_ledger)
 
 
 def status_patches(writer: RecordingWriter, plural: str) -> list[PatchStatus]:

@@ -19,10 +19,20 @@ from typing import Any
 import pytest
 from openpyxl import load_workbook
 
-from gpuaas.api.usage import GpuUsage, GpuUsageSpec, GrantChange, UsageLedger, UsageTenant, usage_name
+from gpuaas.api.usage import (
+    GpuPoolUsage,
+    GpuPoolUsageSpec,
+    GpuUsage,
+    GpuUsageSpec,
+    GrantChange,
+    PoolLedger,
+    UsageLedger,
+    UsageTenant,
+    usage_name,
+)
 from gpuaas.domain.report import Report, build_report, utilisation_percent
 from gpuaas.reporting import render, to_csv, to_html, to_json, to_xlsx
-from gpuaas.reporting.formats import ROW_COLUMNS, SCOPE_TITLES, TOTAL_COLUMNS
+from gpuaas.reporting.formats import POOL_IDENTITY_COLUMNS, ROW_COLUMNS, SCOPE_TITLES, TOTAL_COLUMNS
 
 GOLDEN = Path(__file__).parent / "golden"
 MONTH = "2026-10"
@@ -49,6 +59,7 @@ def record(
     month: str = MONTH,
     contract: str = "",
     daily: bool = True,
+    down_gpu_seconds: int = 0,
 ) -> GpuUsage:
     """A month's record; with `daily`, its used seconds and its grant are spread over the days (without, it is a
     record booked before records kept daily figures)."""
@@ -71,6 +82,7 @@ def record(
         ledger=UsageLedger(
             used_gpu_seconds=used_gpu_seconds,
             granted_gpu_seconds=gpus * OCTOBER_HOURS * 3600,
+            down_gpu_seconds=down_gpu_seconds,
             idle_seconds=idle_seconds,
             granted_gpus=gpus,
             peak_gpus_in_use=gpus if peak is None else peak,
@@ -92,13 +104,44 @@ HISTORY = {
 }
 
 
-def ledger() -> list[GpuUsage]:
-    """A month of the program: Korean tenant names, a deleted allocation, a zero grant, another month, changes."""
+def ledger() -> list[GpuUsage | GpuPoolUsage]:
+    """A month of the program: Korean tenant names, a deleted allocation, a zero grant, another month, changes, and
+    the pools' month records (one of them with a node down under a grant)."""
     records = ledger_without_history()
     for item in records:
         if item.spec.month == MONTH:
             item.ledger.history = HISTORY.get(item.spec.allocation, [])
-    return records
+    return [*records, *pool_records()]
+
+
+# nhn-b200-a: 1,104 of its 1,200 program GPUs granted all month; one 8-GPU node of snu-ai-lab's was down 2 hours.
+NODE_DOWN_SECONDS = 8 * 2 * 3600
+
+
+def pool_record(pool: str, model: str, provider: str, program: int, granted: int, down: int, credited: int,
+                month: str = MONTH) -> GpuPoolUsage:  # fmt: skip
+    seconds = OCTOBER_HOURS * 3600
+    usable = granted * seconds - credited
+    return GpuPoolUsage(
+        name=f"{pool}-{month}",
+        spec=GpuPoolUsageSpec(pool=pool, gpu_model=model, provider=provider, month=month),
+        ledger=PoolLedger(
+            program_gpu_seconds=program * seconds,
+            granted_gpu_seconds=granted * seconds,
+            credited_gpu_seconds=credited,
+            usable_granted_gpu_seconds=usable,
+            unallocated_gpu_seconds=program * seconds - down - usable,
+            down_gpu_seconds=down,
+        ),
+    )
+
+
+def pool_records() -> list[GpuPoolUsage]:
+    return [
+        pool_record("nhn-b200-a", "B200", "nhn", 1200, 1104, NODE_DOWN_SECONDS, NODE_DOWN_SECONDS),
+        pool_record("naver-h200-a", "H200", "naver", 256, 32, 0, 0),
+        pool_record("nhn-b200-a", "B200", "nhn", 1200, 0, 0, 0, month="2026-09"),
+    ]
 
 
 def ledger_without_history() -> list[GpuUsage]:
@@ -126,6 +169,7 @@ def ledger_without_history() -> list[GpuUsage]:
             56,
             37,
             contract="NIPA-2026-114",
+            down_gpu_seconds=NODE_DOWN_SECONDS,
         ),
         record("kaist-nlp", "KAIST 자연어처리 연구실", "KAIST", "nhn-b200-a", 16, 9, 2_678_391, 1, 1),
         # Deleted last week: only its record is left, and it still belongs in the report.
@@ -299,7 +343,7 @@ def unwrap_text(field: str) -> str:
 
 def csv_tables(data: bytes) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     text = data.decode("utf-8-sig")
-    rows_part, totals_part = text.split("\r\n\r\n")
+    rows_part, totals_part, *_ = text.split("\r\n\r\n")
     rows = [[unwrap_text(field) for field in line] for line in csv.reader(io.StringIO(rows_part))]
     totals = [[unwrap_text(field) for field in line] for line in csv.reader(io.StringIO(totals_part))]
     assert rows[0] == [column.title for column in ROW_COLUMNS]
@@ -314,7 +358,7 @@ def csv_tables(data: bytes) -> tuple[list[dict[str, str]], list[dict[str, str]]]
 
 def xlsx_tables(data: bytes) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     workbook = load_workbook(io.BytesIO(data))
-    assert workbook.sheetnames == ["Usage", "Totals", "Daily", "History"]
+    assert workbook.sheetnames == ["Usage", "Totals", "Daily", "History", "Pool identity"]
     tables = []
     for sheet, columns in ((workbook["Usage"], ROW_COLUMNS), (workbook["Totals"], TOTAL_COLUMNS)):
         lines = list(sheet.iter_rows())
@@ -457,6 +501,7 @@ def test_the_page_has_a_row_per_tenant_with_its_organisation_and_contract(report
             "usedGPUHours": "13888.889",
             "utilisationPercent": "58.3",
             "idleHours": "2.000",
+            "downGPUHours": "0.000",
         },
         {
             "tenant": "서울대학교 AI연구실",
@@ -467,6 +512,7 @@ def test_the_page_has_a_row_per_tenant_with_its_organisation_and_contract(report
             "usedGPUHours": "34293.553",
             "utilisationPercent": "72.0",
             "idleHours": "24.000",
+            "downGPUHours": "16.000",
         },
     ]
     assert len(tenants) == len({(r.tenant, r.organization, r.contract) for r in report.rows})
@@ -492,3 +538,42 @@ def test_the_month_s_changes_are_an_appendix_in_every_format_but_csv(report: Rep
     reader = TableReader()
     reader.feed(to_html(report))
     assert [row["changes"] for row in reader.tables["history"] if row] == [line.changes for line in report.history]
+
+
+def test_each_pool_s_program_adds_up_and_every_format_shows_it(report: Report) -> None:
+    """program = granted in service + unallocated + down, per pool; the credit shows in the allocation's row too."""
+    assert [identity.pool for identity in report.pools] == ["naver-h200-a", "nhn-b200-a"]  # October's only
+    assert report.unbalanced_pools() == []
+    nhn = report.pools[1]
+    assert nhn.program_gpu_seconds == 1200 * OCTOBER_HOURS * 3600
+    assert nhn.down_gpu_seconds == nhn.credited_gpu_seconds == nhn.allocations_credited_gpu_seconds == NODE_DOWN_SECONDS
+    assert [row.down_gpu_seconds for row in report.rows if row.allocation == "snu-ai-lab"] == [NODE_DOWN_SECONDS]
+    document = json.loads(to_json(report))
+    expected = document["poolIdentity"]
+    assert [line["addsUp"] for line in expected] == ["yes", "yes"]
+    assert expected[1]["downGPUHours"] == 16.0
+    text = to_csv(report).decode("utf-8-sig").split("\r\n\r\n")[2]
+    lines = [[unwrap_text(field) for field in line] for line in csv.reader(io.StringIO(text)) if line]
+    assert lines[0] == [column.title for column in POOL_IDENTITY_COLUMNS]
+    keys = [column.key for column in POOL_IDENTITY_COLUMNS]
+    for index, line in enumerate(lines[1:]):
+        same(expected[index], dict(zip(keys, line, strict=True)), f"csv pool {index}")
+    sheet = load_workbook(io.BytesIO(to_xlsx(report)))["Pool identity"]
+    for index, line in enumerate(list(sheet.iter_rows())[1:]):
+        same(expected[index], {key: cell.value for key, cell in zip(keys, line, strict=True)}, f"xlsx pool {index}")
+    reader = TableReader()
+    reader.feed(to_html(report))
+    for index, line in enumerate(row for row in reader.tables["pools"] if row):
+        same(expected[index], line, f"html pool {index}")
+
+
+def test_a_pool_record_that_does_not_add_up_is_named_with_its_gap() -> None:
+    broken = pool_record("nhn-b200-a", "B200", "nhn", 1200, 1104, NODE_DOWN_SECONDS, NODE_DOWN_SECONDS)
+    broken.ledger.unallocated_gpu_seconds -= 7
+    report = build_report([*ledger_without_history(), broken], MONTH)
+    assert report.unbalanced_pools() == [
+        f"pool nhn-b200-a: program {1200 * OCTOBER_HOURS * 3600} GPU-s != granted in service "
+        f"{broken.ledger.usable_granted_gpu_seconds} + unallocated {broken.ledger.unallocated_gpu_seconds} + down "
+        f"{NODE_DOWN_SECONDS} (off by 7)"
+    ]
+    assert json.loads(to_json(report))["poolIdentity"][0]["addsUp"] == "no: off by 7 GPU-seconds"

@@ -341,6 +341,12 @@ def report(
         built = build_report(ledgers[sources[0].name], chosen)
     else:
         built = build_merged_report(ledgers, chosen)
+    unbalanced = built.unbalanced_pools()
+    if unbalanced:
+        for line in unbalanced:
+            console.print(f"error: {line}", markup=False, highlight=False)
+        console.print("error: a pool's month record does not add up; no report was written", markup=False)
+        raise typer.Exit(1)
     data = render(built, format_name)
     if out is None:
         sys.stdout.buffer.write(data)

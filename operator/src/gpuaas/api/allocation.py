@@ -149,6 +149,7 @@ class ConditionType:
     IDLE = "Idle"
     READY = "Ready"
     RELEASED = "Released"
+    DEGRADED = "Degraded"
 
 
 class ConditionReason:
@@ -161,6 +162,8 @@ class ConditionReason:
     NODES_SHORT = "NodesShort"
     NOT_FENCED = "NotFenced"
     IN_USE = "InUse"
+    GPUS_DOWN = "GrantedGPUsDown"
+    GPUS_HEALTHY = "GrantedGPUsHealthy"
     NOT_ACTIVE = "NotActive"
     NO_GPUS_IN_USE = "NoGPUsInUse"
     READY = "Ready"
@@ -173,6 +176,8 @@ class GpuAllocationStatus(ApiModel):
     # GPUs reserved by admission (Scheduled or Active); 0 when not admitted.
     granted_gpus: int = Field(default=0, ge=0, alias="grantedGPUs")
     in_use_gpus: int = Field(default=0, ge=0, alias="inUseGPUs")
+    # Granted GPUs on hardware that is down (domain/downtime.py); the ledger credits them from this pass on.
+    down_gpus: int = Field(default=0, ge=0, alias="downGPUs")
     queue_position: int | None = Field(default=None, ge=1)
     idle_since: datetime | None = None
     nodes: list[str] = Field(default_factory=list)

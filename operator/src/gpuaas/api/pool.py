@@ -64,6 +64,9 @@ class GpuPoolStatus(ApiModel):
     granted_gpus: int = Field(default=0, alias="grantedGPUs")
     available_gpus: int = Field(default=0, alias="availableGPUs")
     in_use_gpus: int = Field(default=0, alias="inUseGPUs")
+    # Program GPUs not on healthy nodes, and how many of them were granted (the grants' downtime credit).
+    down_gpus: int = Field(default=0, alias="downGPUs")
+    credited_gpus: int = Field(default=0, alias="creditedGPUs")
     queued: int = 0
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None

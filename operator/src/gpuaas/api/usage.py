@@ -72,6 +72,9 @@ class UsageLedger(ApiModel):
 
     used_gpu_seconds: int = Field(default=0, ge=0, alias="usedGPUSeconds")
     granted_gpu_seconds: int = Field(default=0, ge=0, alias="grantedGPUSeconds")
+    # Of the granted GPU-seconds, those the tenant could not use because the hardware under the grant was down
+    # (domain/downtime.py): the downtime credit.
+    down_gpu_seconds: int = Field(default=0, ge=0, alias="downGPUSeconds")
     idle_seconds: int = Field(default=0, ge=0)
     used_gpu_hours: str = Field(default="0.000", alias="usedGPUHours")
     granted_gpu_hours: str = Field(default="0.000", alias="grantedGPUHours")
@@ -132,3 +135,61 @@ def usage_name(allocation: str, month: str) -> str:
 
 def usage_labels(spec: GpuUsageSpec) -> dict[str, str]:
     return {ALLOCATION_LABEL: spec.allocation, MONTH_LABEL: spec.month, POOL_LABEL: spec.pool}
+
+
+POOL_USAGE_KIND = "GpuPoolUsage"
+POOL_USAGE_PLURAL = "gpupoolusages"
+
+
+class GpuPoolUsageSpec(ApiModel):
+    """Immutable identity of a pool's month record."""
+
+    pool: str = Field(min_length=1)
+    gpu_model: str = Field(min_length=1)
+    provider: str = Field(min_length=1)
+    month: str = Field(pattern=MONTH_PATTERN)
+    time_zone: str = DEFAULT_TIME_ZONE
+
+
+class PoolLedger(ApiModel):
+    """A pool's program GPU-seconds in one month, split so that program = usable granted + unallocated + down
+    (domain/downtime.py). Granted and credited are the grants' whole and their downtime credit."""
+
+    program_gpu_seconds: int = Field(default=0, ge=0, alias="programGPUSeconds")
+    granted_gpu_seconds: int = Field(default=0, ge=0, alias="grantedGPUSeconds")
+    credited_gpu_seconds: int = Field(default=0, ge=0, alias="creditedGPUSeconds")
+    usable_granted_gpu_seconds: int = Field(default=0, ge=0, alias="usableGrantedGPUSeconds")
+    unallocated_gpu_seconds: int = Field(default=0, ge=0, alias="unallocatedGPUSeconds")
+    down_gpu_seconds: int = Field(default=0, ge=0, alias="downGPUSeconds")
+    booked_until: datetime | None = None
+
+    @property
+    def identity_gap(self) -> int:
+        """Program GPU-seconds that the three parts do not account for (0 when the record adds up)."""
+        return self.program_gpu_seconds - (
+            self.usable_granted_gpu_seconds + self.unallocated_gpu_seconds + self.down_gpu_seconds
+        )
+
+
+class GpuPoolUsage(ApiModel):
+    """A pool's month record, named `<pool>-<yyyy-mm>`; like GpuUsage it outlives what it records."""
+
+    name: str
+    spec: GpuPoolUsageSpec
+    ledger: PoolLedger = Field(default_factory=PoolLedger)
+
+    @classmethod
+    def from_object(cls, obj: Mapping[str, Any]) -> GpuPoolUsage:
+        metadata = obj.get("metadata") or {}
+        return cls.model_validate(
+            {"name": metadata.get("name", ""), "spec": obj.get("spec") or {}, "ledger": obj.get("ledger") or {}}
+        )
+
+    def to_object(self) -> dict[str, object]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": POOL_USAGE_KIND,
+            "metadata": {"name": self.name, "labels": {MONTH_LABEL: self.spec.month, POOL_LABEL: self.spec.pool}},
+            "spec": self.spec.to_wire(),
+            "ledger": self.ledger.to_wire(),
+        }

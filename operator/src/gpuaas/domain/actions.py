@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gpuaas.api.usage import GpuUsage, UsageLedger
+from gpuaas.api.usage import GpuPoolUsage, GpuUsage, PoolLedger, UsageLedger
 from gpuaas.domain.access import TenantBinding
 
 DEFAULT_POD_GRACE_SECONDS = 30  # Kubernetes' default terminationGracePeriodSeconds
@@ -123,6 +123,19 @@ class WriteUsageLedger:
 
 
 @dataclass(frozen=True)
+class CreatePoolUsage:
+    """Create a pool's month record (GpuPoolUsage) with its first booking."""
+
+    record: GpuPoolUsage
+
+
+@dataclass(frozen=True)
+class WritePoolLedger:
+    name: str
+    ledger: PoolLedger
+
+
+@dataclass(frozen=True)
 class ReleasePod:
     """Remove a pod's usage finalizer, once its whole interval is booked."""
 
@@ -145,5 +158,7 @@ Action = (
     | PostEvent
     | CreateUsage
     | WriteUsageLedger
+    | CreatePoolUsage
+    | WritePoolLedger
     | ReleasePod
 )

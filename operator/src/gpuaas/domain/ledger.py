@@ -200,6 +200,8 @@ class GrantState:
     gpus: int
     active_from: datetime
     active_until: datetime | None = None
+    # Of `gpus`, those on hardware that was down (domain/downtime.py): booked as the grant's downtime credit.
+    down_gpus: int = 0
 
 
 @dataclass(frozen=True)
@@ -340,6 +342,7 @@ def _book_month(
                 status.granted_gpu_seconds += grant.gpus * active
                 _add_by_day(status.daily_granted_gpu_seconds, active_start, active_end, grant.gpus, zone)
                 status.granted_gpus = grant.gpus
+                status.down_gpu_seconds += min(grant.down_gpus, grant.gpus) * active
                 if grant.gpus > 0:  # a grant of nothing (suspended) cannot sit idle
                     busy = _covered_seconds(((span.start, span.booked_to) for span in spans), active_start, active_end)
                     status.idle_seconds += active - busy

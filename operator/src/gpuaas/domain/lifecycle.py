@@ -79,6 +79,7 @@ def allocation_status(
     generation: int | None,
     now: datetime,
     idle_after: timedelta = timedelta(hours=72),
+    down_gpus: int = 0,
 ) -> GpuAllocationStatus:
     phase: Phase = decision.phase
     conditions = list(previous.conditions)
@@ -143,17 +144,32 @@ def allocation_status(
     conditions = set_condition(
         conditions, _condition(ConditionType.READY, ready_ok, ready_reason, ready_message, now, generation)
     )
+    conditions = set_condition(conditions, _degraded_condition(down_gpus, decision.granted_gpus, now, generation))
     return GpuAllocationStatus(
         phase=phase,
         namespace=outcome.namespace,
         granted_gpus=decision.granted_gpus,
         in_use_gpus=outcome.in_use_gpus,
+        down_gpus=down_gpus,
         queue_position=decision.queue_position,
         idle_since=idle_since,
         nodes=list(outcome.nodes),
         conditions=conditions,
         observed_generation=generation,
         message=decision.message,
+    )
+
+
+def _degraded_condition(down_gpus: int, granted_gpus: int, now: datetime, generation: int | None) -> Condition:
+    """True while granted GPUs are on hardware that is down; its lastTransitionTime is when the credit began."""
+    if down_gpus > 0:
+        message = (
+            f"{down_gpus} of {granted_gpus} granted GPUs are on hardware that is down; "
+            "the ledger credits them as downtime"
+        )
+        return _condition(ConditionType.DEGRADED, True, ConditionReason.GPUS_DOWN, message, now, generation)
+    return _condition(
+        ConditionType.DEGRADED, False, ConditionReason.GPUS_HEALTHY, "no granted GPU is down", now, generation
     )
 
 

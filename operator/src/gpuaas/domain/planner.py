@@ -47,6 +47,7 @@ from gpuaas.domain.actions import (
     SuspendAllocation,
 )
 from gpuaas.domain.capacity import AdmissionDecision, AdmissionResult, AllocationDemand, admit
+from gpuaas.domain.downtime import GrantInForce, PoolBreakdown, pool_breakdown
 from gpuaas.domain.drift import has_drifted
 from gpuaas.domain.exclusive import choose_exclusive_nodes
 from gpuaas.domain.ledger import GrantState
@@ -83,10 +84,16 @@ def status_merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[s
     return patch
 
 
-def grant_in_force(spec: GpuAllocationSpec, created: datetime, granted: int, phase: str) -> GrantState:
-    """The grant that held since the previous pass: window bounds are exact, phase changes are per pass."""
-    gpus = granted if phase in ("Active", "Scheduled") else 0
-    return GrantState(gpus=gpus, active_from=max(spec.window.start, created), active_until=spec.window.end)
+def grant_in_force(spec: GpuAllocationSpec, created: datetime, status: GpuAllocationStatus, granted: int) -> GrantState:
+    """The grant that held since the previous pass: window bounds are exact; phase changes and the GPUs that were
+    down (the status's downGPUs) are per pass."""
+    gpus = granted if status.phase in ("Active", "Scheduled") else 0
+    return GrantState(
+        gpus=gpus,
+        active_from=max(spec.window.start, created),
+        active_until=spec.window.end,
+        down_gpus=min(status.down_gpus, gpus),
+    )
 
 
 # --- 1. the pool's nodes -------------------------------------------------------------------------
@@ -228,7 +235,7 @@ def intake(
         granted_gpus=granted,
         suspended=spec.suspend,
     )
-    return Candidate(view, spec, demand, grant_in_force(spec, view.created, granted, status.phase))
+    return Candidate(view, spec, demand, grant_in_force(spec, view.created, status, granted))
 
 
 # --- 3. admission --------------------------------------------------------------------------------
@@ -260,6 +267,23 @@ def admit_pool(
     if beyond:
         result = admit(capacity_gpus - beyond, demands, now)
     return PoolAdmission(result, beyond)
+
+
+def breakdown_now(
+    pool_spec: GpuPoolSpec,
+    members: Sequence[NodeInfo],
+    healthy_program_gpus: int,
+    candidates: Iterable[Candidate],
+    decisions: Mapping[str, AdmissionDecision],
+    exclusive_holders: Mapping[str, str],
+) -> PoolBreakdown:
+    """The pool's program GPUs split for this pass's decisions: the Active grants and the hardware under them."""
+    grants = [
+        GrantInForce(c.view.name, decision.granted_gpus, c.spec.exclusive_nodes)
+        for c in candidates
+        if (decision := decisions[c.view.name]).phase == "Active"
+    ]
+    return pool_breakdown(pool_spec, members, healthy_program_gpus, grants, exclusive_holders)
 
 
 # --- 4. one allocation ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from datetime import datetime
 
 from gpuaas.api.common import Condition, set_condition
 from gpuaas.api.pool import GpuPoolSpec, GpuPoolStatus, PoolConditionReason, PoolConditionType
+from gpuaas.domain.downtime import PoolBreakdown
 from gpuaas.domain.nodes import NodeInfo, matches_selector
 
 
@@ -49,6 +50,7 @@ def pool_status(
     in_use_gpus: int = 0,
     queued: int = 0,
     held_beyond_grants: int = 0,
+    breakdown: PoolBreakdown | None = None,
 ) -> GpuPoolStatus:
     """The pool's status for the given capacity and grants, keeping condition transition times."""
     conditions = list(previous.conditions)
@@ -105,6 +107,8 @@ def pool_status(
         # GPUs that stopping pods still hold beyond their grants are not available yet.
         available_gpus=max(capacity.program_gpus - granted_gpus - held_beyond_grants, 0),
         in_use_gpus=in_use_gpus,
+        down_gpus=breakdown.down_gpus if breakdown is not None else 0,
+        credited_gpus=breakdown.credited_gpus if breakdown is not None else 0,
         queued=queued,
         conditions=conditions,
         observed_generation=generation,

@@ -19,7 +19,7 @@ from datetime import UTC
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Literal
 
-from gpuaas.api.usage import DEFAULT_TIME_ZONE, GpuUsage
+from gpuaas.api.usage import DEFAULT_TIME_ZONE, GpuPoolUsage, GpuUsage
 from gpuaas.domain.ledger import parse_month, seconds_to_hours
 
 TotalScope = Literal["cluster", "pool", "gpuModel", "provider", "all"]
@@ -46,6 +46,11 @@ class _Hours:
     used_gpu_seconds: int
     granted_gpu_seconds: int
     idle_seconds: int
+    down_gpu_seconds: int
+
+    @property
+    def down_gpu_hours(self) -> Decimal:
+        return seconds_to_hours(self.down_gpu_seconds)
 
     @property
     def granted_gpu_hours(self) -> Decimal:
@@ -84,6 +89,7 @@ class ReportRow(_Hours):
     idle_seconds: int
     peak_gpus_in_use: int
     pod_count: int
+    down_gpu_seconds: int = 0
 
     @property
     def qualified_pool(self) -> str:
@@ -102,6 +108,7 @@ class ReportTotal(_Hours):
     granted_gpu_seconds: int
     idle_seconds: int
     pod_count: int
+    down_gpu_seconds: int = 0
 
 
 @dataclass(frozen=True)
@@ -148,6 +155,35 @@ class HistoryLine:
 
 
 @dataclass(frozen=True)
+class PoolIdentity:
+    """A pool's month, sreport style: its program GPU-seconds = granted in service + unallocated + down."""
+
+    cluster: str
+    pool: str
+    gpu_model: str
+    provider: str
+    program_gpu_seconds: int
+    usable_granted_gpu_seconds: int
+    unallocated_gpu_seconds: int
+    down_gpu_seconds: int
+    credited_gpu_seconds: int
+    """Of the down GPU-seconds, those under grants: the tenants' downtime credit, as the pool saw it."""
+    allocations_credited_gpu_seconds: int
+    """The same credit as the allocations' records booked it (they are written on their own schedule)."""
+
+    @property
+    def gap(self) -> int:
+        """Program GPU-seconds the three parts do not account for: 0 when the identity holds."""
+        return self.program_gpu_seconds - (
+            self.usable_granted_gpu_seconds + self.unallocated_gpu_seconds + self.down_gpu_seconds
+        )
+
+    @property
+    def qualified_pool(self) -> str:
+        return qualified_pool(self.cluster, self.pool)
+
+
+@dataclass(frozen=True)
 class Report:
     month: str
     time_zone: str
@@ -161,6 +197,19 @@ class Report:
     """Per pool (sorted), its used and granted GPU-seconds on each day of the month."""
     history: tuple[HistoryLine, ...] = ()
     """Every change to an allocation made in the month, oldest first."""
+    pools: tuple[PoolIdentity, ...] = ()
+    """Per pool (sorted), the identity of its program GPU-seconds; pools whose gpuaas keeps no month record are
+    absent."""
+
+    def unbalanced_pools(self) -> list[str]:
+        """What does not add up, one line per pool: the report must not be trusted while any is listed."""
+        return [
+            f"pool {identity.qualified_pool}: program {identity.program_gpu_seconds} GPU-s != granted in service "
+            f"{identity.usable_granted_gpu_seconds} + unallocated {identity.unallocated_gpu_seconds} + down "
+            f"{identity.down_gpu_seconds} (off by {identity.gap})"
+            for identity in self.pools
+            if identity.gap != 0
+        ]
 
 
 def _row(cluster: str, record: GpuUsage) -> ReportRow:
@@ -182,6 +231,7 @@ def _row(cluster: str, record: GpuUsage) -> ReportRow:
         idle_seconds=status.idle_seconds,
         peak_gpus_in_use=status.peak_gpus_in_use,
         pod_count=status.pod_count,
+        down_gpu_seconds=status.down_gpu_seconds,
     )
 
 
@@ -196,6 +246,7 @@ def _total(scope: TotalScope, key: str, rows: Iterable[ReportRow]) -> ReportTota
         granted_gpu_seconds=sum(row.granted_gpu_seconds for row in members),
         idle_seconds=sum(row.idle_seconds for row in members),
         pod_count=sum(row.pod_count for row in members),
+        down_gpu_seconds=sum(row.down_gpu_seconds for row in members),
     )
 
 
@@ -216,6 +267,7 @@ class TenantSummary(_Hours):
     used_gpu_seconds: int
     granted_gpu_seconds: int
     idle_seconds: int
+    down_gpu_seconds: int = 0
 
 
 def tenant_summaries(rows: Iterable[ReportRow]) -> list[TenantSummary]:
@@ -232,6 +284,7 @@ def tenant_summaries(rows: Iterable[ReportRow]) -> list[TenantSummary]:
             used_gpu_seconds=sum(row.used_gpu_seconds for row in members),
             granted_gpu_seconds=sum(row.granted_gpu_seconds for row in members),
             idle_seconds=sum(row.idle_seconds for row in members),
+            down_gpu_seconds=sum(row.down_gpu_seconds for row in members),
         )
         for (tenant, organization, contract), members in sorted(groups.items())
     ]
@@ -258,7 +311,7 @@ def _daily_series(month: str, selected: Sequence[tuple[GpuUsage, str]]) -> tuple
     return tuple(series)
 
 
-def build_report(records: Iterable[GpuUsage], month: str, time_zone: str | None = None) -> Report:
+def build_report(records: Iterable[GpuUsage | GpuPoolUsage], month: str, time_zone: str | None = None) -> Report:
     """The report of `month`: one row per allocation from the records of that month, and totals.
 
     `time_zone` names the zone the month is in for the header; by default the records' own zone.
@@ -267,7 +320,7 @@ def build_report(records: Iterable[GpuUsage], month: str, time_zone: str | None 
 
 
 def build_merged_report(
-    records_by_cluster: Mapping[str, Iterable[GpuUsage]], month: str, time_zone: str | None = None
+    records_by_cluster: Mapping[str, Iterable[GpuUsage | GpuPoolUsage]], month: str, time_zone: str | None = None
 ) -> Report:
     """One report of `month` over several clusters' ledgers, keyed by cluster name."""
     if not records_by_cluster:
@@ -279,11 +332,37 @@ def build_merged_report(
     return _build(pairs, month, time_zone, clusters=tuple(sorted(records_by_cluster)))
 
 
+def _pool_identities(
+    pool_records: Sequence[tuple[GpuPoolUsage, str]], rows: Sequence[ReportRow]
+) -> tuple[PoolIdentity, ...]:
+    identities = []
+    for record, cluster in pool_records:
+        ledger = record.ledger
+        credited = sum(r.down_gpu_seconds for r in rows if r.cluster == cluster and r.pool == record.spec.pool)
+        identities.append(
+            PoolIdentity(
+                cluster=cluster,
+                pool=record.spec.pool,
+                gpu_model=record.spec.gpu_model,
+                provider=record.spec.provider,
+                program_gpu_seconds=ledger.program_gpu_seconds,
+                usable_granted_gpu_seconds=ledger.usable_granted_gpu_seconds,
+                unallocated_gpu_seconds=ledger.unallocated_gpu_seconds,
+                down_gpu_seconds=ledger.down_gpu_seconds,
+                credited_gpu_seconds=ledger.credited_gpu_seconds,
+                allocations_credited_gpu_seconds=credited,
+            )
+        )
+    return tuple(sorted(identities, key=lambda identity: (identity.cluster, identity.pool)))
+
+
 def _build(
-    records: Iterable[tuple[GpuUsage, str]], month: str, time_zone: str | None, clusters: tuple[str, ...]
+    records: Iterable[tuple[GpuUsage | GpuPoolUsage, str]], month: str, time_zone: str | None, clusters: tuple[str, ...]
 ) -> Report:
     parse_month(month)
-    selected = [(record, cluster) for record, cluster in records if record.spec.month == month]
+    this_month = [(record, cluster) for record, cluster in records if record.spec.month == month]
+    selected = [(record, cluster) for record, cluster in this_month if isinstance(record, GpuUsage)]
+    pool_records = [(record, cluster) for record, cluster in this_month if isinstance(record, GpuPoolUsage)]
     rows = tuple(
         sorted(
             (_row(cluster, record) for record, cluster in selected),
@@ -324,4 +403,5 @@ def _build(
         clusters=clusters,
         daily=_daily_series(month, selected),
         history=tuple(history),
+        pools=_pool_identities(pool_records, rows),
     )

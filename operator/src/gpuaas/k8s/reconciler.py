@@ -32,6 +32,7 @@ from gpuaas.domain.planner import Candidate, RecentApply
 from gpuaas.domain.pool import measure_capacity, pool_nodes, pool_status
 from gpuaas.domain.snapshot import AllocationView, ObjectKey, PoolSnapshot, observed_key
 from gpuaas.k8s.ledger import LedgerWriter
+from gpuaas.k8s.pool_ledger import PoolLedgerWriter
 from gpuaas.k8s.writer import ClusterWriter, cluster_writer
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class PoolReconciler:
     cache: dict[str, _Cached] = field(default_factory=dict)
     specs: dict[str, tuple[int | None, GpuAllocationSpec]] = field(default_factory=dict)
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=16))
+    # The pool's month records (program = usable granted + unallocated + down); made on the first pass.
+    pool_ledger: PoolLedgerWriter | None = None
 
     def run_pass(self, snap: PoolSnapshot, now: datetime) -> PassResult:
         pool_spec = GpuPoolSpec.model_validate(dict(snap.spec))
@@ -90,10 +93,14 @@ class PoolReconciler:
         decisions = admission.result.decisions
         for c in candidates:
             self.granted[c.view.uid] = decisions[c.view.name].granted_gpus
+        breakdown = planner.breakdown_now(
+            pool_spec, members, capacity.program_gpus, candidates, decisions, snap.exclusive_holders
+        )
+        down = breakdown.down_by_allocation
         samples: list[AllocationSample] = []
         changed: list[tuple[Candidate, tuple[object, ...]]] = []
         for c in candidates:
-            fingerprint = planner.fingerprint(c, decisions[c.view.name], snap)
+            fingerprint = (*planner.fingerprint(c, decisions[c.view.name], snap), down.get(c.view.name, 0))
             cached = self.cache.get(c.view.uid)
             if cached is not None and cached.fingerprint == fingerprint and now < cached.recheck_at:
                 samples.append(cached.sample)  # nothing it depends on changed, and nothing is due
@@ -102,7 +109,14 @@ class PoolReconciler:
         samples.extend(
             self.executor.map(
                 lambda item: self._process(
-                    item[0], decisions[item[0].view.name], item[1], snap, members, pool_spec, now
+                    item[0],
+                    decisions[item[0].view.name],
+                    down.get(item[0].view.name, 0),
+                    item[1],
+                    snap,
+                    members,
+                    pool_spec,
+                    now,
                 ),
                 changed,
             )
@@ -119,6 +133,7 @@ class PoolReconciler:
             held_beyond_grants=admission.held_beyond_grants,
             in_use_gpus=sum(sample.in_use_gpus for sample in samples),
             queued=admission.result.summary.queued,
+            breakdown=breakdown,
         )
         if new_pool != written_pool or self.pool_written is None:
             wire = new_pool.to_wire()
@@ -126,9 +141,17 @@ class PoolReconciler:
                 PatchStatus(POOL_PLURAL, self.pool, planner.status_merge_patch(self.pool_written or {}, wire))
             )
             self.pool_written = wire
+        self._pool_ledger().book(pool_spec, breakdown, now)
         names = {view.uid: view.name for view in snap.allocations}
         terminating = {names[uid]: ns for uid, ns in self.waiting_namespaces.items() if uid in names}
         return PassResult(pool=new_pool, samples=samples, processed=len(changed), terminating_namespaces=terminating)
+
+    def _pool_ledger(self) -> PoolLedgerWriter:
+        if self.pool_ledger is None:
+            self.pool_ledger = PoolLedgerWriter(
+                self.pool, self.ledger.time_zone, self.ledger.flush_interval, self.writer
+            )
+        return self.pool_ledger
 
     def _forget_all_but(self, live_uids: set[str]) -> None:
         for memory in (self.cache, self.specs, self.waiting_namespaces, self.applied):
@@ -164,6 +187,7 @@ class PoolReconciler:
         self,
         c: Candidate,
         decision: AdmissionDecision,
+        down_gpus: int,
         fingerprint: tuple[object, ...],
         snap: PoolSnapshot,
         members: list[NodeInfo],
@@ -177,7 +201,7 @@ class PoolReconciler:
         outcome = planner.tenant_outcome(spec.target_namespace, plan, decision, self._carry_out(view, plan, now))
         previous = self._status(view)
         status = allocation_status(
-            previous, decision, outcome, spec.exclusive_nodes, view.generation, now, spec.idle.after_duration
+            previous, decision, outcome, spec.exclusive_nodes, view.generation, now, spec.idle.after_duration, down_gpus
         )
         self._write_status(view, previous, status)
         self._perform_all(planner.idle_actions(view, spec, previous, status))
@@ -265,7 +289,7 @@ class PoolReconciler:
         previous = self._status(view)
         if valid is not None and planner.RELEASE_FINALIZER in view.finalizers:
             granted = planner.granted_so_far(previous, self.granted.get(view.uid))
-            grant = planner.grant_in_force(valid, view.created, granted, previous.phase)
+            grant = planner.grant_in_force(valid, view.created, previous, granted)
             changes = stamped_changes(view.history_stamps, view.spec, view.deletion_timestamp, now)
             self._book(view, valid, pool_spec, snap, grant, now, force=True, changes=changes)
         plan = planner.plan_release(view, valid, snap, members, pool_spec, previous, self._status_wire(view), now)

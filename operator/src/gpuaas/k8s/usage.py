@@ -14,7 +14,15 @@ from kubernetes.config.config_exception import ConfigException
 from pydantic import ValidationError
 
 from gpuaas.api.common import GROUP, VERSION
-from gpuaas.api.usage import USAGE_PLURAL, GpuUsage, UsageLedger, ledger_patch
+from gpuaas.api.usage import (
+    POOL_USAGE_PLURAL,
+    USAGE_PLURAL,
+    GpuPoolUsage,
+    GpuUsage,
+    PoolLedger,
+    UsageLedger,
+    ledger_patch,
+)
 from gpuaas.domain.fence import USAGE_FINALIZER
 from gpuaas.k8s.client import discard, new_api_client
 
@@ -26,8 +34,8 @@ JSON_PATCH = "application/json-patch+json"
 READ_TIMEOUT = (10, 60)
 
 
-def list_usage(api: client.ApiClient) -> list[dict[str, Any]]:
-    """Every GpuUsage object (all months, including those of deleted allocations), paged."""
+def list_usage(api: client.ApiClient, plural: str = USAGE_PLURAL) -> list[dict[str, Any]]:
+    """Every GpuUsage object (all months, including those of deleted allocations), or of another ledger kind, paged."""
     objects = client.CustomObjectsApi(api)
     items: list[dict[str, Any]] = []
     token: str | None = None
@@ -35,7 +43,7 @@ def list_usage(api: client.ApiClient) -> list[dict[str, Any]]:
         kwargs: dict[str, Any] = {"limit": PAGE_SIZE, "_request_timeout": READ_TIMEOUT}
         if token:
             kwargs["_continue"] = token
-        listing = cast(dict[str, Any], objects.list_cluster_custom_object(GROUP, VERSION, USAGE_PLURAL, **kwargs))
+        listing = cast(dict[str, Any], objects.list_cluster_custom_object(GROUP, VERSION, plural, **kwargs))
         items.extend(listing.get("items") or [])
         token = (listing.get("metadata") or {}).get("continue")
         if not token:
@@ -63,10 +71,22 @@ class LedgerUnreadableError(Exception):
     """A cluster's ledger could not be read; a report without it would be silently short."""
 
 
-def read_ledger(source: LedgerSource) -> list[GpuUsage]:
+def _pool_records(api: client.ApiClient) -> list[GpuPoolUsage]:
+    """The pools' month records; none where the cluster's gpuaas predates them (no such resource)."""
+    try:
+        return [GpuPoolUsage.from_object(obj) for obj in list_usage(api, POOL_USAGE_PLURAL)]
+    except ApiException as error:
+        if error.status == 404:
+            return []
+        raise
+
+
+def read_ledger(source: LedgerSource) -> list[GpuUsage | GpuPoolUsage]:
+    """A cluster's allocation records and its pools' month records."""
     try:
         with new_api_client(source.kubeconfig, context=source.context) as api:
-            return [GpuUsage.from_object(obj) for obj in list_usage(api)]
+            records: list[GpuUsage | GpuPoolUsage] = [GpuUsage.from_object(obj) for obj in list_usage(api)]
+            return records + _pool_records(api)
     except ApiException as error:
         raise LedgerUnreadableError(
             f"{source.describe()}: the API server answered {error.status} {error.reason}"
@@ -75,7 +95,7 @@ def read_ledger(source: LedgerSource) -> list[GpuUsage]:
         raise LedgerUnreadableError(f"{source.describe()}: {error}") from error
 
 
-def read_ledgers(sources: Sequence[LedgerSource]) -> dict[str, list[GpuUsage]]:
+def read_ledgers(sources: Sequence[LedgerSource]) -> dict[str, list[GpuUsage | GpuPoolUsage]]:
     """Every source's records by name, read in parallel. Any unreadable source fails the whole read, naming each
     one that failed."""
     with ThreadPoolExecutor(max_workers=max(1, len(sources))) as pool:
@@ -109,6 +129,31 @@ def create_usage(record: GpuUsage) -> None:
 def write_usage_ledger(name: str, ledger: UsageLedger, dropped_pods: Iterable[str] = ()) -> None:
     response = client.CustomObjectsApi().patch_cluster_custom_object(
         GROUP, VERSION, USAGE_PLURAL, name, ledger_patch(ledger, dropped_pods), _preload_content=False
+    )
+    discard(response)
+
+
+def read_pool_usage(name: str) -> GpuPoolUsage | None:
+    """A pool's month record as stored, or None if there is none."""
+    try:
+        obj = client.CustomObjectsApi().get_cluster_custom_object(GROUP, VERSION, POOL_USAGE_PLURAL, name)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    return GpuPoolUsage.from_object(cast(dict[str, Any], obj))
+
+
+def create_pool_usage(record: GpuPoolUsage) -> None:
+    response = client.CustomObjectsApi().create_cluster_custom_object(
+        GROUP, VERSION, POOL_USAGE_PLURAL, record.to_object(), _preload_content=False
+    )
+    discard(response)
+
+
+def write_pool_ledger(name: str, ledger: PoolLedger) -> None:
+    response = client.CustomObjectsApi().patch_cluster_custom_object(
+        GROUP, VERSION, POOL_USAGE_PLURAL, name, {"ledger": ledger.to_wire()}, _preload_content=False
     )
     discard(response)
 

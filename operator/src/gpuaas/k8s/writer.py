@@ -16,6 +16,7 @@ from gpuaas.domain.actions import (
     AddAllocationFinalizer,
     AnnotateAllocation,
     ApplyObject,
+    CreatePoolUsage,
     CreateUsage,
     DeleteNamespace,
     DeletePod,
@@ -27,6 +28,7 @@ from gpuaas.domain.actions import (
     RemoveAllocationFinalizer,
     SetRoleBindingSubjects,
     SuspendAllocation,
+    WritePoolLedger,
     WriteUsageLedger,
 )
 from gpuaas.k8s import objects, usage
@@ -74,6 +76,10 @@ class KubernetesWriter:
                 usage.create_usage(record)
             case WriteUsageLedger(name, ledger, dropped_pods):
                 usage.write_usage_ledger(name, ledger, dropped_pods)
+            case CreatePoolUsage(record):
+                usage.create_pool_usage(record)
+            case WritePoolLedger(name, ledger):
+                usage.write_pool_ledger(name, ledger)
             case ReleasePod(namespace, name):
                 usage.release_pod(namespace, name)
 

@@ -22,6 +22,7 @@ from gpuaas.domain.ledger import parse_month, seconds_to_hours
 from gpuaas.domain.report import (
     DailySeries,
     HistoryLine,
+    PoolIdentity,
     Report,
     ReportRow,
     ReportTotal,
@@ -62,6 +63,7 @@ ROW_COLUMNS: tuple[Column, ...] = (
     Column("idleHours", "Idle hours", "hours"),
     Column("peakGPUsInUse", "Peak GPUs in use", "count"),
     Column("podCount", "Pods", "count"),
+    Column("downGPUHours", "Downtime credit GPU-hours", "hours"),
 )
 
 TOTAL_COLUMNS: tuple[Column, ...] = (
@@ -74,6 +76,7 @@ TOTAL_COLUMNS: tuple[Column, ...] = (
     Column("utilisationPercent", "Utilisation %", "percent"),
     Column("idleHours", "Idle hours", "hours"),
     Column("podCount", "Pods", "count"),
+    Column("downGPUHours", "Downtime credit GPU-hours", "hours"),
 )
 
 
@@ -91,6 +94,7 @@ TENANT_COLUMNS: tuple[Column, ...] = (
     Column("usedGPUHours", "Used GPU-hours", "hours"),
     Column("utilisationPercent", "Utilisation %", "percent"),
     Column("idleHours", "Idle hours", "hours"),
+    Column("downGPUHours", "Downtime credit GPU-hours", "hours"),
 )
 
 DAILY_COLUMNS: tuple[Column, ...] = (
@@ -98,6 +102,20 @@ DAILY_COLUMNS: tuple[Column, ...] = (
     Column("day", "Day", "text"),
     Column("grantedGPUHours", "Granted GPU-hours", "hours"),
     Column("usedGPUHours", "Used GPU-hours", "hours"),
+)
+
+
+POOL_IDENTITY_COLUMNS: tuple[Column, ...] = (
+    Column("pool", "Pool", "text"),
+    Column("gpuModel", "GPU model", "text"),
+    Column("provider", "Provider", "text"),
+    Column("programGPUHours", "Program GPU-hours", "hours"),
+    Column("grantedInServiceGPUHours", "Granted in service GPU-hours", "hours"),
+    Column("unallocatedGPUHours", "Unallocated GPU-hours", "hours"),
+    Column("downGPUHours", "Down GPU-hours", "hours"),
+    Column("addsUp", "Program = granted + unallocated + down", "text"),
+    Column("creditedGPUHours", "Of down, granted (credited) GPU-hours", "hours"),
+    Column("allocationsCreditedGPUHours", "Credited in allocations' records GPU-hours", "hours"),
 )
 
 
@@ -117,6 +135,25 @@ def _cluster_first(report: Report, columns: tuple[Column, ...]) -> tuple[Column,
 
 def _cluster_cell(cluster: str) -> dict[str, Cell]:
     return {"cluster": cluster} if cluster else {}
+
+
+def pool_identity_columns(report: Report) -> tuple[Column, ...]:
+    return _cluster_first(report, POOL_IDENTITY_COLUMNS)
+
+
+def pool_identity_cells(identity: PoolIdentity) -> dict[str, Cell]:
+    return _cluster_cell(identity.cluster) | {
+        "pool": identity.pool,
+        "gpuModel": identity.gpu_model,
+        "provider": identity.provider,
+        "programGPUHours": seconds_to_hours(identity.program_gpu_seconds),
+        "grantedInServiceGPUHours": seconds_to_hours(identity.usable_granted_gpu_seconds),
+        "unallocatedGPUHours": seconds_to_hours(identity.unallocated_gpu_seconds),
+        "downGPUHours": seconds_to_hours(identity.down_gpu_seconds),
+        "addsUp": "yes" if identity.gap == 0 else f"no: off by {identity.gap} GPU-seconds",
+        "creditedGPUHours": seconds_to_hours(identity.credited_gpu_seconds),
+        "allocationsCreditedGPUHours": seconds_to_hours(identity.allocations_credited_gpu_seconds),
+    }
 
 
 def history_columns(report: Report) -> tuple[Column, ...]:
@@ -154,6 +191,7 @@ def row_cells(row: ReportRow) -> dict[str, Cell]:
         "idleHours": row.idle_hours,
         "peakGPUsInUse": row.peak_gpus_in_use,
         "podCount": row.pod_count,
+        "downGPUHours": row.down_gpu_hours,
     }
 
 
@@ -168,6 +206,7 @@ def total_cells(total: ReportTotal) -> dict[str, Cell]:
         "utilisationPercent": total.utilisation_percent,
         "idleHours": total.idle_hours,
         "podCount": total.pod_count,
+        "downGPUHours": total.down_gpu_hours,
     }
 
 
@@ -181,6 +220,7 @@ def tenant_cells(summary: TenantSummary) -> dict[str, Cell]:
         "usedGPUHours": summary.used_gpu_hours,
         "utilisationPercent": summary.utilisation_percent,
         "idleHours": summary.idle_hours,
+        "downGPUHours": summary.down_gpu_hours,
     }
 
 
@@ -251,6 +291,13 @@ def to_csv(report: Report) -> bytes:
     for total in report.totals:
         cells = total_cells(total)
         writer.writerow([_csv_text(cells[column.key]) for column in TOTAL_COLUMNS])
+    if report.pools:
+        writer.writerow([])
+        identity_columns = pool_identity_columns(report)
+        writer.writerow([column.title for column in identity_columns])
+        for identity in report.pools:
+            cells = pool_identity_cells(identity)
+            writer.writerow([_csv_text(cells[column.key]) for column in identity_columns])
     return (CSV_BOM + buffer.getvalue()).encode("utf-8")
 
 
@@ -287,6 +334,10 @@ def report_document(report: Report) -> dict[str, object]:
             for series in report.daily
         ],
         "history": [history_cells(line) for line in report.history],
+        "poolIdentity": [
+            {key: _json_value(value) for key, value in pool_identity_cells(identity).items()}
+            for identity in report.pools
+        ],
     }
 
 
@@ -352,6 +403,11 @@ def to_xlsx(report: Report) -> bytes:
     _fill_sheet(workbook.create_sheet("Totals"), TOTAL_COLUMNS, [total_cells(total) for total in report.totals])
     _fill_sheet(workbook.create_sheet("Daily"), DAILY_COLUMNS, daily_cells(report))
     _fill_sheet(workbook.create_sheet("History"), history_columns(report), [history_cells(h) for h in report.history])
+    _fill_sheet(
+        workbook.create_sheet("Pool identity"),
+        pool_identity_columns(report),
+        [pool_identity_cells(identity) for identity in report.pools],
+    )
 
     year, month = parse_month(report.month)
     fixed = datetime(year, month, 1)  # openpyxl wants naive UTC; any fixed instant will do
@@ -537,11 +593,14 @@ def to_html(report: Report) -> str:
     title = f"GPU usage report {report.month} ({report.time_zone})"
     tenants = [tenant_cells(summary) for summary in tenant_summaries(report.rows)]
     history = [history_cells(line) for line in report.history]
+    identities = [pool_identity_cells(identity) for identity in report.pools]
     page = (
         '<!DOCTYPE html>\n<html lang="ko">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{_escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
         f"<h1>{_escape(title)}</h1>\n"
         f"<h2>Totals</h2>\n{_table('totals', TOTAL_COLUMNS, [_titled_scope(t) for t in report.totals])}\n"
+        f"<h2>Pools: program = granted in service + unallocated + down</h2>\n"
+        f"{_table('pools', pool_identity_columns(report), identities)}\n"
         f"<h2>Tenants</h2>\n{_table('tenants', TENANT_COLUMNS, tenants)}\n"
         f"<h2>Charts</h2>\n{_charts(report)}\n"
         f"<h2>Daily</h2>\n{_daily(report)}\n"

@@ -1,0 +1,109 @@
+"""The pool's month records (GpuPoolUsage): each pass books the breakdown that held since the previous pass
+(domain/downtime.py), and the records are written at the ledger's flush interval.
+
+Like the allocations' records, they are the watermark: a replica that starts, or takes over, reads this month's
+record (or last month's) and books on from its bookedUntil, with the breakdown it sees first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from kubernetes.client.exceptions import ApiException
+
+from gpuaas.api.pool import GpuPoolSpec
+from gpuaas.api.usage import GpuPoolUsage, GpuPoolUsageSpec
+from gpuaas.domain.actions import CreatePoolUsage, WritePoolLedger
+from gpuaas.domain.downtime import PoolBreakdown, book_pool
+from gpuaas.domain.ledger import month_bounds, month_of
+from gpuaas.k8s import usage
+from gpuaas.k8s.writer import ClusterWriter
+
+logger = logging.getLogger(__name__)
+
+
+def pool_usage_name(pool: str, month: str) -> str:
+    return f"{pool}-{month}"
+
+
+@dataclass
+class PoolLedgerWriter:
+    pool: str
+    time_zone: str
+    flush_interval: timedelta
+    writer: ClusterWriter
+    read_record: Callable[[str], GpuPoolUsage | None] = usage.read_pool_usage
+    # month -> the record as booked in memory; `stored` holds the months the API server has.
+    records: dict[str, GpuPoolUsage] = field(default_factory=dict)
+    stored: set[str] = field(default_factory=set)
+    unwritten: set[str] = field(default_factory=set)
+    since: datetime | None = None
+    held: PoolBreakdown | None = None
+    last_write: datetime | None = None
+
+    def _load(self, now: datetime) -> datetime:
+        """This month's record, else last month's; returns where booking carries on from (now, if neither exists)."""
+        month = month_of(now, self.time_zone)
+        previous = month_of(month_bounds(month, self.time_zone)[0] - timedelta(seconds=1), self.time_zone)
+        self.last_write = now
+        for candidate in (month, previous):
+            record = self.read_record(pool_usage_name(self.pool, candidate))
+            if record is not None:
+                self.records[candidate] = record
+                self.stored.add(candidate)
+                return min(now, record.ledger.booked_until or now)
+        return now
+
+    def book(self, spec: GpuPoolSpec, breakdown: PoolBreakdown, now: datetime) -> None:
+        """Book up to now what held since the previous pass; `breakdown` holds from now on."""
+        if self.since is None or self.held is None:  # after a restart, the gap is booked with what holds now
+            since, held = self._load(now), breakdown
+        else:
+            since, held = self.since, self.held
+        changed = book_pool({m: r.ledger for m, r in self.records.items()}, since, now, held, self.time_zone)
+        for month, ledger in changed.items():
+            record = self.records.get(month) or GpuPoolUsage(
+                name=pool_usage_name(self.pool, month),
+                spec=GpuPoolUsageSpec(
+                    pool=self.pool,
+                    gpu_model=spec.gpu_model,
+                    provider=spec.provider,
+                    month=month,
+                    time_zone=self.time_zone,
+                ),
+            )
+            self.records[month] = record.model_copy(update={"ledger": ledger})
+            self.unwritten.add(month)
+        self.since, self.held = now, breakdown
+        if self.unwritten and (self.last_write is None or now - self.last_write >= self.flush_interval):
+            self.flush(now)
+
+    def flush(self, now: datetime) -> None:
+        try:
+            for month in sorted(self.unwritten):
+                record = self.records[month]
+                if month in self.stored:
+                    self.writer.perform(WritePoolLedger(record.name, record.ledger))
+                else:
+                    self.writer.perform(CreatePoolUsage(record))
+                    self.stored.add(month)
+                self.unwritten.discard(month)
+        except ApiException as error:
+            # Someone else wrote the record (a replica that led before): book on from what it holds.
+            logger.warning(
+                "pool %s: month record write failed (%s %s); reading it again", self.pool, error.status, error.reason
+            )
+            self.records.clear()
+            self.stored.clear()
+            self.unwritten.clear()
+            self.since = None
+            return
+        self.last_write = now
+        # Older months are complete once written; keep only the current one in memory.
+        current = month_of(now, self.time_zone)
+        for month in [m for m in self.records if m < current]:
+            del self.records[month]
+            self.stored.discard(month)

@@ -1,0 +1,145 @@
+"""Downtime credit and the pool identity: program = usable granted + unallocated + down."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gpuaas.api.allocation import ALLOCATION_LABEL
+from gpuaas.api.pool import GpuPoolSpec
+from gpuaas.api.usage import PoolLedger
+from gpuaas.domain.actions import CreatePoolUsage, PatchStatus, WritePoolLedger, WriteUsageLedger
+from gpuaas.domain.downtime import GrantInForce, PoolBreakdown, book_pool, pool_breakdown
+from gpuaas.domain.ledger import GrantState, book_up_to
+from gpuaas.domain.pool import measure_capacity
+from gpuaas.k8s.ledger import LedgerWriter
+from gpuaas.k8s.pool_ledger import PoolLedgerWriter
+from gpuaas.k8s.reconciler import PoolReconciler
+from tests.builders import NOW, POOL, RecordingWriter, SnapshotBuilder, allocation, gpu_node, pool_spec
+
+SPEC = GpuPoolSpec.model_validate(pool_spec())
+
+
+def breakdown(nodes: list, grants: list[GrantInForce], holders: dict[str, str] | None = None) -> PoolBreakdown:
+    healthy = measure_capacity(SPEC, nodes).program_gpus
+    return pool_breakdown(SPEC, nodes, healthy, grants, holders or {})
+
+
+def test_a_healthy_pool_credits_nothing() -> None:
+    nodes = [gpu_node(f"n{i}") for i in range(4)]
+    split = breakdown(nodes, [GrantInForce("a", 16), GrantInForce("b", 8)])
+    assert split.down_by_allocation == {}
+    assert (split.program_gpus, split.usable_granted_gpus, split.unallocated_gpus, split.down_gpus) == (32, 24, 8, 0)
+
+
+def test_a_node_down_costs_shared_grants_only_what_the_spare_capacity_cannot_cover() -> None:
+    nodes = [gpu_node("n0", healthy=False), *(gpu_node(f"n{i}") for i in range(1, 4))]
+    # 24 granted, 24 healthy: nobody is short, the free GPUs were the ones lost.
+    assert breakdown(nodes, [GrantInForce("a", 16), GrantInForce("b", 8)]).down_by_allocation == {}
+    # 32 granted, 24 healthy: 8 short, split 16:8 -> 5.33 : 2.67, largest remainder gives the odd GPU to b.
+    split = breakdown(nodes, [GrantInForce("a", 16), GrantInForce("b", 8), GrantInForce("c", 8)])
+    assert split.down_by_allocation == {"a": 4, "b": 2, "c": 2}
+    assert (split.program_gpus, split.usable_granted_gpus, split.unallocated_gpus, split.down_gpus) == (32, 24, 0, 8)
+    assert split.credited_gpus == 8
+
+
+def test_an_exclusive_grant_is_credited_for_its_held_node_only_when_no_spare_replaces_it() -> None:
+    holders = {"n0": "fm", "n1": "fm"}
+    labelled = {ALLOCATION_LABEL: "fm"}
+    nodes = [gpu_node("n0", healthy=False, labels=labelled), gpu_node("n1", labels=labelled)]
+    nodes += [gpu_node("n2"), gpu_node("n3")]
+    # A spare is free: the grant moves there and loses nothing.
+    assert breakdown(nodes, [GrantInForce("fm", 16, exclusive=True)], holders).down_by_allocation == {}
+    # The spares are another tenant's exclusive nodes: 8 of fm's 16 GPUs are down, and a shared grant loses none.
+    holders |= {"n2": "other", "n3": "other"}
+    grants = [GrantInForce("fm", 16, exclusive=True), GrantInForce("other", 16, exclusive=True)]
+    split = breakdown(nodes, grants, holders)
+    assert split.down_by_allocation == {"fm": 8}
+    assert (split.program_gpus, split.usable_granted_gpus, split.unallocated_gpus, split.down_gpus) == (32, 24, 0, 8)
+
+
+def test_shared_grants_do_not_count_healthy_exclusive_nodes_as_theirs() -> None:
+    holders = {"n0": "fm"}
+    nodes = [gpu_node("n0", labels={ALLOCATION_LABEL: "fm"}), gpu_node("n1"), gpu_node("n2", healthy=False)]
+    split = breakdown(nodes, [GrantInForce("fm", 8, exclusive=True), GrantInForce("lab", 16)], holders)
+    assert split.down_by_allocation == {"lab": 8}  # 8 healthy GPUs outside fm's node, 16 granted
+
+
+@given(
+    healthy=st.lists(st.booleans(), min_size=1, max_size=12),
+    grants=st.lists(st.tuples(st.integers(0, 40), st.booleans()), max_size=6),
+    program=st.one_of(st.none(), st.integers(0, 120)),
+)
+def test_the_identity_holds_and_no_grant_is_credited_more_than_it_holds(
+    healthy: list[bool], grants: list[tuple[int, bool]], program: int | None
+) -> None:
+    spec = GpuPoolSpec.model_validate(pool_spec(programGPUs=program) if program is not None else pool_spec())
+    nodes = [gpu_node(f"n{i:02d}", healthy=up) for i, up in enumerate(healthy)]
+    in_force = [GrantInForce(f"g{i}", gpus, exclusive) for i, (gpus, exclusive) in enumerate(grants)]
+    holders: dict[str, str] = {}
+    split = pool_breakdown(spec, nodes, measure_capacity(spec, nodes).program_gpus, in_force, holders)
+    assert split.usable_granted_gpus + split.unallocated_gpus + split.down_gpus == split.program_gpus
+    assert min(split.usable_granted_gpus, split.unallocated_gpus, split.down_gpus) >= 0
+    for grant in in_force:
+        assert 0 <= split.down_by_allocation.get(grant.name, 0) <= grant.gpus
+
+
+def test_pool_seconds_split_at_the_month_boundary_and_a_replay_books_nothing() -> None:
+    held = PoolBreakdown(program_gpus=32, healthy_gpus=24, granted_gpus=32, down_by_allocation={"a": 8})
+    start = NOW.replace(day=30, hour=23, minute=0) - timedelta(hours=9)  # 14:00 UTC, 23:00 in Seoul
+    end = start + timedelta(hours=2)  # across midnight of Nov 30 in Asia/Seoul
+    booked = book_pool({}, start, end, held, "Asia/Seoul")
+    assert sorted(booked) == ["2026-11", "2026-12"]
+    for month in booked.values():
+        assert month.program_gpu_seconds == 32 * 3600
+        assert month.down_gpu_seconds == month.credited_gpu_seconds == 8 * 3600
+        assert month.usable_granted_gpu_seconds == 24 * 3600
+        assert month.unallocated_gpu_seconds == 0
+        assert month.identity_gap == 0
+    assert book_pool(booked, start, end, held, "Asia/Seoul") == {}
+
+
+def test_the_allocation_ledger_books_the_credit_within_its_granted_seconds() -> None:
+    grant = GrantState(16, NOW - timedelta(hours=3), down_gpus=8)
+    record = book_up_to({}, [], grant, NOW, "UTC").records["2026-11"]
+    assert record.granted_gpu_seconds == 16 * 3 * 3600
+    assert record.down_gpu_seconds == 8 * 3 * 3600
+
+
+def test_a_pass_credits_from_the_pass_that_saw_the_node_down_and_writes_the_pool_record() -> None:
+    """The status carries downGPUs from the pass that saw the hardware down; the next pass books the credit."""
+    writer = RecordingWriter()
+    ledger = LedgerWriter(time_zone="UTC", writer=writer, read_live_pod_uids=lambda namespace: set())
+    pool_ledger = PoolLedgerWriter(POOL, "UTC", timedelta(seconds=60), writer, read_record=lambda name: None)
+    reconciler = PoolReconciler(pool=POOL, ledger=ledger, writer=writer, pool_ledger=pool_ledger)
+    nodes = [gpu_node("node-0", healthy=False), *(gpu_node(f"node-{i}") for i in range(1, 4))]
+    granted = {"phase": "Active", "grantedGPUs": 16}  # both admitted before node-0 failed: no preemption
+    snap = SnapshotBuilder(nodes=nodes)
+    snap.with_allocation(allocation("a", 16, status=granted)).with_allocation(allocation("b", 16, status=granted))
+    result = reconciler.run_pass(snap.build(), NOW)
+    assert (result.pool.down_gpus, result.pool.credited_gpus) == (8, 8)
+    statuses = {p.name: p.patch for p in writer.of(PatchStatus) if p.name in ("a", "b")}
+    assert statuses["a"]["downGPUs"] == statuses["b"]["downGPUs"] == 4
+    degraded = next(c for c in statuses["a"]["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "GrantedGPUsDown")
+
+    later = NOW + timedelta(seconds=90)
+    writer.actions.clear()
+    reconciler.run_pass(snap.build(), later)
+    (created,) = writer.of(CreatePoolUsage)
+    assert created.record.name == f"{POOL}-2026-11"
+    assert created.record.ledger == PoolLedger(
+        program_gpu_seconds=32 * 90,
+        granted_gpu_seconds=32 * 90,
+        credited_gpu_seconds=8 * 90,
+        usable_granted_gpu_seconds=24 * 90,
+        unallocated_gpu_seconds=0,
+        down_gpu_seconds=8 * 90,
+        booked_until=later,
+    )
+    assert writer.of(WritePoolLedger) == []
+    # Each allocation's own record books its share of the credit over the same 90 s (created by the first pass).
+    credits = {a.name: a.ledger.down_gpu_seconds for a in writer.of(WriteUsageLedger)}
+    assert credits == {"a-2026-11": 4 * 90, "b-2026-11": 4 * 90}
