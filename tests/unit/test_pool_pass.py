@@ -20,7 +20,17 @@ from gpuaas.domain.ledger import GrantState
 from gpuaas.k8s.ledger import LedgerWriter
 from gpuaas.k8s.pool_ledger import PoolLedgerWriter
 from gpuaas.k8s.reconciler import PoolReconciler
-from tests.builders import NOW, POOL, RecordingWriter, SnapshotBuilder, allocation, finished, gpu_pod, usage_identity
+from tests.builders import (
+    NOW,
+    POOL,
+    RecordingWriter,
+    SnapshotBuilder,
+    allocation,
+    finished,
+    gpu_node,
+    gpu_pod,
+    usage_identity,
+)
 
 
 def reconciler(writer: RecordingWriter) -> PoolReconciler:
@@ -135,3 +145,18 @@ def test_a_record_naming_a_pod_the_index_lacks_is_pruned_only_after_a_fresh_read
     pruned = writer.of(WriteUsageLedger)[-1]
     assert "uid-p" not in pruned.ledger.pods
     assert pruned.dropped_pods == ("uid-p",)  # the stored record loses the watermark too
+
+
+def test_a_grant_that_changes_between_flushes_is_booked_under_each_state_for_its_own_time() -> None:
+    """Admitted from the queue 30 s after a pass, before the ledger's flush is due: those 30 s stay ungranted, because
+    the pass that changes the grant writes what the old one booked (the next booking starts from the watermark)."""
+    writer = RecordingWriter()
+    run = reconciler(writer)
+    waiting = SnapshotBuilder(nodes=[gpu_node("node-0"), gpu_node("node-1")]).with_allocation(allocation("a", 24))
+    run.run_pass(waiting.build(), NOW)
+    run.run_pass(SnapshotBuilder().with_allocation(allocation("a", 24)).build(), NOW + timedelta(seconds=30))
+    assert [p.patch["phase"] for p in status_patches(writer, ALLOCATION_PLURAL)] == ["Queued", "Active"]
+    run.run_pass(SnapshotBuilder().with_allocation(allocation("a", 24)).build(), NOW + timedelta(seconds=130))
+    records = [a.record.ledger for a in writer.of(CreateUsage)] + [a.ledger for a in writer.of(WriteUsageLedger)]
+    assert records[-1].granted_gpu_seconds == 24 * 100
+    assert records[-1].booked_until == NOW + timedelta(seconds=130)

@@ -96,6 +96,13 @@ def grant_in_force(spec: GpuAllocationSpec, created: datetime, status: GpuAlloca
     )
 
 
+def grant_changes(held: GrantState, decision: AdmissionDecision, down_gpus: int) -> bool:
+    """Whether this pass's decision changes the grant booked from now on. The ledger must then write what it booked
+    up to now under the old grant: the next booking starts from the written watermark with the new one."""
+    gpus = decision.granted_gpus if decision.phase in ("Active", "Scheduled") else 0
+    return (gpus, min(down_gpus, gpus)) != (held.gpus, held.down_gpus)
+
+
 # --- 1. the pool's nodes -------------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
 """The pool's month records (GpuPoolUsage): each pass books the breakdown that held since the previous pass
-(domain/downtime.py), and the records are written at the ledger's flush interval.
+(domain/downtime.py); the records are written when the breakdown changes, else at the ledger's flush interval.
 
 Like the allocations' records, they are the watermark: a replica that starts, or takes over, reads this month's
 record (or last month's) and books on from its bookedUntil, with the breakdown it sees first.
@@ -78,7 +78,10 @@ class PoolLedgerWriter:
             self.records[month] = record.model_copy(update={"ledger": ledger})
             self.unwritten.add(month)
         self.since, self.held = now, breakdown
-        if self.unwritten and (self.last_write is None or now - self.last_write >= self.flush_interval):
+        # A change (a node down or back, a grant made or ended) is written at once, so the record's bookedUntil
+        # marks it; otherwise at the flush interval.
+        due = self.last_write is None or now - self.last_write >= self.flush_interval
+        if self.unwritten and (due or breakdown != held):
             self.flush(now)
 
     def flush(self, now: datetime) -> None:

@@ -196,7 +196,8 @@ class PoolReconciler:
     ) -> AllocationSample:
         """Book the grant that held until now, then carry out the new decision and report it."""
         view, spec = c.view, c.spec
-        booked = self._book(view, spec, pool_spec, snap, c.grant, now)
+        force = planner.grant_changes(c.grant, decision, down_gpus)
+        booked = self._book(view, spec, pool_spec, snap, c.grant, now, force=force)
         plan = planner.plan_tenant(view, spec, decision, snap, members, pool_spec, self.applied.get(view.uid, {}), now)
         outcome = planner.tenant_outcome(spec.target_namespace, plan, decision, self._carry_out(view, plan, now))
         previous = self._status(view)
