@@ -34,7 +34,7 @@ pytestmark = pytest.mark.e2e
 
 ALLOCATIONS = ("kaist-vision-2026", "fm-team-a-2026", "seoul-llm-q4")
 POOL_NUMBERS = ("CAPACITY", "PROGRAM", "GRANTED", "AVAILABLE", "QUEUED")
-CRDS = ("gpupools.gpuaas.io", "gpuallocations.gpuaas.io", "gpuusages.gpuaas.io")
+CRDS = ("gpupools.gpuaas.io", "gpuallocations.gpuaas.io", "gpuusages.gpuaas.io", "gpupoolusages.gpuaas.io")
 
 
 def rows_by_name(cluster: E2ECluster, *resources: str) -> dict[str, dict[str, dict[str, str]]]:

@@ -108,6 +108,12 @@ def delete_allocation(cluster: LocalCluster, name: str, wait: bool = True, timeo
         wait_for(lambda: not allocation_exists(cluster, name), timeout=timeout, message=f"allocation {name} deleted")
 
 
+def set_node_ready(cluster: LocalCluster, node: str, ready: bool) -> None:
+    """Drive the Ready condition of a node KWOK does not manage (made without its annotation)."""
+    condition = {"type": "Ready", "status": "True" if ready else "False", "reason": "Test", "message": "test"}
+    client.CoreV1Api(cluster.api).patch_node_status(node, {"status": {"conditions": [condition]}})
+
+
 def pool_status(cluster: LocalCluster, pool: str) -> dict[str, Any]:
     obj = custom(cluster).get_cluster_custom_object(GROUP, VERSION, "gpupools", pool)
     status: dict[str, Any] = obj.get("status") or {}

@@ -14,6 +14,7 @@ from tests.integration.allocations import (
     create_allocation,
     delete_allocation,
     pool_status,
+    set_node_ready,
     status_of,
     unique,
     wait_for_phase,
@@ -90,11 +91,6 @@ def test_concurrent_applies_never_overcommit(cluster: LocalCluster, operator: Op
             delete_allocation(cluster, name)
 
 
-def set_ready(cluster: LocalCluster, node: str, ready: bool) -> None:
-    condition = {"type": "Ready", "status": "True" if ready else "False", "reason": "Test", "message": "test"}
-    client.CoreV1Api(cluster.api).patch_node_status(node, {"status": {"conditions": [condition]}})
-
-
 def test_not_ready_node_lowers_capacity_and_queued_waits_for_repair(
     cluster: LocalCluster, operator: OperatorProcess
 ) -> None:
@@ -105,14 +101,14 @@ def test_not_ready_node_lowers_capacity_and_queued_waits_for_repair(
     core.create_node(extra)
     waiting = unique("waiting")
     try:
-        set_ready(cluster, name, True)
+        set_node_ready(cluster, name, True)
         wait_for(lambda: pool_status(cluster, H200.name).get("capacityGPUs") == H200.gpus + 8, message="capacity up")
-        set_ready(cluster, name, False)
+        set_node_ready(cluster, name, False)
         wait_for(lambda: pool_status(cluster, H200.name).get("capacityGPUs") == H200.gpus, message="capacity down")
         create_allocation(cluster, allocation_manifest(waiting, H200.name, H200.gpus + 8))
         status = wait_for_phase(cluster, waiting, "Queued")
         assert status["queuePosition"] == 1
-        set_ready(cluster, name, True)
+        set_node_ready(cluster, name, True)
         status = wait_for_ready(cluster, waiting)
         assert status["grantedGPUs"] == H200.gpus + 8
     finally:

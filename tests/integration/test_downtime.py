@@ -21,6 +21,7 @@ from tests.integration.allocations import (
     create_allocation,
     delete_allocation,
     pool_status,
+    set_node_ready,
     status_of,
     unique,
     wait_for_ready,
@@ -30,11 +31,6 @@ from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 B200, H200 = SCENARIOS["small"].pools
-
-
-def set_ready(cluster: LocalCluster, node: str, ready: bool) -> None:
-    condition = {"type": "Ready", "status": "True" if ready else "False", "reason": "Test", "message": "test"}
-    client.CoreV1Api(cluster.api).patch_node_status(node, {"status": {"conditions": [condition]}})
 
 
 def pool_record(cluster: LocalCluster) -> GpuPoolUsage | None:
@@ -84,14 +80,14 @@ def test_a_failed_node_under_a_grant_is_credited_to_the_second(
     name = unique("credited")
     gpus = H200.gpus + 8  # the whole pool, the extra node included: its failure leaves the grant short
     try:
-        set_ready(cluster, node, True)
+        set_node_ready(cluster, node, True)
         wait_for(lambda: pool_status(cluster, H200.name).get("capacityGPUs") == gpus, message="capacity up")
         create_allocation(cluster, allocation_manifest(name, H200.name, gpus))
         admitted = parse_timestamp(condition(wait_for_ready(cluster, name), "Admitted")["lastTransitionTime"])
         assert admitted is not None
         before = booked_until(cluster, admitted)  # a grant made is written at once
 
-        set_ready(cluster, node, False)
+        set_node_ready(cluster, node, False)
         down = wait_for(lambda: (s := status_of(cluster, name)).get("downGPUs") == 8 and s, message="8 GPUs down")
         assert (condition(down, "Degraded")["status"], condition(down, "Degraded")["reason"]) == (
             "True",
@@ -101,7 +97,7 @@ def test_a_failed_node_under_a_grant_is_credited_to_the_second(
         assert (pool["downGPUs"], pool["creditedGPUs"], pool["grantedGPUs"]) == (8, 8, gpus)
         failed = degraded_since(down)
         time.sleep(2)
-        set_ready(cluster, node, True)
+        set_node_ready(cluster, node, True)
         back = wait_for(
             lambda: condition(s := status_of(cluster, name), "Degraded").get("status") == "False" and s,
             message="credit ended",

@@ -193,6 +193,10 @@ def test_the_tenant_cannot_write_what_the_ledger_reads(cluster: LocalCluster, te
         ("create", "gpuusages.gpuaas.io", ""),
         ("patch", "gpuusages.gpuaas.io", ""),
         ("delete", "gpuusages.gpuaas.io", ""),
+        # Downtime credit: the pool's month record, and the node health it is computed from.
+        ("patch", "gpupoolusages.gpuaas.io", ""),
+        ("patch", "nodes", ""),
+        ("patch", "nodes", "status"),
         ("patch", "gpuallocations.gpuaas.io", ""),
         ("patch", "gpuallocations.gpuaas.io", "status"),
         ("update", "resourcequotas", "status"),

@@ -1,24 +1,15 @@
 """Every panel of every Grafana dashboard returns data from a real Prometheus scraping a real gpuaas.
 
-Prometheus is the Debian package's binary (`make setup` installs it), run directly with a temporary config
-and data directory: no systemd service is involved.
+Prometheus is the Debian package's binary (tests/integration/prometheus.py): no systemd service is involved.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
-import subprocess
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from kubernetes import client
@@ -27,7 +18,8 @@ from gpuaas.api.common import GROUP, VERSION
 from gpuaas.domain.scenarios import SCENARIOS
 from tests.dashboards import dashboards, panel_queries, template_variables
 from tests.integration.allocations import allocation_manifest, delete_allocation, gpu_pod, wait_for_ready
-from tests.integration.conftest import LocalCluster, OperatorProcess, free_port
+from tests.integration.conftest import LocalCluster, OperatorProcess
+from tests.integration.prometheus import Prometheus, running_prometheus
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -54,93 +46,16 @@ _LABEL_VALUES = re.compile(r"^\s*label_values\((.*),\s*(\w+)\s*\)\s*$", re.DOTAL
 # --- Prometheus ----------------------------------------------------------------------------------
 
 
-@dataclass
-class Prometheus:
-    port: int
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def get(self, path: str, **params: str) -> Any:
-        query = urllib.parse.urlencode(params)
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}?{query}", timeout=10) as response:
-                return json.load(response)
-        except urllib.error.HTTPError as error:  # 400/422 carry the PromQL error as JSON
-            return json.load(error)
-
-    def query(self, expr: str) -> dict[str, Any]:
-        body: dict[str, Any] = self.get("/api/v1/query", query=expr)
-        return body
-
-    def values(self, expr: str) -> list[float]:
-        body = self.query(expr)
-        assert body["status"] == "success", body
-        return [float(item["value"][1]) for item in body["data"]["result"]]
-
-
-def prometheus_binary() -> str:
-    binary = shutil.which("prometheus") or "/usr/bin/prometheus"
-    if not Path(binary).exists():
-        pytest.fail("prometheus is not installed: run `make setup` (it installs the Debian package `prometheus`)")
-    return binary
-
-
 @pytest.fixture(scope="module")
 def prometheus(operator: OperatorProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
-    workdir = tmp_path_factory.mktemp("prometheus")
-    config = workdir / "prometheus.yml"
-    config.write_text(
-        json.dumps(  # JSON is YAML
-            {
-                "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-                "scrape_configs": [
-                    {
-                        "job_name": "gpuaas",
-                        # What the chart's ServiceMonitor adds with clusterName set.
-                        "static_configs": [
-                            {"targets": [f"127.0.0.1:{operator.metrics_port}"], "labels": {"cluster": CLUSTER}}
-                        ],
-                    }
-                ],
-            }
-        )
-    )
-    port = free_port()
-    log = workdir / "prometheus.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [
-                prometheus_binary(),
-                f"--config.file={config}",
-                f"--storage.tsdb.path={workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--storage.tsdb.retention.time=1d",
-            ],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    server = Prometheus(port, process, log)
-    try:
-
-        def ready() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {process.returncode}: {log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=1) as response:
-                    return bool(response.status == 200)
-            except OSError:
-                return False
-
-        wait_for(ready, timeout=30, message="prometheus ready")
+    scrape = {
+        "job_name": "gpuaas",
+        # What the chart's ServiceMonitor adds with clusterName set.
+        "static_configs": [{"targets": [f"127.0.0.1:{operator.metrics_port}"], "labels": {"cluster": CLUSTER}}],
+    }
+    with running_prometheus(tmp_path_factory.mktemp("prometheus"), [scrape]) as server:
         wait_for(lambda: server.values('up{job="gpuaas"}') == [1.0], timeout=30, message="gpuaas target up")
         yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
 
 
 # --- The allocation and its pod ------------------------------------------------------------------

@@ -57,3 +57,22 @@ def test_the_cluster_name_labels_every_scraped_series(helm: Path) -> None:
     assert service_monitor_relabelings(
         helm, "clusterName=nhn", "metrics.serviceMonitor.relabelings[0].targetLabel=region"
     ) == [{"targetLabel": "cluster", "replacement": "nhn"}, {"targetLabel": "region"}]
+
+
+def report_args(helm: Path, *values: str) -> list[str]:
+    args = ["template", "gpuaas", str(CHART), "--set", "report.enabled=true"]
+    result = run_helm(helm, *args, *(arg for value in values for arg in ("--set", value)))
+    assert result.returncode == 0, result.stderr
+    (job,) = [doc for doc in yaml.safe_load_all(result.stdout) if doc and doc["kind"] == "CronJob"]
+    container = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    arguments: list[str] = container["args"]
+    return arguments
+
+
+def test_the_report_job_asks_prometheus_for_busy_hours_only_when_given_one(helm: Path) -> None:
+    assert not any(arg.startswith("--prometheus") for arg in report_args(helm))
+    url = "http://prometheus.monitoring:9090"
+    assert f"--prometheus={url}" in report_args(helm, f"report.prometheusURL={url}")
+    refused = run_helm(helm, "template", "gpuaas", str(CHART), "--set", "report.prometheusURL=prometheus:9090")
+    assert refused.returncode != 0
+    assert "prometheusURL" in refused.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import timedelta
 
 from hypothesis import given
@@ -11,6 +12,7 @@ from gpuaas.api.allocation import ALLOCATION_LABEL
 from gpuaas.api.pool import GpuPoolSpec
 from gpuaas.api.usage import PoolLedger
 from gpuaas.domain.actions import CreatePoolUsage, PatchStatus, WritePoolLedger, WriteUsageLedger
+from gpuaas.domain.busy import MAX_POINTS, busy_seconds, range_chunks
 from gpuaas.domain.downtime import GrantInForce, PoolBreakdown, book_pool, pool_breakdown
 from gpuaas.domain.ledger import GrantState, book_up_to
 from gpuaas.domain.pool import measure_capacity
@@ -143,3 +145,14 @@ def test_a_pass_credits_from_the_pass_that_saw_the_node_down_and_writes_the_pool
     # Each allocation's own record books its share of the credit over the same 90 s (created by the first pass).
     credits = {a.name: a.ledger.down_gpu_seconds for a in writer.of(WriteUsageLedger)}
     assert credits == {"a-2026-11": 4 * 90, "b-2026-11": 4 * 90}
+
+
+def test_busy_range_queries_cover_the_month_once_within_prometheus_point_limit() -> None:
+    month = 31 * 86400
+    chunks = range_chunks(0, month, 60)
+    assert chunks[0][0] == 0
+    assert all(second[0] == first[1] + 60 for first, second in itertools.pairwise(chunks))  # no point twice
+    assert all((last - first) // 60 + 1 <= MAX_POINTS for first, last in chunks)
+    assert sum((last - first) // 60 + 1 for first, last in chunks) == month // 60  # every step once
+    assert range_chunks(0, 90, 60) == [(0, 60)]  # the last point holds for the step after it
+    assert busy_seconds([(0, "1.5"), (60, "0.5")], 60) == 120.0

@@ -30,7 +30,7 @@ from gpuaas.api.usage import (
     UsageTenant,
     usage_name,
 )
-from gpuaas.domain.report import Report, build_report, utilisation_percent
+from gpuaas.domain.report import Report, build_report, utilisation_percent, with_busy
 from gpuaas.reporting import render, to_csv, to_html, to_json, to_xlsx
 from gpuaas.reporting.formats import POOL_IDENTITY_COLUMNS, ROW_COLUMNS, SCOPE_TITLES, TOTAL_COLUMNS
 
@@ -499,6 +499,7 @@ def test_the_page_has_a_row_per_tenant_with_its_organisation_and_contract(report
             "allocations": "1",
             "grantedGPUHours": "23808.000",
             "usedGPUHours": "13888.889",
+            "busyGPUHours": "",
             "utilisationPercent": "58.3",
             "idleHours": "2.000",
             "downGPUHours": "0.000",
@@ -510,6 +511,7 @@ def test_the_page_has_a_row_per_tenant_with_its_organisation_and_contract(report
             "allocations": "1",
             "grantedGPUHours": "47616.000",
             "usedGPUHours": "34293.553",
+            "busyGPUHours": "",
             "utilisationPercent": "72.0",
             "idleHours": "24.000",
             "downGPUHours": "16.000",
@@ -577,3 +579,21 @@ def test_a_pool_record_that_does_not_add_up_is_named_with_its_gap() -> None:
         f"{NODE_DOWN_SECONDS} (off by 7)"
     ]
     assert json.loads(to_json(report))["poolIdentity"][0]["addsUp"] == "no: off by 7 GPU-seconds"
+
+
+def test_busy_hours_sit_beside_the_held_ones_by_namespace() -> None:
+    """dcgm-exporter's utilisation, summed per namespace, is the rows' busy GPU-hours; measured rows without samples
+    were idle (0), and a report without Prometheus leaves the column empty."""
+    plain = build_report(ledger(), MONTH)
+    assert {row.busy_gpu_seconds for row in plain.rows} == {None}
+    assert plain.totals[-1].busy_gpu_seconds is None
+    busy = {("", "upstage-fm"): 2_000_000_000, ("nhn", "snu-ai-lab"): 100_000_000, ("naver", "snu-ai-lab"): 7}
+    report = with_busy(plain, busy)
+    by_allocation = {row.allocation: row.busy_gpu_seconds for row in report.rows}
+    assert by_allocation["upstage-fm"] == 2_000_000_000
+    assert by_allocation["snu-ai-lab"] == 100_000_007  # a single cluster's report takes any cluster label
+    assert by_allocation["kaist-nlp"] == 0
+    assert report.totals[-1].busy_gpu_seconds == 2_100_000_007
+    document = json.loads(to_json(report))
+    assert {row["allocation"]: row["busyGPUHours"] for row in document["rows"]}["upstage-fm"] == 555555.556
+    assert report.rows[0].used_gpu_seconds == plain.rows[0].used_gpu_seconds  # nothing else moves

@@ -14,10 +14,11 @@ from kubernetes.config.config_exception import ConfigException
 from rich.console import Console
 
 from gpuaas.api.usage import DEFAULT_TIME_ZONE
-from gpuaas.domain.ledger import month_of, parse_month
-from gpuaas.domain.report import build_merged_report, build_report
+from gpuaas.domain.ledger import month_bounds, month_of, parse_month
+from gpuaas.domain.report import Report, build_merged_report, build_report, with_busy
 from gpuaas.domain.scenarios import REAL_NODE_POOL, SCENARIOS, pool_manifest
 from gpuaas.k8s.client import current_context, new_api_client
+from gpuaas.k8s.dcgm import BusyUnreadableError, read_busy
 from gpuaas.k8s.manifests import load_manifests, server_side_apply
 from gpuaas.k8s.resources import list_pools, wait_for_pool_status
 from gpuaas.k8s.usage import LedgerSource, LedgerUnreadableError, read_ledgers
@@ -262,6 +263,13 @@ def report_path(out: str, month: str, format_name: str) -> Path:
     return path
 
 
+def add_busy(report: Report, url: str, step: int, instant: datetime) -> Report:
+    """The report with busy GPU-hours from Prometheus over the month (up to now, for the current month)."""
+    zone = report.time_zone.split(", ")[0]
+    start, end = month_bounds(report.month, zone)
+    return with_busy(report, read_busy(url, start, min(end, instant), step))
+
+
 def ledger_sources(kubeconfigs: list[str], contexts: list[str]) -> list[LedgerSource]:
     """Where the report reads: one cluster by default; several contexts of one kubeconfig, or several kubeconfigs
     each at its current context, for a merged report. Each cluster is named by its context."""
@@ -315,6 +323,16 @@ def report(
     time_zone: Annotated[
         str, typer.Option("--time-zone", "--timezone", help="Time zone that resolves 'current' and 'previous'.")
     ] = DEFAULT_TIME_ZONE,
+    prometheus: Annotated[
+        str | None,
+        typer.Option(
+            help="Prometheus (or Thanos Query) URL holding dcgm-exporter's DCGM_FI_DEV_GPU_UTIL: adds busy GPU-hours "
+            "beside the held ones. In a merged report, its `cluster` label must name each cluster."
+        ),
+    ] = None,
+    busy_step: Annotated[
+        int, typer.Option(min=1, help="Seconds between the utilisation samples that busy GPU-hours add up.")
+    ] = 60,
 ) -> None:
     """Write the monthly usage report, computed from the GpuUsage ledger (deleted allocations included).
 
@@ -341,6 +359,12 @@ def report(
         built = build_report(ledgers[sources[0].name], chosen)
     else:
         built = build_merged_report(ledgers, chosen)
+    if prometheus is not None:
+        try:
+            built = add_busy(built, prometheus, busy_step, now())
+        except BusyUnreadableError as error:
+            console.print(f"error: cannot read busy GPU-hours: {error}; no report was written", markup=False)
+            raise typer.Exit(1) from None
     unbalanced = built.unbalanced_pools()
     if unbalanced:
         for line in unbalanced:

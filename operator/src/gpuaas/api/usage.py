@@ -44,6 +44,8 @@ class GpuUsageSpec(ApiModel):
 
     allocation: str = Field(min_length=1)
     allocation_uid: str = Field(default="", alias="allocationUID")
+    # The allocation's namespace, where its pods ran (records made before it was kept: the allocation's name).
+    namespace: str = ""
     tenant: UsageTenant
     pool: str = Field(min_length=1)
     gpu_model: str = Field(min_length=1)
@@ -126,6 +128,11 @@ def ledger_patch(ledger: UsageLedger, dropped_pods: Iterable[str] = ()) -> dict[
     wire: dict[str, Any] = ledger.to_wire()
     wire["pods"] = {**dict.fromkeys(dropped_pods), **wire.get("pods", {})}
     return {"ledger": wire, "status": None}
+
+
+def record_namespace(spec: GpuUsageSpec) -> str:
+    """Where the allocation's pods ran; records made before they kept it name the default, the allocation's name."""
+    return spec.namespace or spec.allocation
 
 
 def usage_name(allocation: str, month: str) -> str:

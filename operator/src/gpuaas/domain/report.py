@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from calendar import monthrange
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Literal
 
-from gpuaas.api.usage import DEFAULT_TIME_ZONE, GpuPoolUsage, GpuUsage
+from gpuaas.api.usage import DEFAULT_TIME_ZONE, GpuPoolUsage, GpuUsage, record_namespace
 from gpuaas.domain.ledger import parse_month, seconds_to_hours
 
 TotalScope = Literal["cluster", "pool", "gpuModel", "provider", "all"]
@@ -47,10 +47,16 @@ class _Hours:
     granted_gpu_seconds: int
     idle_seconds: int
     down_gpu_seconds: int
+    busy_gpu_seconds: int | None
 
     @property
     def down_gpu_hours(self) -> Decimal:
         return seconds_to_hours(self.down_gpu_seconds)
+
+    @property
+    def busy_gpu_hours(self) -> Decimal | None:
+        """GPU-hours the GPUs computed (dcgm-exporter, domain/busy.py); None where not measured."""
+        return None if self.busy_gpu_seconds is None else seconds_to_hours(self.busy_gpu_seconds)
 
     @property
     def granted_gpu_hours(self) -> Decimal:
@@ -90,6 +96,8 @@ class ReportRow(_Hours):
     peak_gpus_in_use: int
     pod_count: int
     down_gpu_seconds: int = 0
+    namespace: str = ""
+    busy_gpu_seconds: int | None = None
 
     @property
     def qualified_pool(self) -> str:
@@ -109,6 +117,7 @@ class ReportTotal(_Hours):
     idle_seconds: int
     pod_count: int
     down_gpu_seconds: int = 0
+    busy_gpu_seconds: int | None = None
 
 
 @dataclass(frozen=True)
@@ -232,7 +241,14 @@ def _row(cluster: str, record: GpuUsage) -> ReportRow:
         peak_gpus_in_use=status.peak_gpus_in_use,
         pod_count=status.pod_count,
         down_gpu_seconds=status.down_gpu_seconds,
+        namespace=record_namespace(spec),
     )
+
+
+def _measured_sum(rows: Sequence[ReportRow]) -> int | None:
+    """Busy seconds of the rows that were measured; None when none was."""
+    measured = [row.busy_gpu_seconds for row in rows if row.busy_gpu_seconds is not None]
+    return sum(measured) if measured else None
 
 
 def _total(scope: TotalScope, key: str, rows: Iterable[ReportRow]) -> ReportTotal:
@@ -247,6 +263,7 @@ def _total(scope: TotalScope, key: str, rows: Iterable[ReportRow]) -> ReportTota
         idle_seconds=sum(row.idle_seconds for row in members),
         pod_count=sum(row.pod_count for row in members),
         down_gpu_seconds=sum(row.down_gpu_seconds for row in members),
+        busy_gpu_seconds=_measured_sum(members),
     )
 
 
@@ -268,6 +285,7 @@ class TenantSummary(_Hours):
     granted_gpu_seconds: int
     idle_seconds: int
     down_gpu_seconds: int = 0
+    busy_gpu_seconds: int | None = None
 
 
 def tenant_summaries(rows: Iterable[ReportRow]) -> list[TenantSummary]:
@@ -285,6 +303,7 @@ def tenant_summaries(rows: Iterable[ReportRow]) -> list[TenantSummary]:
             granted_gpu_seconds=sum(row.granted_gpu_seconds for row in members),
             idle_seconds=sum(row.idle_seconds for row in members),
             down_gpu_seconds=sum(row.down_gpu_seconds for row in members),
+            busy_gpu_seconds=_measured_sum(members),
         )
         for (tenant, organization, contract), members in sorted(groups.items())
     ]
@@ -332,6 +351,37 @@ def build_merged_report(
     return _build(pairs, month, time_zone, clusters=tuple(sorted(records_by_cluster)))
 
 
+def _all_totals(rows: tuple[ReportRow, ...], clusters: tuple[str, ...]) -> tuple[ReportTotal, ...]:
+    # A cluster with nothing booked this month still gets its (zero) total: it was read, not left out.
+    per_cluster = [_total("cluster", cluster, (row for row in rows if row.cluster == cluster)) for cluster in clusters]
+    return (
+        *per_cluster,
+        *_totals_by("pool", rows, lambda row: row.qualified_pool),
+        *_totals_by("gpuModel", rows, lambda row: row.gpu_model),
+        *_totals_by("provider", rows, lambda row: row.provider),
+        _total("all", "", rows),
+    )
+
+
+def with_busy(report: Report, busy: Mapping[tuple[str, str], int]) -> Report:
+    """The report with each row's busy GPU-seconds, from busy seconds by (cluster label, namespace). A single
+    cluster's report takes its namespaces whatever their cluster label; a merged one matches the label to the
+    cluster's name. A row with no samples was measured idle: 0."""
+    by_namespace: dict[str, int] = {}
+    for (_, namespace), seconds in busy.items():
+        by_namespace[namespace] = by_namespace.get(namespace, 0) + seconds
+    rows = tuple(
+        replace(
+            row,
+            busy_gpu_seconds=busy.get((row.cluster, row.namespace), 0)
+            if report.clusters
+            else by_namespace.get(row.namespace, 0),
+        )
+        for row in report.rows
+    )
+    return replace(report, rows=rows, totals=_all_totals(rows, report.clusters))
+
+
 def _pool_identities(
     pool_records: Sequence[tuple[GpuPoolUsage, str]], rows: Sequence[ReportRow]
 ) -> tuple[PoolIdentity, ...]:
@@ -371,15 +421,6 @@ def _build(
     )
     zones = sorted({record.spec.time_zone for record, _ in selected})
     zone = time_zone or (", ".join(zones) if zones else DEFAULT_TIME_ZONE)
-    # A cluster with nothing booked this month still gets its (zero) total: it was read, not left out.
-    per_cluster = [_total("cluster", cluster, (row for row in rows if row.cluster == cluster)) for cluster in clusters]
-    totals = [
-        *per_cluster,
-        *_totals_by("pool", rows, lambda row: row.qualified_pool),
-        *_totals_by("gpuModel", rows, lambda row: row.gpu_model),
-        *_totals_by("provider", rows, lambda row: row.provider),
-        _total("all", "", rows),
-    ]
     history = sorted(
         (
             HistoryLine(
@@ -399,7 +440,7 @@ def _build(
         month=month,
         time_zone=zone,
         rows=rows,
-        totals=tuple(totals),
+        totals=_all_totals(rows, clusters),
         clusters=clusters,
         daily=_daily_series(month, selected),
         history=tuple(history),

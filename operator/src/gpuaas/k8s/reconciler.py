@@ -247,6 +247,7 @@ class PoolReconciler:
         identity = GpuUsageSpec(
             allocation=view.name,
             allocation_uid=view.uid,
+            namespace=namespace,
             tenant=UsageTenant.model_validate(spec.tenant.model_dump()),
             pool=self.pool,
             gpu_model=pool_spec.gpu_model,
