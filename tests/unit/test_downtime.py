@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from datetime import timedelta
 
 from hypothesis import given
@@ -156,3 +157,27 @@ def test_busy_range_queries_cover_the_month_once_within_prometheus_point_limit()
     assert sum((last - first) // 60 + 1 for first, last in chunks) == month // 60  # every step once
     assert range_chunks(0, 90, 60) == [(0, 60)]  # the last point holds for the step after it
     assert busy_seconds([(0, "1.5"), (60, "0.5")], 60) == 120.0
+
+
+def test_the_pool_record_is_written_when_the_hardware_changes_at_most_once_a_second() -> None:
+    writer = RecordingWriter()
+    ledger = PoolLedgerWriter(POOL, "UTC", timedelta(seconds=60), writer, read_record=lambda name: None)
+    spec = GpuPoolSpec.model_validate(pool_spec())
+    healthy = PoolBreakdown(program_gpus=32, healthy_gpus=32, granted_gpus=16)
+    ledger.book(spec, healthy, NOW)
+    ledger.book(spec, replace(healthy, granted_gpus=24), NOW + timedelta(seconds=5))  # a grant: waits
+    assert writer.actions == []
+    node_down = PoolBreakdown(program_gpus=32, healthy_gpus=24, granted_gpus=24)
+    ledger.book(spec, node_down, NOW + timedelta(seconds=7))  # the hardware: written at once, up to the change
+    (created,) = writer.of(CreatePoolUsage)
+    assert created.record.ledger.booked_until == NOW + timedelta(seconds=7)
+    assert created.record.ledger.granted_gpu_seconds == 16 * 5 + 24 * 2
+    ledger.book(spec, healthy, NOW + timedelta(seconds=7.5))  # back within the second: waits
+    assert writer.of(WritePoolLedger) == []
+    ledger.book(spec, node_down, NOW + timedelta(seconds=9))
+    (written,) = writer.of(WritePoolLedger)
+    assert written.ledger.booked_until == NOW + timedelta(seconds=9)
+    # Boundaries are whole seconds, like the allocations' records: the half second down floors away.
+    assert written.ledger.down_gpu_seconds == 0
+    assert written.ledger.program_gpu_seconds == 32 * 9
+    assert written.ledger.identity_gap == 0

@@ -30,6 +30,10 @@ pool_granted_gpus = Gauge("gpuaas_pool_granted_gpus", "GPUs held by admitted all
 pool_available_gpus = Gauge("gpuaas_pool_available_gpus", "Grantable GPUs not yet granted.", POOL_LABELS)
 pool_in_use_gpus = Gauge("gpuaas_pool_in_use_gpus", "GPUs requested by running pods.", POOL_LABELS)
 pool_queue_length = Gauge("gpuaas_pool_queue_length", "Allocations waiting for capacity.", POOL_LABELS)
+pool_down_gpus = Gauge("gpuaas_pool_down_gpus", "Program GPUs not on healthy nodes.", POOL_LABELS)
+pool_credited_gpus = Gauge(
+    "gpuaas_pool_credited_gpus", "Granted GPUs on hardware that is down (the grants' downtime credit).", POOL_LABELS
+)
 
 reconcile_duration = Histogram(
     "gpuaas_reconcile_duration_seconds",
@@ -92,6 +96,8 @@ _POOL_GAUGES = (
     (pool_available_gpus, "available_gpus"),
     (pool_in_use_gpus, "in_use_gpus"),
     (pool_queue_length, "queued"),
+    (pool_down_gpus, "down_gpus"),
+    (pool_credited_gpus, "credited_gpus"),
 )
 
 

@@ -86,21 +86,24 @@ def status_merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[s
 
 def grant_in_force(spec: GpuAllocationSpec, created: datetime, status: GpuAllocationStatus, granted: int) -> GrantState:
     """The grant that held since the previous pass: window bounds are exact; phase changes and the GPUs that were
-    down (the status's downGPUs) are per pass."""
+    down (the status's downGPUs) are per pass. A grant begins no earlier than its admission (the Admitted
+    condition's lastTransitionTime), so time booked before it, queued or suspended, never counts as granted."""
     gpus = granted if status.phase in ("Active", "Scheduled") else 0
+    active_from = max(spec.window.start, created)
+    admitted = next((c for c in status.conditions if c.type == ConditionType.ADMITTED and c.status == "True"), None)
+    if gpus > 0 and admitted is not None:
+        active_from = max(active_from, admitted.last_transition_time)
     return GrantState(
-        gpus=gpus,
-        active_from=max(spec.window.start, created),
-        active_until=spec.window.end,
-        down_gpus=min(status.down_gpus, gpus),
+        gpus=gpus, active_from=active_from, active_until=spec.window.end, down_gpus=min(status.down_gpus, gpus)
     )
 
 
 def grant_changes(held: GrantState, decision: AdmissionDecision, down_gpus: int) -> bool:
-    """Whether this pass's decision changes the grant booked from now on. The ledger must then write what it booked
-    up to now under the old grant: the next booking starts from the written watermark with the new one."""
+    """Whether this pass's decision changes a grant in force. The ledger must then write what it booked up to now
+    under the old grant: the next booking starts from the written watermark with the new one. A grant that begins
+    needs no such write: it counts from its admission (`grant_in_force`)."""
     gpus = decision.granted_gpus if decision.phase in ("Active", "Scheduled") else 0
-    return (gpus, min(down_gpus, gpus)) != (held.gpus, held.down_gpus)
+    return held.gpus > 0 and (gpus, min(down_gpus, gpus)) != (held.gpus, held.down_gpus)
 
 
 # --- 1. the pool's nodes -------------------------------------------------------------------------

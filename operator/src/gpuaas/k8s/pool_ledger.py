@@ -1,5 +1,6 @@
 """The pool's month records (GpuPoolUsage): each pass books the breakdown that held since the previous pass
-(domain/downtime.py); the records are written when the breakdown changes, else at the ledger's flush interval.
+(domain/downtime.py); the records are written when the hardware changes (down, back, credited), else at the
+ledger's flush interval.
 
 Like the allocations' records, they are the watermark: a replica that starts, or takes over, reads this month's
 record (or last month's) and books on from its bookedUntil, with the breakdown it sees first.
@@ -23,6 +24,13 @@ from gpuaas.k8s import usage
 from gpuaas.k8s.writer import ClusterWriter
 
 logger = logging.getLogger(__name__)
+
+
+HEALTH_WRITE_INTERVAL = timedelta(seconds=1)
+
+
+def _health(breakdown: PoolBreakdown) -> tuple[int, int, int]:
+    return breakdown.program_gpus, breakdown.healthy_gpus, breakdown.credited_gpus
 
 
 def pool_usage_name(pool: str, month: str) -> str:
@@ -78,10 +86,13 @@ class PoolLedgerWriter:
             self.records[month] = record.model_copy(update={"ledger": ledger})
             self.unwritten.add(month)
         self.since, self.held = now, breakdown
-        # A change (a node down or back, a grant made or ended) is written at once, so the record's bookedUntil
-        # marks it; otherwise at the flush interval.
-        due = self.last_write is None or now - self.last_write >= self.flush_interval
-        if self.unwritten and (due or breakdown != held):
+        # A change of the hardware (a node down or back, GPUs credited) is written at once, so the record's
+        # bookedUntil marks it, but at most once a second: a pool of 510 nodes coming up changes it at every pass.
+        # Grants come and go far more often and wait for the flush interval.
+        last = self.last_write
+        due = last is None or now - last >= self.flush_interval
+        hardware_changed = _health(breakdown) != _health(held) and (last is None or now - last >= HEALTH_WRITE_INTERVAL)
+        if self.unwritten and (due or hardware_changed):
             self.flush(now)
 
     def flush(self, now: datetime) -> None:
