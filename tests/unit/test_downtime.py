@@ -14,7 +14,7 @@ from gpuaas.api.pool import GpuPoolSpec
 from gpuaas.api.usage import PoolLedger
 from gpuaas.domain.actions import CreatePoolUsage, PatchStatus, WritePoolLedger, WriteUsageLedger
 from gpuaas.domain.busy import MAX_POINTS, busy_seconds, range_chunks
-from gpuaas.domain.downtime import GrantInForce, PoolBreakdown, book_pool, pool_breakdown
+from gpuaas.domain.downtime import GrantInForce, PoolBreakdown, book_pool, pool_breakdown, share_shortfall
 from gpuaas.domain.ledger import GrantState, book_up_to
 from gpuaas.domain.pool import measure_capacity
 from gpuaas.k8s.ledger import LedgerWriter
@@ -41,9 +41,12 @@ def test_a_node_down_costs_shared_grants_only_what_the_spare_capacity_cannot_cov
     nodes = [gpu_node("n0", healthy=False), *(gpu_node(f"n{i}") for i in range(1, 4))]
     # 24 granted, 24 healthy: nobody is short, the free GPUs were the ones lost.
     assert breakdown(nodes, [GrantInForce("a", 16), GrantInForce("b", 8)]).down_by_allocation == {}
-    # 32 granted, 24 healthy: 8 short, split 16:8 -> 5.33 : 2.67, largest remainder gives the odd GPU to b.
+    # 32 granted, 24 healthy: 8 short, a quarter of each grant.
     split = breakdown(nodes, [GrantInForce("a", 16), GrantInForce("b", 8), GrantInForce("c", 8)])
     assert split.down_by_allocation == {"a": 4, "b": 2, "c": 2}
+    # 3 short of 16 + 8 + 8: 1.5, 0.75, 0.75 in whole GPUs; the largest remainders (b, c: 0.75) get the spare two.
+    three = [GrantInForce("a", 16), GrantInForce("b", 8), GrantInForce("c", 8)]
+    assert share_shortfall(3, three) == {"a": 1, "b": 1, "c": 1}
     assert (split.program_gpus, split.usable_granted_gpus, split.unallocated_gpus, split.down_gpus) == (32, 24, 0, 8)
     assert split.credited_gpus == 8
 

@@ -81,7 +81,7 @@ def _node_gpus(node: NodeInfo, gpus_per_node: int) -> int:
     return min(node.allocatable_gpus, gpus_per_node) if node.healthy else 0
 
 
-def _pro_rata(shortfall: int, grants: Sequence[GrantInForce]) -> dict[str, int]:
+def share_shortfall(shortfall: int, grants: Sequence[GrantInForce]) -> dict[str, int]:
     """Split `shortfall` GPUs over the grants in proportion to their GPUs, in whole GPUs (largest remainder)."""
     total = sum(g.gpus for g in grants)
     shortfall = min(shortfall, total)
@@ -119,7 +119,7 @@ def pool_breakdown(
             down[grant.name] = grant.gpus - healthy
     shared = sorted((g for g in in_force if not g.exclusive), key=lambda g: g.name)
     shared_capacity = max(healthy_program_gpus - exclusive_healthy, 0)
-    down.update(_pro_rata(sum(g.gpus for g in shared) - shared_capacity, shared))
+    down.update(share_shortfall(sum(g.gpus for g in shared) - shared_capacity, shared))
     return PoolBreakdown(
         program_gpus=program,
         healthy_gpus=healthy_program_gpus,
