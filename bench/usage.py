@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 import urllib.request
@@ -180,6 +181,12 @@ def main() -> None:
             churn_started = time.monotonic()
             peak = 0.0
             churn_scrapes: list[float] = []
+            outside = REPO / ".cluster" / "bench-scrapes.jsonl"
+            stop = REPO / ".cluster" / "bench-scrapes.stop"
+            outside.unlink(missing_ok=True)
+            stop.unlink(missing_ok=True)
+            scraper = subprocess.Popen([sys.executable, str(Path(__file__).parent / "scraper.py"), METRICS,
+                                        str(outside), str(stop)])  # fmt: skip
             with ThreadPoolExecutor(1) as executor:
                 future = executor.submit(churn)
                 while not future.done():
@@ -188,6 +195,9 @@ def main() -> None:
                     churn_scrapes.append(scrape()[0])  # as Prometheus would, once a second
                     time.sleep(max(0.0, 1 - (time.monotonic() - tick)))
                 future.result()
+            stop.touch()
+            scraper.wait(timeout=60)
+            apart = [json.loads(line) for line in outside.read_text().splitlines()]
             elapsed = time.monotonic() - churn_started
             text = scrape()[1]
             writes1 = metric_value(text, "gpuaas_ledger_writes_total")
@@ -221,6 +231,11 @@ def main() -> None:
                 "metrics_scrapes": len(churn_scrapes),
                 "metrics_scrape_p50_seconds": round(statistics.median(churn_scrapes), 3),
                 "metrics_scrape_max_seconds": round(max(churn_scrapes), 3),
+                # The same, from a process of its own (bench/scraper.py), split into connect, server and read.
+                "metrics_scrapes_apart": len(apart),
+                "metrics_scrape_apart_p50_seconds": round(statistics.median(s["total"] for s in apart), 3),
+                "metrics_scrape_apart_max_seconds": round(max(s["total"] for s in apart), 3),
+                "metrics_scrape_apart_slowest": sorted(apart, key=lambda s: -s["total"])[:5],
                 "starts_refused_because_the_ended_pod_still_held_quota": len(failed_starts),
             }
 
