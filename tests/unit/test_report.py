@@ -547,8 +547,9 @@ def test_each_pool_s_program_adds_up_and_every_format_shows_it(report: Report) -
     assert [identity.pool for identity in report.pools] == ["naver-h200-a", "nhn-b200-a"]  # October's only
     assert report.unbalanced_pools() == []
     nhn = report.pools[1]
-    assert nhn.program_gpu_seconds == 1200 * OCTOBER_HOURS * 3600
-    assert nhn.down_gpu_seconds == nhn.credited_gpu_seconds == nhn.allocations_credited_gpu_seconds == NODE_DOWN_SECONDS
+    assert nhn.ledger.program_gpu_seconds == 1200 * OCTOBER_HOURS * 3600
+    assert nhn.ledger.down_gpu_seconds == nhn.ledger.credited_gpu_seconds == NODE_DOWN_SECONDS
+    assert nhn.allocations_credited_gpu_seconds == NODE_DOWN_SECONDS
     assert [row.down_gpu_seconds for row in report.rows if row.allocation == "snu-ai-lab"] == [NODE_DOWN_SECONDS]
     document = json.loads(to_json(report))
     expected = document["poolIdentity"]

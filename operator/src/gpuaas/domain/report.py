@@ -19,7 +19,7 @@ from datetime import UTC
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Literal
 
-from gpuaas.api.usage import DEFAULT_TIME_ZONE, GpuPoolUsage, GpuUsage, record_namespace
+from gpuaas.api.usage import DEFAULT_TIME_ZONE, GpuPoolUsage, GpuUsage, PoolLedger, record_namespace
 from gpuaas.domain.ledger import parse_month, seconds_to_hours
 
 TotalScope = Literal["cluster", "pool", "gpuModel", "provider", "all"]
@@ -165,27 +165,16 @@ class HistoryLine:
 
 @dataclass(frozen=True)
 class PoolIdentity:
-    """A pool's month, sreport style: its program GPU-seconds = granted in service + unallocated + down."""
+    """A pool's month, sreport style: its record's program GPU-seconds = granted in service + unallocated + down."""
 
     cluster: str
     pool: str
     gpu_model: str
     provider: str
-    program_gpu_seconds: int
-    usable_granted_gpu_seconds: int
-    unallocated_gpu_seconds: int
-    down_gpu_seconds: int
-    credited_gpu_seconds: int
-    """Of the down GPU-seconds, those under grants: the tenants' downtime credit, as the pool saw it."""
+    ledger: PoolLedger
     allocations_credited_gpu_seconds: int
-    """The same credit as the allocations' records booked it (they are written on their own schedule)."""
-
-    @property
-    def gap(self) -> int:
-        """Program GPU-seconds the three parts do not account for: 0 when the identity holds."""
-        return self.program_gpu_seconds - (
-            self.usable_granted_gpu_seconds + self.unallocated_gpu_seconds + self.down_gpu_seconds
-        )
+    """The credit as the allocations' records booked it (they are written on their own schedule); the pool's own
+    view of it is `ledger.credited_gpu_seconds`."""
 
     @property
     def qualified_pool(self) -> str:
@@ -213,11 +202,11 @@ class Report:
     def unbalanced_pools(self) -> list[str]:
         """What does not add up, one line per pool: the report must not be trusted while any is listed."""
         return [
-            f"pool {identity.qualified_pool}: program {identity.program_gpu_seconds} GPU-s != granted in service "
-            f"{identity.usable_granted_gpu_seconds} + unallocated {identity.unallocated_gpu_seconds} + down "
-            f"{identity.down_gpu_seconds} (off by {identity.gap})"
+            f"pool {identity.qualified_pool}: program {ledger.program_gpu_seconds} GPU-s != granted in service "
+            f"{ledger.usable_granted_gpu_seconds} + unallocated {ledger.unallocated_gpu_seconds} + down "
+            f"{ledger.down_gpu_seconds} (off by {ledger.identity_gap})"
             for identity in self.pools
-            if identity.gap != 0
+            if (ledger := identity.ledger).identity_gap != 0
         ]
 
 
@@ -387,7 +376,6 @@ def _pool_identities(
 ) -> tuple[PoolIdentity, ...]:
     identities = []
     for record, cluster in pool_records:
-        ledger = record.ledger
         credited = sum(r.down_gpu_seconds for r in rows if r.cluster == cluster and r.pool == record.spec.pool)
         identities.append(
             PoolIdentity(
@@ -395,11 +383,7 @@ def _pool_identities(
                 pool=record.spec.pool,
                 gpu_model=record.spec.gpu_model,
                 provider=record.spec.provider,
-                program_gpu_seconds=ledger.program_gpu_seconds,
-                usable_granted_gpu_seconds=ledger.usable_granted_gpu_seconds,
-                unallocated_gpu_seconds=ledger.unallocated_gpu_seconds,
-                down_gpu_seconds=ledger.down_gpu_seconds,
-                credited_gpu_seconds=ledger.credited_gpu_seconds,
+                ledger=record.ledger,
                 allocations_credited_gpu_seconds=credited,
             )
         )

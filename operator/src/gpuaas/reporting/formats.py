@@ -145,16 +145,17 @@ def pool_identity_columns(report: Report) -> tuple[Column, ...]:
 
 
 def pool_identity_cells(identity: PoolIdentity) -> dict[str, Cell]:
+    ledger = identity.ledger
     return _cluster_cell(identity.cluster) | {
         "pool": identity.pool,
         "gpuModel": identity.gpu_model,
         "provider": identity.provider,
-        "programGPUHours": seconds_to_hours(identity.program_gpu_seconds),
-        "grantedInServiceGPUHours": seconds_to_hours(identity.usable_granted_gpu_seconds),
-        "unallocatedGPUHours": seconds_to_hours(identity.unallocated_gpu_seconds),
-        "downGPUHours": seconds_to_hours(identity.down_gpu_seconds),
-        "addsUp": "yes" if identity.gap == 0 else f"no: off by {identity.gap} GPU-seconds",
-        "creditedGPUHours": seconds_to_hours(identity.credited_gpu_seconds),
+        "programGPUHours": seconds_to_hours(ledger.program_gpu_seconds),
+        "grantedInServiceGPUHours": seconds_to_hours(ledger.usable_granted_gpu_seconds),
+        "unallocatedGPUHours": seconds_to_hours(ledger.unallocated_gpu_seconds),
+        "downGPUHours": seconds_to_hours(ledger.down_gpu_seconds),
+        "addsUp": "yes" if ledger.identity_gap == 0 else f"no: off by {ledger.identity_gap} GPU-seconds",
+        "creditedGPUHours": seconds_to_hours(ledger.credited_gpu_seconds),
         "allocationsCreditedGPUHours": seconds_to_hours(identity.allocations_credited_gpu_seconds),
     }
 
