@@ -55,10 +55,11 @@ def pools_reconciled() -> bool:
     return bool(pools) and all("observedGeneration" in (p.get("status") or {}) for p in pools)
 
 
-def start_operator() -> subprocess.Popen[bytes]:
+def start_operator(wrapper: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    """The operator as a process; `wrapper` goes between the interpreter and `-m gpuaas` (a profiler's `-m`)."""
     log = (REPO / ".cluster" / "bench-operator.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "gpuaas", "run", "--kubeconfig", str(KUBECONFIG), "--metrics-port", "18180",
+        [sys.executable, *wrapper, "-m", "gpuaas", "run", "--kubeconfig", str(KUBECONFIG), "--metrics-port", "18180",
          "--health-port", "18181", "--webhook-port", "19543", "--webhook-url", "https://127.0.0.1:19543",
          "--webhook-cert-dir", str(REPO / ".cluster" / "bench-webhook")],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT,

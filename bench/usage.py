@@ -7,6 +7,7 @@
    write rate, and whether every ended pod was booked and released.
 
 Usage: python bench/usage.py [--allocations 3000] [--pods 10000] [--churn-rate 10] [--churn-seconds 60]
+[--memray heap.bin (then: python -m memray flamegraph heap.bin, which shows the peak)]
 Writes bench/results/usage.json.
 """
 
@@ -97,10 +98,13 @@ def main() -> None:
     parser.add_argument("--churn-seconds", type=float, default=60)
     parser.add_argument("--settle-seconds", type=float, default=60)
     parser.add_argument("--out", default="usage.json", help="File name under bench/results/.")
+    parser.add_argument(
+        "--memray", metavar="FILE", help="Run the operator under memray (aggregated; needs memray installed) into FILE."
+    )
     options = parser.parse_args()
     result: dict[str, Any] = {"scenario": "program", "nodes": 1307}
     fresh_cluster()
-    operator = start_operator()
+    operator = start_operator(("-m", "memray", "run", "--aggregate", "-o", options.memray) if options.memray else ())
     try:
         with new_api_client(str(KUBECONFIG), pool_size=32) as api:
             custom = client.CustomObjectsApi(api)
