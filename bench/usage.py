@@ -28,7 +28,17 @@ from typing import Any
 from kubernetes import client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from allocations import KUBECONFIG, REPO, decided, fresh_cluster, gpuaas, manifest, start_operator
+from allocations import (
+    KUBECONFIG,
+    REPO,
+    decided,
+    fresh_cluster,
+    gpuaas,
+    manifest,
+    process_tree,
+    start_operator,
+    status_kib,
+)
 
 from gpuaas.k8s.client import new_api_client
 
@@ -37,13 +47,16 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    """User and system CPU of the operator and its metrics server."""
+    total = 0
+    for member in process_tree(pid):
+        fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
 
 
 def rss_mib(pid: int) -> float:
-    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS:"))
-    return int(line.split()[1]) / 1024
+    return status_kib(pid, "VmRSS") / 1024
 
 
 def metric_value(text: str, name: str) -> float:

@@ -3,7 +3,7 @@ tests/integration/test_prometheus.py."""
 
 from __future__ import annotations
 
-from gpuaas.k8s.metrics_access import MetricsAccess, MetricsAuthorizer
+from gpuaas.metrics_server import MetricsAccess, MetricsAuthorizer
 
 
 class Reviews:

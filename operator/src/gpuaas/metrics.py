@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
+import logging
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from socketserver import ThreadingMixIn
-from typing import Any, Protocol
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from gpuaas.api.pool import GpuPoolSpec, GpuPoolStatus
 from gpuaas.domain.lifecycle import AllocationSample
+from gpuaas.metrics_server import MetricsAccess, read_frame, write_frame
+
+logger = logging.getLogger(__name__)
 
 ALLOCATION_LABELS = ["allocation", "tenant", "organization", "pool", "gpu_model"]
 
@@ -206,15 +210,6 @@ def forget_pool(name: str, spec: GpuPoolSpec) -> None:
             gauge.remove(name, spec.gpu_model, spec.provider)
 
 
-class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _SilentHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        """Scrapes every few seconds would flood the log."""
-
-
 leader = Gauge("gpuaas_leader", "1 on the replica that holds the leader Lease and runs pool passes, 0 on a standby.")
 _running_daemons = 0
 
@@ -259,45 +254,88 @@ def running_daemons() -> int:
     return _running_daemons
 
 
-class MetricsAccess(Protocol):
-    """An authoriser's answer (k8s/metrics_access.py): an HTTP status, and why."""
-
-    @property
-    def status(self) -> int: ...
-
-    @property
-    def reason(self) -> str: ...
+Review = Callable[[str], MetricsAccess]
+PUBLISH_INTERVAL_SECONDS = 1.0
 
 
-Authorize = Callable[[str | None], MetricsAccess]
-_STATUS_LINES = {401: "401 Unauthorized", 403: "403 Forbidden", 503: "503 Service Unavailable"}
+def exposition() -> bytes:
+    return generate_latest(REGISTRY) + allocations.text().encode()
 
 
-def _app(authorize: Authorize | None) -> Callable[[dict[str, Any], Any], Iterable[bytes]]:
-    """/metrics (for authorised scrapers when `authorize` is set), and /readyz, open, for the readiness probe (the
-    Services route only to ready replicas)."""
-
-    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == "/readyz":
-            problem = readiness.problem()
-            start_response("503 Service Unavailable" if problem else "200 OK", [("Content-Type", "text/plain")])
-            role = "leader" if readiness.leading else "standby"
-            return [f"{problem}\n".encode() if problem else f"ok ({role})\n".encode()]
-        if authorize is not None:
-            access = authorize(environ.get("HTTP_AUTHORIZATION"))
-            if access.status != 200:
-                headers = [("Content-Type", "text/plain")]
-                if access.status == 401:
-                    headers.append(("WWW-Authenticate", 'Bearer realm="gpuaas metrics"'))
-                start_response(_STATUS_LINES.get(access.status, "403 Forbidden"), headers)
-                return [f"{access.reason}\n".encode()]
-        body = generate_latest(REGISTRY) + allocations.text().encode()
-        start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
-        return [body]
-
-    return app
+def readiness_frame() -> bytes:
+    """A 3-digit HTTP status, then /readyz's body: open, for the kubelet's probe (the Services route only to ready
+    replicas)."""
+    problem = readiness.problem()
+    if problem:
+        return f"503{problem}\n".encode()
+    return f"200ok ({'leader' if readiness.leading else 'standby'})\n".encode()
 
 
-def serve(port: int, authorize: Authorize | None = None) -> None:
-    server = make_server("0.0.0.0", port, _app(authorize), ThreadingWSGIServer, handler_class=_SilentHandler)  # noqa: S104
-    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
+class MetricsServer:
+    """The metrics server process (gpuaas/metrics_server.py) and the two threads that feed it: one sends the
+    exposition and readiness every second and whenever a scrape asks, the other answers its questions."""
+
+    def __init__(self, port: int, review: Review | None) -> None:
+        self._port = port
+        self._review = review
+        self._wanted = threading.Event()
+        self._write_lock = threading.Lock()
+        self._stopping = False
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._spawn()
+        threading.Thread(target=self._publish_forever, daemon=True, name="metrics-publish").start()
+
+    def _spawn(self) -> None:
+        command = [sys.executable, "-m", "gpuaas.metrics_server", str(self._port)]
+        self.process = subprocess.Popen(
+            [*command, "--auth"] if self._review else command, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        threading.Thread(target=self._answer_forever, args=(self.process,), daemon=True, name="metrics-ask").start()
+
+    def stop(self) -> None:
+        """Close its stdin: the server exits, as it does when this process ends."""
+        self._stopping = True
+        if self.process is not None and self.process.stdin is not None:
+            with self._write_lock:
+                self.process.stdin.close()
+
+    def _send(self, kind: bytes, payload: bytes) -> None:
+        process = self.process
+        if process is None or process.stdin is None:
+            return
+        with self._write_lock, contextlib.suppress(BrokenPipeError, ValueError):  # gone: _answer_forever respawns
+            write_frame(process.stdin, kind, payload)
+
+    def _publish_forever(self) -> None:
+        while not self._stopping:
+            self._wanted.wait(PUBLISH_INTERVAL_SECONDS)
+            self._wanted.clear()
+            self._send(b"R", readiness_frame())  # before the exposition, which a fresh scrape waits for
+            self._send(b"M", exposition())
+
+    def _answer_forever(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        while (frame := read_frame(process.stdout)) is not None:
+            kind, payload = frame
+            if kind == b"F":
+                self._wanted.set()
+            elif kind == b"Q" and self._review is not None:
+                threading.Thread(target=self._answer_review, args=(json.loads(payload),), daemon=True).start()
+        code = process.wait()
+        if not self._stopping:
+            logger.error("the metrics server exited with %s; starting it again", code)
+            time.sleep(1)
+            self._spawn()
+
+    def _answer_review(self, question: dict[str, str]) -> None:
+        assert self._review is not None
+        access = self._review(question["token"])
+        answer = {"key": question["key"], "status": access.status, "reason": access.reason}
+        self._send(b"A", json.dumps(answer).encode())
+
+
+def serve(port: int, review: Review | None = None) -> None:
+    """/metrics (for scrapers the API server says may read it, when `review` is set) and /readyz on `port`."""
+    MetricsServer(port, review).start()
