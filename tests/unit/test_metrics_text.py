@@ -26,7 +26,7 @@ def sample(name: str, organization: str, phase: str = "Active", used: int = 3600
 def test_rendered_series_parse_and_escape_labels() -> None:
     series = AllocationSeries()
     series.replace("nhn-b200-a", [sample("lab", 'KAIST "비전" 연구실\\n'), sample("fm", "LG AI연구원", "Queued")])
-    families = {f.name: f for f in text_string_to_metric_families(series.text())}
+    families = {f.name: f for f in text_string_to_metric_families(series.exposition().decode())}
     used = families["gpuaas_allocation_used_gpu_seconds"]
     assert used.type == "counter"
     by_allocation = {s.labels["allocation"]: s for s in used.samples if s.name.endswith("_total")}
@@ -39,11 +39,11 @@ def test_rendered_series_parse_and_escape_labels() -> None:
 def test_replaced_pools_drop_deleted_allocations() -> None:
     series = AllocationSeries()
     series.replace("nhn-b200-a", [sample("lab", "x"), sample("gone", "y")])
-    assert "gone" in series.text()
+    assert "gone" in series.exposition().decode()
     series.replace("nhn-b200-a", [sample("lab", "x", used=4000)])
-    text = series.text()
+    text = series.exposition().decode()
     assert "gone" not in text
     assert 'allocation="lab"' in text
     assert " 4000" in text
     series.drop("nhn-b200-a")
-    assert "allocation=" not in series.text()
+    assert "allocation=" not in series.exposition().decode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import json
 import logging
@@ -148,7 +149,7 @@ class AllocationSeries:
     with it."""
 
     def __init__(self) -> None:
-        self._rendered: dict[str, dict[str, str]] = {}
+        self._rendered: dict[str, dict[str, bytes]] = {}
         self._lock = threading.Lock()
 
     def replace(self, pool: str, samples: Iterable[AllocationSample]) -> None:
@@ -156,7 +157,7 @@ class AllocationSeries:
         for sample in samples:
             for name, line in _sample_lines(sample).items():
                 merged[name].append(line)
-        rendered = {name: "".join(lines) for name, lines in merged.items()}
+        rendered = {name: "".join(lines).encode() for name, lines in merged.items()}  # encoded once, here
         with self._lock:
             self._rendered[pool] = rendered
 
@@ -164,14 +165,14 @@ class AllocationSeries:
         with self._lock:
             self._rendered.pop(pool, None)
 
-    def text(self) -> str:
+    def exposition(self) -> bytes:
         with self._lock:
             pools = list(self._rendered.values())
         parts = []
         for name, kind, help_text in ALLOCATION_METRICS:
-            parts.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+            parts.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n".encode())
             parts.extend(rendered[name] for rendered in pools)
-        return "".join(parts)
+        return b"".join(parts)
 
 
 allocations = AllocationSeries()
@@ -256,10 +257,11 @@ def running_daemons() -> int:
 
 Review = Callable[[str], MetricsAccess]
 PUBLISH_INTERVAL_SECONDS = 1.0
+PIPE_BYTES = 1 << 20  # Linux's default limit for an unprivileged pipe
 
 
 def exposition() -> bytes:
-    return generate_latest(REGISTRY) + allocations.text().encode()
+    return generate_latest(REGISTRY) + allocations.exposition()
 
 
 def readiness_frame() -> bytes:
@@ -292,6 +294,9 @@ class MetricsServer:
         self.process = subprocess.Popen(
             [*command, "--auth"] if self._review else command, stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
+        if self.process.stdin is not None:
+            with contextlib.suppress(OSError, AttributeError):  # a larger pipe: a copy in a few writes, not forty
+                fcntl.fcntl(self.process.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         threading.Thread(target=self._answer_forever, args=(self.process,), daemon=True, name="metrics-ask").start()
 
     def stop(self) -> None:
