@@ -170,13 +170,23 @@ def passes_and_memory(pid: int) -> dict[str, Any]:
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
 
     passes = total("gpuaas_reconcile_duration_seconds_count")
-    within = sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("gpuaas_reconcile_duration_seconds_bucket") and 'le="2.0"' in line
-    )
+
+    def within(bound: str) -> float:
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("gpuaas_reconcile_duration_seconds_bucket") and f'le="{bound}"' in line
+        )
+
+    longer = {f"over_{b}s": int(passes - within(b)) for b in ("1.0", "2.0", "5.0", "10.0", "30.0")}
     peak_kib = status_kib(pid, "VmHWM")
-    return {"passes": int(passes), "passes_over_2s": int(passes - within), "operator_peak_rss_mib": peak_kib // 1024}
+    return {
+        "passes": int(passes),
+        "passes_over_2s": longer["over_2.0s"],
+        "passes_longer_than": longer,
+        "pass_seconds_total": round(total("gpuaas_reconcile_duration_seconds_sum"), 1),
+        "operator_peak_rss_mib": peak_kib // 1024,
+    }
 
 
 def percentile(values: list[float], fraction: float) -> float:
