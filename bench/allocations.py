@@ -240,13 +240,14 @@ def main() -> None:
             if profiler is not None:
                 profiler.send_signal(signal.SIGINT)  # py-spy writes the flame graph when interrupted
                 profiler.wait(timeout=60)
-            result["apply_to_ready_seconds"] = {
-                "samples": len(samples),
-                "p50": round(statistics.median(samples), 3),
-                "p95": round(percentile(samples, 0.95), 3),
-                "p99": round(percentile(samples, 0.99), 3),
-                "max": round(max(samples), 3),
-            }
+            if samples:
+                result["apply_to_ready_seconds"] = {
+                    "samples": len(samples),
+                    "p50": round(statistics.median(samples), 3),
+                    "p95": round(percentile(samples, 0.95), 3),
+                    "p99": round(percentile(samples, 0.99), 3),
+                    "max": round(max(samples), 3),
+                }
             if options.bulk:
                 result["bulk"] = bulk(api, options.bulk, options.bulk_gpus)
                 result["bulk"].update(passes_and_memory(operator.pid))

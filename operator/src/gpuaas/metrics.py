@@ -329,6 +329,9 @@ class MetricsServer:
             elif kind == b"Q" and self._review is not None:
                 threading.Thread(target=self._answer_review, args=(json.loads(payload),), daemon=True).start()
         code = process.wait()
+        if process.stdin is not None:
+            with self._write_lock, contextlib.suppress(OSError):  # unflushed bytes have no reader left
+                process.stdin.close()
         if not self._stopping:
             logger.error("the metrics server exited with %s; starting it again", code)
             time.sleep(1)
