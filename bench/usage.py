@@ -7,7 +7,7 @@
    write rate, and whether every ended pod was booked and released.
 
 Usage: python bench/usage.py [--allocations 3000] [--pods 10000] [--churn-rate 10] [--churn-seconds 60]
-[--memray heap.bin (then: python -m memray flamegraph heap.bin, which shows the peak)]
+[--memray heap.bin (then: python -m memray flamegraph heap.bin, which shows the peak)] [--profile churn.txt (py-spy)]
 Writes bench/results/usage.json.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -112,6 +113,11 @@ def main() -> None:
     parser.add_argument("--settle-seconds", type=float, default=60)
     parser.add_argument("--out", default="usage.json", help="File name under bench/results/.")
     parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="Collapsed stacks of the operator during the churn, by py-spy (on PATH, sampling without pausing it).",
+    )
+    parser.add_argument(
         "--memray", metavar="FILE", help="Run the operator under memray (aggregated; needs memray installed) into FILE."
     )
     options = parser.parse_args()
@@ -204,6 +210,13 @@ def main() -> None:
             stop.unlink(missing_ok=True)
             scraper = subprocess.Popen([sys.executable, str(Path(__file__).parent / "scraper.py"), METRICS,
                                         str(outside), str(stop)])  # fmt: skip
+            profiler = None
+            if options.profile:
+                profiler = subprocess.Popen(
+                    ["py-spy", "record", "--pid", str(operator.pid), "--output", options.profile, "--format", "raw",
+                     "--nonblocking", "--rate", "50"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
             with ThreadPoolExecutor(1) as executor:
                 future = executor.submit(churn)
                 while not future.done():
@@ -214,6 +227,9 @@ def main() -> None:
                 future.result()
             stop.touch()
             scraper.wait(timeout=60)
+            if profiler is not None:
+                profiler.send_signal(signal.SIGINT)  # py-spy writes what it sampled when interrupted
+                profiler.wait(timeout=60)
             apart = [json.loads(line) for line in outside.read_text().splitlines()]
             elapsed = time.monotonic() - churn_started
             text = scrape()[1]

@@ -19,7 +19,7 @@ from gpuaas.domain.actions import (
 from gpuaas.domain.ledger import GrantState
 from gpuaas.k8s.ledger import LedgerWriter
 from gpuaas.k8s.pool_ledger import PoolLedgerWriter
-from gpuaas.k8s.reconciler import PASS_WORKERS, PoolReconciler
+from gpuaas.k8s.reconciler import PoolReconciler
 from tests.builders import (
     NOW,
     POOL,
@@ -72,38 +72,6 @@ def test_a_pass_grants_applies_and_reports_and_a_replay_of_it_writes_nothing() -
     replay.actions.clear()
     again.run_pass(snap, NOW + timedelta(seconds=1))
     assert replay.actions == []
-
-
-def test_a_pass_past_its_work_budget_leaves_the_rest_to_the_next_pass_and_reports_them_as_written() -> None:
-    builder = SnapshotBuilder()
-    for index in range(20):
-        builder.with_allocation(allocation(f"a{index:02d}", 1, created=NOW - timedelta(minutes=20 - index)))
-    snap = builder.build()
-    writer = RecordingWriter()
-    pool = reconciler(writer)
-    pool.work_budget_seconds = -1.0  # spent before the pass begins
-    result = pool.run_pass(snap, NOW)
-
-    # The first PASS_WORKERS changed allocations are carried out anyway, so that every pass makes progress.
-    carried_out = {p.name for p in status_patches(writer, ALLOCATION_PLURAL)}
-    assert (result.processed, result.deferred) == (PASS_WORKERS, 20 - PASS_WORKERS)
-    assert carried_out == {f"a{index:02d}" for index in range(PASS_WORKERS)}
-    assert {
-        a.manifest["metadata"]["namespace"] for a in writer.of(ApplyObject) if "namespace" in a.manifest["metadata"]
-    } <= carried_out
-    # Every allocation still has its sample: the deferred ones as written so far (nothing granted yet).
-    by_name = {s.allocation: s for s in result.samples}
-    assert len(by_name) == 20
-    assert all(by_name[f"a{index:02d}"].granted_gpus == 0 for index in range(PASS_WORKERS, 20))
-    assert all(by_name[name].granted_gpus == 1 for name in carried_out)
-
-    # The next pass, within its budget, carries out the rest; those carried out are not repeated.
-    writer.actions.clear()
-    pool.work_budget_seconds = 60.0
-    second = pool.run_pass(snap, NOW + timedelta(seconds=1))
-    assert second.deferred == 0
-    assert {p.name for p in status_patches(writer, ALLOCATION_PLURAL)} == {f"a{i:02d}" for i in range(PASS_WORKERS, 20)}
-    assert {s.allocation: s.granted_gpus for s in second.samples} == {f"a{i:02d}": 1 for i in range(20)}
 
 
 def test_a_failed_apply_is_reported_in_the_status_and_ends_that_allocations_writes() -> None:

@@ -210,7 +210,6 @@ async def _run_passes(
         departed.forget_expired(started)
         snap = snapshot(name, body, indexes, departed)
         heavy = False
-        deferred = 0
         try:
             with metrics.reconcile_duration.labels(name).time():
                 writes_before = reconciler.ledger.writes
@@ -219,7 +218,6 @@ async def _run_passes(
             metrics.record_pool(name, GpuPoolSpec.model_validate(snap.spec), result.pool)
             metrics.record_terminating(name, result.terminating_namespaces)
             heavy = result.processed >= HEAVY_PASS_ALLOCATIONS
-            deferred = result.deferred
             if memo.options.webhook_url:
                 await _register_once(memo)
             leadership.note_pass(started)
@@ -227,9 +225,6 @@ async def _run_passes(
             metrics.reconcile_errors.labels(name).inc()
             logger.exception(f"pool {name}: reconcile pass failed; retrying")
         pass_seconds = (datetime.now(UTC) - started).total_seconds()
-        if deferred:  # work is waiting: the next pass starts at once, with no events to coalesce
-            wake.set()
-            heavy = False
         await _sleep(wake, stopped, memo.options.pool_resync_seconds)
         # Coalesce bursts of events (a bulk apply, the objects a pass applied) into one pass per interval, and
         # keep a pool busy with heavy passes to about a fifth of the time (never rarer than the resync);

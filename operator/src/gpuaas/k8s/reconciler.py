@@ -9,7 +9,6 @@ granted and wrote, which the index may not show yet.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,12 +37,6 @@ from gpuaas.k8s.writer import ClusterWriter, cluster_writer
 
 logger = logging.getLogger(__name__)
 
-# A pass carries out changed allocations for about this long, then leaves the rest to the next pass, which starts at
-# once. In a burst of thousands of applies, a pass that took on every one of them (each with its applies, status
-# write and event) held the pool's status, its metrics and every other allocation's change for tens of seconds.
-PASS_WORK_BUDGET_SECONDS = 1.0
-PASS_WORKERS = 16
-
 
 @dataclass(frozen=True)
 class _Cached:
@@ -57,7 +50,6 @@ class PassResult:
     pool: GpuPoolStatus
     samples: list[AllocationSample]
     processed: int = 0  # allocations that needed a full pass (not skipped as unchanged)
-    deferred: int = 0  # changed allocations left to the next pass once the work budget was spent
     # allocation -> its namespace, for deleted allocations whose namespace is still being deleted
     terminating_namespaces: dict[str, str] = field(default_factory=dict)
 
@@ -78,13 +70,11 @@ class PoolReconciler:
     waiting_namespaces: dict[str, str] = field(default_factory=dict)
     cache: dict[str, _Cached] = field(default_factory=dict)
     specs: dict[str, tuple[int | None, GpuAllocationSpec]] = field(default_factory=dict)
-    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=PASS_WORKERS))
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=16))
     # The pool's month records (program = usable granted + unallocated + down); made on the first pass.
     pool_ledger: PoolLedgerWriter | None = None
-    work_budget_seconds: float = PASS_WORK_BUDGET_SECONDS
 
     def run_pass(self, snap: PoolSnapshot, now: datetime) -> PassResult:
-        deadline = time.monotonic() + self.work_budget_seconds
         pool_spec = GpuPoolSpec.model_validate(dict(snap.spec))
         capacity = measure_capacity(pool_spec, snap.nodes)
         members = pool_nodes(pool_spec, snap.nodes)
@@ -116,21 +106,21 @@ class PoolReconciler:
                 samples.append(cached.sample)  # nothing it depends on changed, and nothing is due
             else:
                 changed.append((c, fingerprint))
-
-        def process_in_budget(position: int, item: tuple[Candidate, tuple[object, ...]]) -> AllocationSample | None:
-            # The first of them run whatever the clock says, so that every pass makes progress.
-            if position >= PASS_WORKERS and time.monotonic() > deadline:
-                return None
-            c, fingerprint = item
-            down_gpus = down.get(c.view.name, 0)
-            return self._process(c, decisions[c.view.name], down_gpus, fingerprint, snap, members, pool_spec, now)
-
-        outcomes = list(self.executor.map(process_in_budget, range(len(changed)), changed))
-        deferred = 0
-        for (c, _), outcome in zip(changed, outcomes, strict=True):
-            if outcome is None:  # as written so far: its grant and status change on the pass that carries it out
-                deferred += 1
-            samples.append(outcome if outcome is not None else self._sample_as_written(c, snap, pool_spec))
+        samples.extend(
+            self.executor.map(
+                lambda item: self._process(
+                    item[0],
+                    decisions[item[0].view.name],
+                    down.get(item[0].view.name, 0),
+                    item[1],
+                    snap,
+                    members,
+                    pool_spec,
+                    now,
+                ),
+                changed,
+            )
+        )
 
         written_pool = GpuPoolStatus.model_validate(self.pool_written or dict(snap.status))
         new_pool = pool_status(
@@ -154,17 +144,7 @@ class PoolReconciler:
         self._pool_ledger().book(pool_spec, breakdown, now)
         names = {view.uid: view.name for view in snap.allocations}
         terminating = {names[uid]: ns for uid, ns in self.waiting_namespaces.items() if uid in names}
-        return PassResult(
-            pool=new_pool,
-            samples=samples,
-            processed=len(changed) - deferred,
-            deferred=deferred,
-            terminating_namespaces=terminating,
-        )
-
-    def _sample_as_written(self, c: Candidate, snap: PoolSnapshot, pool_spec: GpuPoolSpec) -> AllocationSample:
-        records = {r.spec.month: r.ledger for r in snap.usage.get(c.view.uid, {}).values()}
-        return planner.allocation_sample(self.pool, pool_spec, c.view, c.spec, self._status(c.view), records)
+        return PassResult(pool=new_pool, samples=samples, processed=len(changed), terminating_namespaces=terminating)
 
     def _pool_ledger(self) -> PoolLedgerWriter:
         if self.pool_ledger is None:
