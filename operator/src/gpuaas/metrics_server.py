@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import struct
 import sys
 import threading
@@ -201,6 +202,8 @@ def _listen(port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPSe
 
 
 def main(argv: list[str]) -> None:
+    # Ctrl-C in a terminal reaches the whole process group; this process ends when the operator does, quietly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     port, with_auth = int(argv[0]), "--auth" in argv[1:]
     link = OperatorLink(sys.stdout.buffer)
     authorize = MetricsAuthorizer(link.review) if with_auth else None
