@@ -339,7 +339,11 @@ class MetricsServer:
 
     def _answer_review(self, question: dict[str, str]) -> None:
         assert self._review is not None
-        access = self._review(question["token"])
+        try:
+            access = self._review(question["token"])
+        except Exception:  # the scrape gets a 503 at once rather than after the server's wait
+            logger.exception("metrics access review failed")
+            access = MetricsAccess(503, "the token could not be reviewed")
         answer = {"key": question["key"], "status": access.status, "reason": access.reason}
         self._send(b"A", json.dumps(answer).encode())
 
