@@ -4,9 +4,11 @@ in tests/integration/test_metrics_access.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ import pytest
 from prometheus_client import Gauge
 
 from gpuaas import metrics
-from gpuaas.metrics_server import MetricsAccess
+from gpuaas.metrics_server import MetricsAccess, OperatorLink, read_frame
 from tests.waiting import wait_for
 
 PROBE = Gauge("gpuaas_test_metrics_server_probe", "A value the tests change.")
@@ -112,3 +114,23 @@ def test_the_server_ends_with_the_operator_and_is_started_again_if_it_dies(
     assert last is not None
     served.stop()  # closes its stdin, as the operator's exit does
     assert last.wait(timeout=10) == 0
+
+
+def test_a_token_asked_again_gets_the_operators_new_answer_not_the_old_one() -> None:
+    """Access revoked after the cache's minute must take effect: the second question is answered anew."""
+    read_end, write_end = os.pipe()
+    answers = iter([MetricsAccess(200, "may"), MetricsAccess(403, "may no longer")])
+    # The write end closes first: the operator thread reads to the end and lets go of the read end.
+    with os.fdopen(read_end, "rb") as from_server, os.fdopen(write_end, "wb") as to_operator:
+        link = OperatorLink(to_operator)
+
+        def operator() -> None:
+            while (frame := read_frame(from_server)) is not None:
+                question = json.loads(frame[1])["question"]
+                access = next(answers)
+                answer = {"question": question, "status": access.status, "reason": access.reason}
+                link.receive(b"A", json.dumps(answer).encode())
+
+        threading.Thread(target=operator, daemon=True).start()
+        assert link.review("token") == MetricsAccess(200, "may")
+        assert link.review("token") == MetricsAccess(403, "may no longer")

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -337,14 +338,14 @@ class MetricsServer:
             time.sleep(1)
             self._spawn()
 
-    def _answer_review(self, question: dict[str, str]) -> None:
+    def _answer_review(self, question: dict[str, Any]) -> None:
         assert self._review is not None
         try:
             access = self._review(question["token"])
         except Exception:  # the scrape gets a 503 at once rather than after the server's wait
             logger.exception("metrics access review failed")
             access = MetricsAccess(503, "the token could not be reviewed")
-        answer = {"key": question["key"], "status": access.status, "reason": access.reason}
+        answer = {"question": question["question"], "status": access.status, "reason": access.reason}
         self._send(b"A", json.dumps(answer).encode())
 
 

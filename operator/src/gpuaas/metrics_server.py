@@ -11,8 +11,9 @@ Only the standard library: the process starts in a fraction of a second and stay
 the operator) and stdout (to it) are a kind byte, a 4-byte big-endian length and the payload:
 
 - to the server: `M` the exposition; `R` readiness, a 3-digit HTTP status then the body; `A` an access answer, JSON
-  `{"key", "status", "reason"}`;
-- to the operator: `F` a scrape wants a fresh copy; `Q` an access question, JSON `{"key", "token"}`.
+  `{"question", "status", "reason"}`;
+- to the operator: `F` a scrape wants a fresh copy; `Q` an access question, JSON `{"question", "token"}` (a
+  number of the server's, new for every question).
 
 The server exits when its stdin closes: the operator is gone.
 """
@@ -20,6 +21,7 @@ The server exits when its stdin closes: the operator is gone.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -111,7 +113,9 @@ class OperatorLink:
         self.copies = 0
         self.readiness: tuple[int, bytes] | None = None
         self.heard_at: float | None = None
-        self._answers: dict[str, MetricsAccess] = {}
+        # question number -> the operator's answer: a token asked again gets a new number, never an old answer
+        self._answers: dict[int, MetricsAccess] = {}
+        self._questions = itertools.count()
 
     def _send(self, kind: bytes, payload: bytes) -> None:
         with self._write_lock:
@@ -127,9 +131,7 @@ class OperatorLink:
                 self.readiness = (int(payload[:3]), payload[3:])
             elif kind == b"A":
                 answer = json.loads(payload)
-                if len(self._answers) > 1024:  # the authorizer caches them; these only wake the scrape that asked
-                    self._answers.clear()
-                self._answers[str(answer["key"])] = MetricsAccess(int(answer["status"]), str(answer["reason"]))
+                self._answers[int(answer["question"])] = MetricsAccess(int(answer["status"]), str(answer["reason"]))
             self._changed.notify_all()
 
     def fresh(self) -> tuple[bytes, tuple[int, bytes] | None, float | None]:
@@ -142,11 +144,16 @@ class OperatorLink:
             return self.exposition, self.readiness, self.heard_at
 
     def review(self, token: str) -> MetricsAccess:
-        key = token_key(token)
-        self._send(b"Q", json.dumps({"key": key, "token": token}).encode())
+        question = next(self._questions)
+        self._send(b"Q", json.dumps({"question": question, "token": token}).encode())
         with self._changed:
-            if self._changed.wait_for(lambda: key in self._answers, timeout=REVIEW_WAIT_SECONDS):
-                return self._answers[key]
+            answered = self._changed.wait_for(lambda: question in self._answers, timeout=REVIEW_WAIT_SECONDS)
+            # A late answer to a question given up on stays until answers pile up.
+            access = self._answers.pop(question, None)
+            if len(self._answers) > 1024:
+                self._answers.clear()
+        if answered and access is not None:
+            return access
         return MetricsAccess(503, "the operator did not answer the token review in time")
 
 
