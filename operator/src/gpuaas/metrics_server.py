@@ -104,9 +104,8 @@ def token_key(token: str) -> str:
 class OperatorLink:
     """The server's side of the pipes: the latest copies the operator sent, and questions to it."""
 
-    def __init__(self, to_operator: IO[bytes], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, to_operator: IO[bytes]) -> None:
         self._to_operator = to_operator
-        self._clock = clock
         self._changed = threading.Condition()
         self._write_lock = threading.Lock()
         self.exposition = b""
@@ -123,7 +122,7 @@ class OperatorLink:
 
     def receive(self, kind: bytes, payload: bytes) -> None:
         with self._changed:
-            self.heard_at = self._clock()
+            self.heard_at = time.monotonic()  # /readyz compares it with the same clock
             if kind == b"M":
                 self.exposition = payload
                 self.copies += 1
@@ -147,14 +146,14 @@ class OperatorLink:
         question = next(self._questions)
         self._send(b"Q", json.dumps({"question": question, "token": token}).encode())
         with self._changed:
-            answered = self._changed.wait_for(lambda: question in self._answers, timeout=REVIEW_WAIT_SECONDS)
+            self._changed.wait_for(lambda: question in self._answers, timeout=REVIEW_WAIT_SECONDS)
             # A late answer to a question given up on stays until answers pile up.
             access = self._answers.pop(question, None)
             if len(self._answers) > 1024:
                 self._answers.clear()
-        if answered and access is not None:
-            return access
-        return MetricsAccess(503, "the operator did not answer the token review in time")
+        if access is None:
+            return MetricsAccess(503, "the operator did not answer the token review in time")
+        return access
 
 
 def _handler(link: OperatorLink, authorize: MetricsAuthorizer | None) -> type[BaseHTTPRequestHandler]:
