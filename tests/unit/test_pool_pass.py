@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import threading
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 from gpuaas.api.allocation import ALLOCATION_PLURAL
 from gpuaas.api.pool import POOL_PLURAL
 from gpuaas.domain.actions import (
+    Action,
     ApplyObject,
     CreateUsage,
     DeletePod,
@@ -160,3 +162,70 @@ def test_a_grant_that_changes_between_flushes_is_booked_under_each_state_for_its
     records = [a.record.ledger for a in writer.of(CreateUsage)] + [a.ledger for a in writer.of(WriteUsageLedger)]
     assert records[-1].granted_gpu_seconds == 24 * 100
     assert records[-1].booked_until == NOW + timedelta(seconds=130)
+
+
+@dataclass
+class HeldWriter(RecordingWriter):
+    """Holds the writes of the pass's workers until `release` is set, as a loaded API server would (the pool's own,
+    made by the pass, go through); `crash` makes allocation status writes raise."""
+
+    release: threading.Event = field(default_factory=threading.Event)
+    crash: bool = False
+
+    def perform(self, action: Action) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            assert self.release.wait(timeout=30)
+        if self.crash and isinstance(action, PatchStatus) and action.plural == ALLOCATION_PLURAL:
+            raise RuntimeError("injected")
+        super().perform(action)
+
+
+def test_writes_that_outlast_the_pass_stay_in_flight_and_their_grant_still_counts() -> None:
+    writer = HeldWriter()
+    run = reconciler(writer)
+    first = SnapshotBuilder().with_allocation(allocation("a", 24)).build()
+    result = run.run_pass(first, NOW, wait_seconds=0.05)
+    assert (result.processed, result.in_flight, status_patches(writer, ALLOCATION_PLURAL)) == (1, 1, [])
+    assert result.pool.granted_gpus == 24  # decided, though nothing is written yet
+
+    # A later allocation asks for more than is left: a's grant counts while its writes are running, and a is
+    # handed no second copy of them.
+    both = SnapshotBuilder().with_allocation(allocation("a", 24)).with_allocation(allocation("b", 16)).build()
+    result = run.run_pass(both, NOW + timedelta(seconds=1), wait_seconds=0.05)
+    assert (result.processed, result.in_flight) == (1, 2)
+    assert (result.pool.granted_gpus, result.pool.queued) == (24, 1)
+
+    writer.release.set()
+    result = run.run_pass(both, NOW + timedelta(seconds=2), wait_seconds=None)
+    assert result.in_flight == 0
+    phases = {p.name: p.patch["phase"] for p in status_patches(writer, ALLOCATION_PLURAL)}
+    assert phases == {"a": "Active", "b": "Queued"}
+    namespaces = [a.manifest["metadata"]["name"] for a in writer.of(ApplyObject) if a.manifest["kind"] == "Namespace"]
+    assert sorted(namespaces) == ["a", "b"]  # a's applied once, though three passes saw it
+    assert {s.allocation: s.phase for s in result.samples} == {"a": "Active", "b": "Queued"}
+
+
+def test_writes_that_fail_are_counted_and_handed_out_again_by_the_next_pass() -> None:
+    writer = HeldWriter(crash=True)
+    writer.release.set()
+    run = reconciler(writer)
+    snap = SnapshotBuilder().with_allocation(allocation("a", 8)).build()
+    assert run.run_pass(snap, NOW).failed == 1
+    writer.crash = False
+    result = run.run_pass(snap, NOW + timedelta(seconds=1))
+    assert (result.failed, result.processed) == (0, 1)
+    assert [p.patch["phase"] for p in status_patches(writer, ALLOCATION_PLURAL)] == ["Active"]
+
+
+def test_stop_waits_for_the_writes_running() -> None:
+    writer = HeldWriter()
+    run = reconciler(writer)
+    run.run_pass(SnapshotBuilder().with_allocation(allocation("a", 8)).build(), NOW, wait_seconds=0)
+    stopping = threading.Thread(target=run.stop)
+    stopping.start()
+    stopping.join(timeout=0.2)
+    assert stopping.is_alive()  # held by a's writes
+    writer.release.set()
+    stopping.join(timeout=10)
+    assert not stopping.is_alive()
+    assert [p.patch["phase"] for p in status_patches(writer, ALLOCATION_PLURAL)] == ["Active"]

@@ -48,7 +48,14 @@ reconcile_duration = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 5, 10, 30),
 )
 ledger_writes = Counter("gpuaas_ledger_writes_total", "Writes of GpuUsage records (creates and ledger updates).")
-reconcile_errors = Counter("gpuaas_reconcile_errors_total", "Reconcile passes that failed.", ("pool",))
+reconcile_errors = Counter(
+    "gpuaas_reconcile_errors_total", "Reconcile passes that failed, and allocations whose writes failed.", ("pool",)
+)
+writes_in_flight = Gauge(
+    "gpuaas_pool_allocations_in_flight",
+    "Allocations whose writes a pass handed to a worker and that were still running when the pass ended.",
+    ("pool",),
+)
 namespace_terminating = Gauge(
     "gpuaas_namespace_terminating",
     "1 while a deleted allocation waits for its namespace to be deleted (something in it holds it).",
@@ -204,7 +211,7 @@ def forget_pool(name: str, spec: GpuPoolSpec) -> None:
     """Deleted pools drop their series instead of freezing at the last value."""
     allocations.drop(name)
     record_terminating(name, {})
-    for metric in (reconcile_errors, reconcile_duration):
+    for metric in (reconcile_errors, reconcile_duration, writes_in_flight):
         with contextlib.suppress(KeyError):
             metric.remove(name)
     for gauge, _ in _POOL_GAUGES:

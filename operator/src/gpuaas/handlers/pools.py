@@ -7,6 +7,7 @@ a missed event is corrected by the next periodic pass.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -35,6 +36,8 @@ from gpuaas.k8s.reconciler import PassResult, PoolReconciler
 from gpuaas.options import OperatorOptions, WebhookRegistration, webhook_cert_dir
 
 MIN_PASS_INTERVAL_SECONDS = 0.05
+# How long a pass waits for the writes it handed out; those still running stay in flight for later passes.
+PASS_WAIT_SECONDS = 1.0
 # The indexes of the objects `tenant_object_keys` names, in its order.
 MANAGED_OBJECT_INDEXES = ("managed_namespaces", "managed_quotas", "managed_limit_ranges", "managed_role_bindings")
 PASS_DUTY_FACTOR = 5.0
@@ -42,18 +45,18 @@ PASS_DUTY_FACTOR = 5.0
 HEAVY_PASS_ALLOCATIONS = 20
 
 
-def register_webhooks(options: OperatorOptions) -> None:
+def register_webhooks(options: OperatorOptions, operator_username: str) -> None:
     """Outside the cluster: point the webhook configurations at this (now active) replica."""
     assert options.webhook_url is not None
     tls = webhooks.ensure_self_signed(webhook_cert_dir(options), webhooks.url_host(options.webhook_url))
-    webhooks.apply_configurations(options.webhook_url, tls.ca_file.read_bytes())
+    webhooks.apply_configurations(options.webhook_url, tls.ca_file.read_bytes(), operator_username)
 
 
 async def _register_once(memo: kopf.Memo) -> None:
     registration: WebhookRegistration = memo.webhook_registration
     async with registration.lock:
         if not registration.done:
-            await asyncio.to_thread(register_webhooks, memo.options)
+            await asyncio.to_thread(register_webhooks, memo.options, memo.operator_username)
             registration.done = True
             metrics.readiness.registered = True
 
@@ -159,14 +162,21 @@ async def reconcile_pool(
                 await leadership.release()
 
 
-def _new_reconciler(name: str, options: OperatorOptions) -> PoolReconciler:
+def _new_reconciler(name: str, options: OperatorOptions, wake: asyncio.Event) -> PoolReconciler:
     ledger = LedgerWriter(time_zone=options.time_zone, flush_interval=timedelta(seconds=options.ledger_flush_seconds))
-    return PoolReconciler(pool=name, ledger=ledger)
+    loop = asyncio.get_running_loop()
+
+    def wake_from_worker() -> None:
+        """Writes that end wake the pool, so that what they leave to do (or what waited for them) gets a pass soon."""
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the operator is exiting
+            loop.call_soon_threadsafe(wake.set)
+
+    return PoolReconciler(pool=name, ledger=ledger, on_work_done=wake_from_worker)
 
 
 def _pass_and_samples(reconciler: PoolReconciler, snap: PoolSnapshot, now: datetime) -> PassResult:
     """One pass, and its allocations' series rendered for /metrics on the same worker thread, not the event loop."""
-    result = reconciler.run_pass(snap, now)
+    result = reconciler.run_pass(snap, now, PASS_WAIT_SECONDS)
     metrics.record_allocations(snap.pool, result.samples)
     return result
 
@@ -192,50 +202,72 @@ async def _run_passes(
 ) -> None:
     leadership: Leadership = memo.leadership
     reconciler: PoolReconciler | None = None
-    while not stopped:
-        wake.clear()
-        if not leadership.is_leader():
-            if reconciler is not None:
-                # A standby exports no pool series: only the leader's are current.
-                metrics.forget_pool(name, GpuPoolSpec.model_validate(dict(body.get("spec") or {})))
-                _forget_registration(memo)
-                reconciler = None
+    try:
+        while not stopped:
+            wake.clear()
+            if not leadership.is_leader():
+                if reconciler is not None:
+                    # Its writes in flight end first: another replica may lead now.
+                    await asyncio.to_thread(reconciler.stop)
+                    # A standby exports no pool series: only the leader's are current.
+                    metrics.forget_pool(name, GpuPoolSpec.model_validate(dict(body.get("spec") or {})))
+                    _forget_registration(memo)
+                    reconciler = None
+                await _sleep(wake, stopped, memo.options.pool_resync_seconds)
+                continue
+            if reconciler is None:
+                # Fresh state on every takeover: while another replica led, the ledger records moved on.
+                reconciler = _new_reconciler(name, memo.options, wake)
+            started = datetime.now(UTC)
+            interval = await _one_pass(name, body, memo, logger, indexes, reconciler, started)
             await _sleep(wake, stopped, memo.options.pool_resync_seconds)
-            continue
-        if reconciler is None:
-            # Fresh state on every takeover: while another replica led, the ledger records moved on.
-            reconciler = _new_reconciler(name, memo.options)
-        started = datetime.now(UTC)
-        departed: DepartedPods = memo.departed_pods
-        departed.forget_expired(started)
-        snap = snapshot(name, body, indexes, departed)
-        heavy = False
-        try:
-            with metrics.reconcile_duration.labels(name).time():
-                writes_before = reconciler.ledger.writes
-                result = await asyncio.to_thread(_pass_and_samples, reconciler, snap, started)
-            metrics.ledger_writes.inc(reconciler.ledger.writes - writes_before)
-            metrics.record_pool(name, GpuPoolSpec.model_validate(snap.spec), result.pool)
-            metrics.record_terminating(name, result.terminating_namespaces)
-            heavy = result.processed >= HEAVY_PASS_ALLOCATIONS
-            if memo.options.webhook_url:
-                await _register_once(memo)
-            leadership.note_pass(started)
-        except Exception:
-            metrics.reconcile_errors.labels(name).inc()
-            logger.exception(f"pool {name}: reconcile pass failed; retrying")
-        pass_seconds = (datetime.now(UTC) - started).total_seconds()
-        await _sleep(wake, stopped, memo.options.pool_resync_seconds)
-        # Coalesce bursts of events (a bulk apply, the objects a pass applied) into one pass per interval, and
-        # keep a pool busy with heavy passes to about a fifth of the time (never rarer than the resync);
-        # a light pass (one new allocation) keeps the short interval, so apply-to-Ready stays fast.
-        elapsed = (datetime.now(UTC) - started).total_seconds()
-        interval = min(
-            max(MIN_PASS_INTERVAL_SECONDS, PASS_DUTY_FACTOR * pass_seconds if heavy else 0.0),
-            memo.options.pool_resync_seconds,
-        )
-        if not stopped:
-            await asyncio.sleep(max(0.0, interval - elapsed))
+            elapsed = (datetime.now(UTC) - started).total_seconds()
+            if not stopped:
+                await asyncio.sleep(max(0.0, interval - elapsed))
+    finally:
+        if reconciler is not None:
+            await asyncio.to_thread(reconciler.stop)
+
+
+async def _one_pass(
+    name: str,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    indexes: dict[str, Any],
+    reconciler: PoolReconciler,
+    started: datetime,
+) -> float:
+    """One pass; returns the least time until the next one starts."""
+    leadership: Leadership = memo.leadership
+    departed: DepartedPods = memo.departed_pods
+    departed.forget_expired(started)
+    snap = snapshot(name, body, indexes, departed)
+    busy_seconds = 0.0
+    try:
+        with metrics.reconcile_duration.labels(name).time():
+            writes_before = reconciler.ledger.writes
+            result = await asyncio.to_thread(_pass_and_samples, reconciler, snap, started)
+        metrics.ledger_writes.inc(reconciler.ledger.writes - writes_before)
+        metrics.record_pool(name, GpuPoolSpec.model_validate(snap.spec), result.pool)
+        metrics.record_terminating(name, result.terminating_namespaces)
+        metrics.writes_in_flight.labels(name).set(result.in_flight)
+        if result.failed:
+            metrics.reconcile_errors.labels(name).inc(result.failed)
+        if result.processed >= HEAVY_PASS_ALLOCATIONS:
+            busy_seconds = result.deciding_seconds
+        if memo.options.webhook_url:
+            await _register_once(memo)
+        leadership.note_pass(started)
+    except Exception:
+        metrics.reconcile_errors.labels(name).inc()
+        logger.exception(f"pool {name}: reconcile pass failed; retrying")
+    # Coalesce bursts of events (a bulk apply, the objects a pass applied) into one pass per interval, and keep a
+    # pool deciding in heavy passes about a fifth of the time (never rarer than the resync); a light pass (one new
+    # allocation) keeps the short interval, so apply-to-Ready stays fast. Waiting for writes does not count: the
+    # pass holds no lock then, and the writes go on between passes.
+    resync: float = memo.options.pool_resync_seconds
+    return min(max(MIN_PASS_INTERVAL_SECONDS, PASS_DUTY_FACTOR * busy_seconds), resync)
 
 
 @kopf.on.delete(GROUP, VERSION, POOL_PLURAL, optional=True)

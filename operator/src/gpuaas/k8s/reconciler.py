@@ -4,15 +4,21 @@ A single reconciler per pool is the only writer of its allocations' grants, so a
 concurrent applies can never overcommit. Every pass is level-triggered: it starts from a snapshot of current state
 (kopf indexes) and corrects whatever differs. The reconciler's own fields are the pass's memory: what this replica
 granted and wrote, which the index may not show yet.
+
+A pass decides for every allocation of the pool, then hands each changed allocation's writes to a worker. It waits
+for them a bounded time: writes still running then stay in flight, and later passes keep deciding with those
+allocations (their grants count) but hand them no new work until theirs is done. So a burst of thousands of new
+allocations does not hold up the pool's decisions for as long as their writes take.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
+from time import monotonic
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -49,9 +55,12 @@ class _Cached:
 class PassResult:
     pool: GpuPoolStatus
     samples: list[AllocationSample]
-    processed: int = 0  # allocations that needed a full pass (not skipped as unchanged)
+    processed: int = 0  # allocations handed work by this pass (not skipped as unchanged, not already in flight)
     # allocation -> its namespace, for deleted allocations whose namespace is still being deleted
     terminating_namespaces: dict[str, str] = field(default_factory=dict)
+    in_flight: int = 0  # allocations whose writes were still running when the pass ended
+    failed: int = 0  # allocations whose writes ended in an error since the last pass (logged; retried)
+    deciding_seconds: float = 0.0  # the pass's own work, before it waited for writes
 
 
 @dataclass
@@ -73,8 +82,18 @@ class PoolReconciler:
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=16))
     # The pool's month records (program = usable granted + unallocated + down); made on the first pass.
     pool_ledger: PoolLedgerWriter | None = None
+    # uid -> the writes a pass handed to a worker, until a later pass collects them.
+    in_flight: dict[str, Future[AllocationSample | None]] = field(default_factory=dict)
+    # uid -> its latest sample, which stands for it while its writes are in flight.
+    last_samples: dict[str, AllocationSample] = field(default_factory=dict)
+    # Called from a worker when an allocation's writes end, so that the pool's next pass comes soon.
+    on_work_done: Callable[[], None] = lambda: None
 
-    def run_pass(self, snap: PoolSnapshot, now: datetime) -> PassResult:
+    def run_pass(self, snap: PoolSnapshot, now: datetime, wait_seconds: float | None = None) -> PassResult:
+        """Decide for every allocation and hand out the writes; wait for them at most `wait_seconds` (None: until
+        all are done)."""
+        clock_started = monotonic()
+        failed = self._collect_finished()
         pool_spec = GpuPoolSpec.model_validate(dict(snap.spec))
         capacity = measure_capacity(pool_spec, snap.nodes)
         members = pool_nodes(pool_spec, snap.nodes)
@@ -84,10 +103,13 @@ class PoolReconciler:
 
         candidates: list[Candidate] = []
         for view in snap.allocations:
-            found = self._intake(view, snap, members, pool_spec, now)
+            if view.uid in self.in_flight:
+                found = self._candidate_in_flight(view, snap)
+            else:
+                found = self._intake(view, snap, members, pool_spec, now)
             if found is not None:
                 candidates.append(found)
-        self._forget_all_but({view.uid for view in snap.allocations})
+        self._forget_all_but({view.uid for view in snap.allocations} | set(self.in_flight))
 
         admission = planner.admit_pool(capacity.program_gpus, candidates, planner.held_by_allocation(snap), now)
         decisions = admission.result.decisions
@@ -97,30 +119,23 @@ class PoolReconciler:
             pool_spec, members, capacity.program_gpus, candidates, decisions, snap.exclusive_holders
         )
         down = breakdown.down_by_allocation
-        samples: list[AllocationSample] = []
-        changed: list[tuple[Candidate, tuple[object, ...]]] = []
+        handed_out: list[str] = []
         for c in candidates:
+            uid = c.view.uid
+            if uid in self.in_flight:
+                continue  # its grant counted above; its writes get the decision of a pass after they end
             fingerprint = (*planner.fingerprint(c, decisions[c.view.name], snap), down.get(c.view.name, 0))
-            cached = self.cache.get(c.view.uid)
+            cached = self.cache.get(uid)
             if cached is not None and cached.fingerprint == fingerprint and now < cached.recheck_at:
-                samples.append(cached.sample)  # nothing it depends on changed, and nothing is due
-            else:
-                changed.append((c, fingerprint))
-        samples.extend(
-            self.executor.map(
-                lambda item: self._process(
-                    item[0],
-                    decisions[item[0].view.name],
-                    down.get(item[0].view.name, 0),
-                    item[1],
-                    snap,
-                    members,
-                    pool_spec,
-                    now,
-                ),
-                changed,
-            )
-        )
+                self.last_samples[uid] = cached.sample  # nothing it depends on changed, and nothing is due
+                continue
+            decision, down_gpus = decisions[c.view.name], down.get(c.view.name, 0)
+            self._hand_out(uid, self._process, c, decision, down_gpus, fingerprint, snap, members, pool_spec, now)
+            handed_out.append(uid)
+        deciding_seconds = monotonic() - clock_started
+        wait([self.in_flight[uid] for uid in self.in_flight], timeout=wait_seconds)
+        failed += self._collect_finished()
+        samples = [self.last_samples[c.view.uid] for c in candidates if c.view.uid in self.last_samples]
 
         written_pool = GpuPoolStatus.model_validate(self.pool_written or dict(snap.status))
         new_pool = pool_status(
@@ -144,7 +159,41 @@ class PoolReconciler:
         self._pool_ledger().book(pool_spec, breakdown, now)
         names = {view.uid: view.name for view in snap.allocations}
         terminating = {names[uid]: ns for uid, ns in self.waiting_namespaces.items() if uid in names}
-        return PassResult(pool=new_pool, samples=samples, processed=len(changed), terminating_namespaces=terminating)
+        return PassResult(
+            pool=new_pool,
+            samples=samples,
+            processed=len(handed_out),
+            terminating_namespaces=terminating,
+            in_flight=len(self.in_flight),
+            failed=failed,
+            deciding_seconds=deciding_seconds,
+        )
+
+    def stop(self) -> None:
+        """Drop the writes not started and wait for those running: after this, another replica may lead."""
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def _hand_out(self, uid: str, work: Callable[..., AllocationSample | None], *args: Any) -> None:
+        future = self.executor.submit(work, *args)
+        self.in_flight[uid] = future
+        future.add_done_callback(lambda _: self.on_work_done())
+
+    def _collect_finished(self) -> int:
+        """Take in the writes that ended: their samples, and how many failed (each logged; a later pass retries)."""
+        failed = 0
+        for uid, future in list(self.in_flight.items()):
+            if not future.done():
+                continue
+            del self.in_flight[uid]
+            error = future.exception()
+            if error is not None:
+                failed += 1
+                logger.error("pool %s: writes of allocation %s failed", self.pool, uid, exc_info=error)
+                continue
+            sample = future.result()
+            if sample is not None:
+                self.last_samples[uid] = sample
+        return failed
 
     def _pool_ledger(self) -> PoolLedgerWriter:
         if self.pool_ledger is None:
@@ -154,7 +203,7 @@ class PoolReconciler:
         return self.pool_ledger
 
     def _forget_all_but(self, live_uids: set[str]) -> None:
-        for memory in (self.cache, self.specs, self.waiting_namespaces, self.applied):
+        for memory in (self.cache, self.specs, self.waiting_namespaces, self.applied, self.last_samples):
             for uid in set(memory) - live_uids:
                 memory.pop(uid, None)
         for uid in set(self.granted) - live_uids:
@@ -171,7 +220,7 @@ class PoolReconciler:
     ) -> Candidate | None:
         """Release deleted allocations, reject invalid ones, and turn the rest into admission candidates."""
         if view.deleting:
-            self._release(view, snap, members, pool_spec, now)
+            self._hand_out(view.uid, self._release, view, snap, members, pool_spec, now)
             return None
         self._perform_all(planner.finalizer_actions(view))
         previous = self._status(view)
@@ -182,6 +231,14 @@ class PoolReconciler:
             self._write_status(view, previous, status)
             return None
         return found
+
+    def _candidate_in_flight(self, view: AllocationView, snap: PoolSnapshot) -> Candidate | None:
+        """An allocation whose writes are running still competes with its grant; a deletion or a rejection is
+        carried out once they end (until then it is left out, as it will be)."""
+        if view.deleting:
+            return None
+        found = planner.intake(view, self._parsed_spec(view), snap, self._status(view), self.granted.get(view.uid))
+        return found if isinstance(found, Candidate) else None
 
     def _process(
         self,
@@ -285,7 +342,7 @@ class PoolReconciler:
 
     def _release(
         self, view: AllocationView, snap: PoolSnapshot, members: list[NodeInfo], pool_spec: GpuPoolSpec, now: datetime
-    ) -> None:
+    ) -> AllocationSample | None:
         spec = self._parsed_spec(view)
         valid = spec if isinstance(spec, GpuAllocationSpec) else None
         previous = self._status(view)
@@ -305,3 +362,4 @@ class PoolReconciler:
         if plan.done:
             self.waiting_namespaces.pop(view.uid, None)
             self.written.pop(view.uid, None)
+        return None  # a released allocation has no series

@@ -110,11 +110,33 @@ def _rule(group: str, resources: list[str], operations: list[str], scope: str = 
 
 
 MANAGED_NAMESPACES = {"matchLabels": {"gpuaas.io/managed": "true"}}
+# The namespace controller empties a namespace being deleted; the garbage collector removes owned objects.
+CONTROLLERS_EXEMPT_FROM_MANAGED = (
+    "system:serviceaccount:kube-system:namespace-controller",
+    "system:serviceaccount:kube-system:generic-garbage-collector",
+)
 
 
-def desired_configurations(base_url: str, ca_pem: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The same webhooks as the Helm chart renders, pointed at a URL (the operator runs outside the cluster)."""
+def exempt_users(usernames: list[str]) -> dict[str, Any]:
+    """matchConditions that let these users skip a validating webhook at the API server (the chart's
+    `gpuaas.exemptUsers`): the webhook would let them through, and each call costs both sides a round trip."""
+    quoted = ", ".join(f"'{name}'" for name in usernames)
+    return {
+        "matchConditions": [
+            {"name": "exempt-trusted-users", "expression": f"!(request.userInfo.username in [{quoted}])"}
+        ]
+    }
+
+
+def desired_configurations(
+    base_url: str, ca_pem: bytes, operator_username: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The same webhooks as the Helm chart renders, pointed at a URL (the operator runs outside the cluster).
+    As in the chart, the operator's own writes skip the guards of managed objects and Services; the pod and
+    claim webhooks are not exempted here, because outside the cluster the operator often runs as the same
+    admin user that creates pods."""
     ca = base64.b64encode(ca_pem).decode()
+    exempt_managed = exempt_users([operator_username, *CONTROLLERS_EXEMPT_FROM_MANAGED])
     base = base_url.rstrip("/")
     mutating = {
         "apiVersion": "admissionregistration.k8s.io/v1",
@@ -163,7 +185,9 @@ def desired_configurations(base_url: str, ca_pem: bytes) -> tuple[dict[str, Any]
                 f"{base}/validate-managed",
                 ca,
                 [
-                    _rule("", ["namespaces", "namespaces/status", "namespaces/finalize"], ["UPDATE", "DELETE"]),
+                    _rule(
+                        "", ["namespaces", "namespaces/status", "namespaces/finalize"], ["UPDATE", "DELETE"], "Cluster"
+                    ),
                     _rule("", ["resourcequotas", "limitranges"], ["CREATE", "UPDATE", "DELETE"], "Namespaced"),
                     {
                         **_rule("rbac.authorization.k8s.io", ["rolebindings"], ["CREATE", "UPDATE", "DELETE"]),
@@ -172,6 +196,7 @@ def desired_configurations(base_url: str, ca_pem: bytes) -> tuple[dict[str, Any]
                 ],
                 namespaceSelector=MANAGED_NAMESPACES,
                 failurePolicy="Fail",
+                **exempt_managed,
             ),
             _hook(
                 "validate-network",
@@ -183,6 +208,7 @@ def desired_configurations(base_url: str, ca_pem: bytes) -> tuple[dict[str, Any]
                 ],
                 namespaceSelector=MANAGED_NAMESPACES,
                 failurePolicy="Fail",
+                **exempt_managed,
             ),
             _hook(
                 "validate-claims",
@@ -217,8 +243,8 @@ def desired_configurations(base_url: str, ca_pem: bytes) -> tuple[dict[str, Any]
     return mutating, validating
 
 
-def apply_configurations(base_url: str, ca_pem: bytes) -> None:
-    mutating, validating = desired_configurations(base_url, ca_pem)
+def apply_configurations(base_url: str, ca_pem: bytes, operator_username: str) -> None:
+    mutating, validating = desired_configurations(base_url, ca_pem, operator_username)
     api = client.AdmissionregistrationV1Api()
     options: dict[str, Any] = {
         "field_manager": FIELD_MANAGER,
