@@ -138,6 +138,14 @@ def test_a_reservation_blocks_a_new_allocation_overlapping_it() -> None:
     assert "16 of 64 available" in result.decisions["now"].message
 
 
+def test_a_reservation_granted_in_the_same_pass_blocks_a_later_allocation_overlapping_it() -> None:
+    allocations = [demand("reserved", 48, start=10, end=20), demand("now", 32, created=1, end=15)]
+    result = admit(64, allocations, NOW)
+    assert result.decisions["reserved"].phase == "Scheduled"
+    assert result.decisions["now"].phase == "Queued"
+    assert "16 of 64 available" in result.decisions["now"].message
+
+
 def test_shrink_takes_effect_and_growth_waits_while_keeping_the_grant() -> None:
     result = admit(64, [demand("shrunk", 16, granted=32), demand("grown", 64, granted=32)], NOW)
     assert result.decisions["shrunk"].granted_gpus == 16

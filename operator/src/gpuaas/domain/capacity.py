@@ -146,9 +146,12 @@ def admit(capacity_gpus: int, allocations: Iterable[AllocationDemand], now: date
             kept = min(demand.granted_gpus, demand.gpus)
             grants[demand.name] = _Grant(demand.name, kept, demand.start, demand.end)
 
-    # Grants active now, kept up to date as grants are added: most windows start now, so the lower bound
-    # in `others_peak` is O(1) for them instead of a walk over every grant.
+    # Grants active now, and how many grants start later, kept up to date as grants are added. Most windows start
+    # now: for them the lower bound in `others_peak` is O(1) instead of a walk over every grant, and while no other
+    # grant starts later (load only falls from now on) it is the peak itself, so admitting a burst of new
+    # allocations costs no sweep each.
     active_now = _active_at(grants.values(), now)
+    starting_later = sum(1 for g in grants.values() if g.gpus > 0 and g.start > now)
 
     def others_peak(demand: AllocationDemand) -> int:
         """GPUs other grants hold at their peak in the demand's window, or a lower bound of it that already leaves
@@ -157,6 +160,8 @@ def admit(capacity_gpus: int, allocations: Iterable[AllocationDemand], now: date
         held = grants.get(demand.name)
         if window_start == now:
             others = active_now - (held.gpus if held is not None and held.start <= now < held.end else 0)
+            if starting_later == 0:  # (its own grant, if any, started by now too: it has the demand's start)
+                return others
         else:
             others = _active_at(grants.values(), window_start, exclude=demand.name)
         if others + demand.gpus <= capacity:
@@ -172,6 +177,7 @@ def admit(capacity_gpus: int, allocations: Iterable[AllocationDemand], now: date
             if others_peak(demand) + demand.gpus <= capacity:
                 if demand.start <= now < demand.end:
                     active_now += demand.gpus - (held.gpus if held is not None and held.start <= now < held.end else 0)
+                starting_later += (demand.start > now) - (held is not None and held.gpus > 0 and held.start > now)
                 grants[demand.name] = _Grant(demand.name, demand.gpus, demand.start, demand.end)
                 held_gpus = demand.gpus
             else:

@@ -254,7 +254,7 @@ async def _one_pass(
         metrics.writes_in_flight.labels(name).set(result.in_flight)
         if result.failed:
             metrics.reconcile_errors.labels(name).inc(result.failed)
-        if result.processed >= HEAVY_PASS_ALLOCATIONS:
+        if result.processed >= HEAVY_PASS_ALLOCATIONS or result.in_flight:
             busy_seconds = result.deciding_seconds
         if memo.options.webhook_url:
             await _register_once(memo)
@@ -263,9 +263,9 @@ async def _one_pass(
         metrics.reconcile_errors.labels(name).inc()
         logger.exception(f"pool {name}: reconcile pass failed; retrying")
     # Coalesce bursts of events (a bulk apply, the objects a pass applied) into one pass per interval, and keep a
-    # pool deciding in heavy passes about a fifth of the time (never rarer than the resync); a light pass (one new
-    # allocation) keeps the short interval, so apply-to-Ready stays fast. Waiting for writes does not count: the
-    # pass holds no lock then, and the writes go on between passes.
+    # pool deciding about a fifth of the time while passes are heavy or writes outlast them (never rarer than the
+    # resync); a light pass (one new allocation) keeps the short interval, so apply-to-Ready stays fast. Waiting
+    # for writes does not count: the pass holds nothing then, and the writes go on between passes.
     resync: float = memo.options.pool_resync_seconds
     return min(max(MIN_PASS_INTERVAL_SECONDS, PASS_DUTY_FACTOR * busy_seconds), resync)
 

@@ -14,6 +14,7 @@ allocations does not hold up the pool's decisions for as long as their writes ta
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -86,8 +87,10 @@ class PoolReconciler:
     in_flight: dict[str, Future[AllocationSample | None]] = field(default_factory=dict)
     # uid -> its latest sample, which stands for it while its writes are in flight.
     last_samples: dict[str, AllocationSample] = field(default_factory=dict)
-    # Called from a worker when an allocation's writes end, so that the pool's next pass comes soon.
+    # Called from a worker when the last writes in flight end, so that the pool's next pass comes soon.
     on_work_done: Callable[[], None] = lambda: None
+    _running: int = 0
+    _running_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def run_pass(self, snap: PoolSnapshot, now: datetime, wait_seconds: float | None = None) -> PassResult:
         """Decide for every allocation and hand out the writes; wait for them at most `wait_seconds` (None: until
@@ -174,9 +177,18 @@ class PoolReconciler:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
     def _hand_out(self, uid: str, work: Callable[..., AllocationSample | None], *args: Any) -> None:
+        with self._running_lock:
+            self._running += 1
         future = self.executor.submit(work, *args)
         self.in_flight[uid] = future
-        future.add_done_callback(lambda _: self.on_work_done())
+        future.add_done_callback(self._work_ended)
+
+    def _work_ended(self, _: Future[AllocationSample | None]) -> None:
+        with self._running_lock:
+            self._running -= 1
+            last = self._running == 0
+        if last:
+            self.on_work_done()
 
     def _collect_finished(self) -> int:
         """Take in the writes that ended: their samples, and how many failed (each logged; a later pass retries)."""
