@@ -229,3 +229,18 @@ def test_stop_waits_for_the_writes_running() -> None:
     stopping.join(timeout=10)
     assert not stopping.is_alive()
     assert [p.patch["phase"] for p in status_patches(writer, ALLOCATION_PLURAL)] == ["Active"]
+
+
+def test_the_pool_is_woken_when_its_workers_run_low_on_writes_and_when_the_last_end() -> None:
+    writer = HeldWriter()
+    run = reconciler(writer)
+    calls: list[str] = []
+    run.low_water = 2
+    run.on_work_done = lambda: calls.append("woken")
+    snap = SnapshotBuilder()
+    for name in ("a", "b", "c"):
+        snap.with_allocation(allocation(name, 8))
+    assert run.run_pass(snap.build(), NOW, wait_seconds=0).in_flight == 3
+    writer.release.set()
+    run.stop()
+    assert calls == ["woken", "woken"]  # at one left (below the low water of 2) and at none; not at two

@@ -162,14 +162,18 @@ async def reconcile_pool(
                 await leadership.release()
 
 
-def _new_reconciler(name: str, options: OperatorOptions, wake: asyncio.Event) -> PoolReconciler:
+def _new_reconciler(name: str, options: OperatorOptions, wake: asyncio.Event, drained: asyncio.Event) -> PoolReconciler:
     ledger = LedgerWriter(time_zone=options.time_zone, flush_interval=timedelta(seconds=options.ledger_flush_seconds))
     loop = asyncio.get_running_loop()
 
+    def set_both() -> None:
+        wake.set()
+        drained.set()
+
     def wake_from_worker() -> None:
-        """Writes that end wake the pool, so that what they leave to do (or what waited for them) gets a pass soon."""
+        """The workers are running out of writes: what waited for them gets a pass now."""
         with contextlib.suppress(RuntimeError):  # the loop has closed: the operator is exiting
-            loop.call_soon_threadsafe(wake.set)
+            loop.call_soon_threadsafe(set_both)
 
     return PoolReconciler(pool=name, ledger=ledger, on_work_done=wake_from_worker)
 
@@ -202,9 +206,11 @@ async def _run_passes(
 ) -> None:
     leadership: Leadership = memo.leadership
     reconciler: PoolReconciler | None = None
+    drained = asyncio.Event()
     try:
         while not stopped:
             wake.clear()
+            drained.clear()
             if not leadership.is_leader():
                 if reconciler is not None:
                     # Its writes in flight end first: another replica may lead now.
@@ -217,10 +223,13 @@ async def _run_passes(
                 continue
             if reconciler is None:
                 # Fresh state on every takeover: while another replica led, the ledger records moved on.
-                reconciler = _new_reconciler(name, memo.options, wake)
+                reconciler = _new_reconciler(name, memo.options, wake, drained)
             started = datetime.now(UTC)
-            interval = await _one_pass(name, body, memo, logger, indexes, reconciler, started)
-            await _sleep(wake, stopped, memo.options.pool_resync_seconds)
+            interval, in_flight = await _one_pass(name, body, memo, logger, indexes, reconciler, started)
+            # While the workers have a backlog, more passes would only lengthen it (and take the event loop from
+            # the webhooks): the next pass comes when it runs low, whatever else happens meanwhile.
+            backlog = in_flight >= reconciler.low_water
+            await _sleep(drained if backlog else wake, stopped, memo.options.pool_resync_seconds)
             elapsed = (datetime.now(UTC) - started).total_seconds()
             if not stopped:
                 await asyncio.sleep(max(0.0, interval - elapsed))
@@ -237,13 +246,14 @@ async def _one_pass(
     indexes: dict[str, Any],
     reconciler: PoolReconciler,
     started: datetime,
-) -> float:
-    """One pass; returns the least time until the next one starts."""
+) -> tuple[float, int]:
+    """One pass; returns the least time until the next one starts, and the allocations it left in flight."""
     leadership: Leadership = memo.leadership
     departed: DepartedPods = memo.departed_pods
     departed.forget_expired(started)
     snap = snapshot(name, body, indexes, departed)
     busy_seconds = 0.0
+    in_flight = 0
     try:
         with metrics.reconcile_duration.labels(name).time():
             writes_before = reconciler.ledger.writes
@@ -252,6 +262,7 @@ async def _one_pass(
         metrics.record_pool(name, GpuPoolSpec.model_validate(snap.spec), result.pool)
         metrics.record_terminating(name, result.terminating_namespaces)
         metrics.writes_in_flight.labels(name).set(result.in_flight)
+        in_flight = result.in_flight
         if result.failed:
             metrics.reconcile_errors.labels(name).inc(result.failed)
         if result.processed >= HEAVY_PASS_ALLOCATIONS or result.in_flight:
@@ -267,7 +278,7 @@ async def _one_pass(
     # resync); a light pass (one new allocation) keeps the short interval, so apply-to-Ready stays fast. Waiting
     # for writes does not count: the pass holds nothing then, and the writes go on between passes.
     resync: float = memo.options.pool_resync_seconds
-    return min(max(MIN_PASS_INTERVAL_SECONDS, PASS_DUTY_FACTOR * busy_seconds), resync)
+    return min(max(MIN_PASS_INTERVAL_SECONDS, PASS_DUTY_FACTOR * busy_seconds), resync), in_flight
 
 
 @kopf.on.delete(GROUP, VERSION, POOL_PLURAL, optional=True)

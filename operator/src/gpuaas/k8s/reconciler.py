@@ -43,6 +43,7 @@ from gpuaas.k8s.pool_ledger import PoolLedgerWriter
 from gpuaas.k8s.writer import ClusterWriter, cluster_writer
 
 logger = logging.getLogger(__name__)
+WORKERS = 16  # a pool's writes at once
 
 
 @dataclass(frozen=True)
@@ -80,15 +81,17 @@ class PoolReconciler:
     waiting_namespaces: dict[str, str] = field(default_factory=dict)
     cache: dict[str, _Cached] = field(default_factory=dict)
     specs: dict[str, tuple[int | None, GpuAllocationSpec]] = field(default_factory=dict)
-    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=16))
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=WORKERS))
     # The pool's month records (program = usable granted + unallocated + down); made on the first pass.
     pool_ledger: PoolLedgerWriter | None = None
     # uid -> the writes a pass handed to a worker, until a later pass collects them.
     in_flight: dict[str, Future[AllocationSample | None]] = field(default_factory=dict)
     # uid -> its latest sample, which stands for it while its writes are in flight.
     last_samples: dict[str, AllocationSample] = field(default_factory=dict)
-    # Called from a worker when the last writes in flight end, so that the pool's next pass comes soon.
+    # Called from a worker when the writes in flight drop below `low_water` (and when the last end): the workers are
+    # about to run out of work, so the pool's next pass should come now.
     on_work_done: Callable[[], None] = lambda: None
+    low_water: int = WORKERS
     _running: int = 0
     _running_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -186,8 +189,8 @@ class PoolReconciler:
     def _work_ended(self, _: Future[AllocationSample | None]) -> None:
         with self._running_lock:
             self._running -= 1
-            last = self._running == 0
-        if last:
+            running_low = self._running in (0, self.low_water - 1)
+        if running_low:
             self.on_work_done()
 
     def _collect_finished(self) -> int:
