@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from gpuaas.api.allocation import ALLOCATION_PLURAL
 from gpuaas.api.pool import POOL_PLURAL
@@ -18,6 +18,7 @@ from gpuaas.domain.actions import (
     RemoveAllocationFinalizer,
     WriteUsageLedger,
 )
+from gpuaas.domain.booking import QUIET_FLUSH_FACTOR
 from gpuaas.domain.ledger import GrantState
 from gpuaas.k8s.ledger import LedgerWriter
 from gpuaas.k8s.pool_ledger import PoolLedgerWriter
@@ -139,9 +140,8 @@ def test_a_record_naming_a_pod_the_index_lacks_is_pruned_only_after_a_fresh_read
     later = NOW + ledger.flush_interval
     ledger.book(usage_identity(), "t", indexed, [], grant, later)  # the index lags: the pod still exists
     assert reads == ["t"]
-    kept = writer.of(WriteUsageLedger)[-1]
-    assert "uid-p" in kept.ledger.pods
-    assert kept.dropped_pods == ()
+    # The watermark is kept, and the rest is granted time: a quiet flush, put off (booking.QUIET_FLUSH_FACTOR).
+    assert writer.of(WriteUsageLedger) == []
     live.clear()
     ledger.book(usage_identity(), "t", indexed, [], grant, later + ledger.flush_interval)
     pruned = writer.of(WriteUsageLedger)[-1]
@@ -244,3 +244,29 @@ def test_the_pool_is_woken_when_its_workers_run_low_on_writes_and_when_the_last_
     writer.release.set()
     run.stop()
     assert calls == ["woken", "woken"]  # at one left (below the low water of 2) and at none; not at two
+
+
+def test_a_record_whose_only_news_is_granted_time_is_written_ten_flushes_apart_and_when_its_month_ends() -> None:
+    writer = RecordingWriter()
+    ledger = LedgerWriter(time_zone="UTC", writer=writer, read_live_pod_uids=lambda namespace: set())
+    start = datetime(2026, 11, 30, 23, 40, tzinfo=UTC)
+    grant = GrantState(8, start - timedelta(hours=2))
+    flush = ledger.flush_interval
+    ledger.book(usage_identity(), "t", {}, [], grant, start)
+    ledger.book(usage_identity(), "t", {}, [], grant, start + flush)
+    (created,) = writer.of(CreateUsage)  # a record to create is news
+    indexed = {created.record.name: created.record}
+    for flushes in range(2, 11):  # granted time alone: put off, and the pass is told when it is due
+        ledger.book(usage_identity(), "t", indexed, [], grant, start + flushes * flush)
+        assert ledger.next_due("uid-t", start + flushes * flush) == start + (1 + QUIET_FLUSH_FACTOR) * flush
+    assert writer.of(WriteUsageLedger) == []
+    booked = ledger.book(usage_identity(), "t", indexed, [], grant, start + 11 * flush)
+    (written,) = writer.of(WriteUsageLedger)
+    assert written.ledger.granted_gpu_seconds == booked["2026-11"].granted_gpu_seconds == 8 * 3600 * 2 + 8 * 11 * 60
+    indexed[written.name] = indexed[written.name].model_copy(update={"ledger": written.ledger})
+
+    # The month ends 9 minutes after that write: its record is closed at the next due flush, not 10 flushes later.
+    writer.actions.clear()
+    ledger.book(usage_identity(), "t", indexed, [], grant, datetime(2026, 12, 1, 0, 0, 30, tzinfo=UTC))
+    (closed,) = writer.of(WriteUsageLedger)
+    assert closed.ledger.booked_until == datetime(2026, 12, 1, tzinfo=UTC)

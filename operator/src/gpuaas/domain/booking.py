@@ -39,6 +39,8 @@ class WrittenLedger:
 
     records: Mapping[str, GpuUsage] = field(default_factory=dict)
     last_write: datetime | None = None
+    quiet: bool = False
+    """A flush came due with nothing but time granted to book, and was put off (`QUIET_FLUSH_FACTOR`)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class BookingPlan:
     """Records name pods the index does not: plan again with the uids of the pods that still exist."""
     departures: tuple[str, ...] = ()
     """Departed pods (domain/departed.py) whose last state booked time the records did not hold yet."""
+    quiet: bool = False
+    """A flush was due, but only time granted (or idle, or down) passed: put off, nothing written."""
 
 
 def record_name_for(existing: Mapping[str, GpuUsage], spec: GpuUsageSpec) -> str:
@@ -134,8 +138,47 @@ def _add_changes(
         to_write[month] = base.model_copy(update={"history": [*base.history, change]})
 
 
+# A record whose only news is time granted or idle (no pod ran, no hardware was down, nothing changed, its month goes
+# on) is written this many flush intervals apart: every allocation's record each minute was most of the API server's
+# write load at thousands of allocations. Nothing is at risk meanwhile: that time follows from the grant (the
+# allocation's status, whose every change is written at once) and the record's watermark, so a later booking, by
+# any replica, books it. Pod time and downtime credit depend on what was seen live, and keep the flush interval.
+QUIET_FLUSH_FACTOR = 10
+# What booking moves on when only time passed under an unchanged grant, with no pods and no hardware down.
+_TIME_ONLY_FIELDS = (
+    "granted_gpu_seconds",
+    "granted_gpu_hours",
+    "daily_granted_gpu_seconds",
+    "idle_seconds",
+    "booked_until",
+)
+
+
 def flush_due(ledger: WrittenLedger, now: datetime, interval: timedelta) -> bool:
     return ledger.last_write is None or now - ledger.last_write >= interval
+
+
+def quiet_flush(
+    ledger: WrittenLedger,
+    before: Mapping[str, UsageLedger],
+    after: Mapping[str, UsageLedger],
+    now: datetime,
+    tz: TimeZoneLike,
+    interval: timedelta,
+) -> bool:
+    """Whether a due flush may be put off: the booking since the last write holds nothing but time that follows from
+    the grant, in the month that goes on (no pod time, no record to create, no month to close), and the last write
+    is less than `QUIET_FLUSH_FACTOR` intervals old."""
+    if flush_due(ledger, now, interval * QUIET_FLUSH_FACTOR):
+        return False
+    current = month_of(now, tz)
+    for month, booked in after.items():
+        known = before.get(month)
+        if month != current or known is None:
+            return False
+        if booked.model_copy(update={name: getattr(known, name) for name in _TIME_ONLY_FIELDS}) != known:
+            return False
+    return True
 
 
 def plan_booking(
@@ -207,8 +250,10 @@ def plan_booking(
     new_changes = unrecorded_changes(changes, identity.allocation_uid, [*indexed.values(), *ledger.records.values()])
     _add_changes(new_changes, identity, indexed, ledger, tz, current, statuses, to_write)
     booked = {**statuses, **to_write}
-    if to_write and not (due or ending or new_changes):
-        return BookingPlan(booked=booked, actions=[], written={})  # in memory only; written at the next due flush
+    quiet = due and not force and not pruned and quiet_flush(ledger, statuses, to_write, now, tz, flush_interval)
+    if to_write and (quiet or not due) and not (ending or new_changes):
+        # In memory only; written at the next due flush.
+        return BookingPlan(booked=booked, actions=[], written={}, quiet=quiet)
 
     actions: list[Action] = []
     written: dict[str, GpuUsage] = {}

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 from gpuaas.api.usage import GpuUsage, GpuUsageSpec, GrantChange, UsageLedger
 from gpuaas.domain.actions import CreateUsage, WriteUsageLedger
-from gpuaas.domain.booking import WrittenLedger, plan_booking, unrecorded_changes
+from gpuaas.domain.booking import QUIET_FLUSH_FACTOR, WrittenLedger, plan_booking, unrecorded_changes
 from gpuaas.domain.ledger import GrantState, LedgerPod
 from gpuaas.k8s import usage
 from gpuaas.k8s.writer import ClusterWriter, cluster_writer
@@ -66,7 +66,9 @@ class LedgerWriter:
                 written = {**self.ledgers[uid].records, record.spec.month: record}
                 self.ledgers[uid] = replace(self.ledgers[uid], records=written)
         if plan.written:
-            self.ledgers[uid] = replace(self.ledgers[uid], last_write=now)
+            self.ledgers[uid] = replace(self.ledgers[uid], last_write=now, quiet=False)
+        elif plan.quiet != self.ledgers[uid].quiet:
+            self.ledgers[uid] = replace(self.ledgers[uid], quiet=plan.quiet)
         for name in plan.departures:
             logger.info(f"pod {namespace}/{name} went without gpuaas releasing it; booked from its last state")
         return plan.booked
@@ -81,7 +83,9 @@ class LedgerWriter:
 
     def next_due(self, allocation_uid: str, now: datetime) -> datetime:
         ledger = self.ledgers.get(allocation_uid)
-        return now if ledger is None or ledger.last_write is None else ledger.last_write + self.flush_interval
+        if ledger is None or ledger.last_write is None:
+            return now
+        return ledger.last_write + self.flush_interval * (QUIET_FLUSH_FACTOR if ledger.quiet else 1)
 
     def forget(self, allocation_uid: str) -> None:
         self.ledgers.pop(allocation_uid, None)
