@@ -239,9 +239,9 @@ def plan_booking(
     to_write = dict(result.records)
     for month in pruned - set(to_write):
         to_write[month] = statuses[month]
-    released = set(result.released)
-    if stretches:  # a pod sharing a claim goes once the claim's stretch is booked up to the pod's end
-        released -= _unbooked_sharers(pods, stretches, {**statuses, **result.records})
+    released = set(result.released) - (  # a pod sharing a claim goes once the claim's stretch is booked to its end
+        _unbooked_sharers(pods, stretches, {**statuses, **result.records}) if stretches else set()
+    )
     finished_unbooked = [p for p in pods if p.has_finalizer and p.finished and p.interval is None]
     departures = tuple(p.name for p in pods if p.departed and p.uid in released and _newly_booked(p, booked_before))
     ending = any(p.has_finalizer and p.finished and p.uid in released for p in pods) or bool(

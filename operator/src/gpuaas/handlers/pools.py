@@ -11,6 +11,7 @@ import contextlib
 import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from time import monotonic
 from typing import Any
 
 import kopf
@@ -40,9 +41,9 @@ MIN_PASS_INTERVAL_SECONDS = 0.05
 PASS_WAIT_SECONDS = 1.0
 # The indexes of the objects `tenant_object_keys` names, in its order.
 MANAGED_OBJECT_INDEXES = ("managed_namespaces", "managed_quotas", "managed_limit_ranges", "managed_role_bindings")
+# A pool spends at most about a fifth of the time taking snapshots and deciding: at thousands of allocations a pool
+# deciding without pause held the GIL from kopf's event handling and the webhooks (creates slowed, the indexes lagged).
 PASS_DUTY_FACTOR = 5.0
-# Passes that processed at least this many allocations are heavy: only they stretch the interval.
-HEAVY_PASS_ALLOCATIONS = 20
 
 
 def register_webhooks(options: OperatorOptions, operator_username: str) -> None:
@@ -251,13 +252,15 @@ async def _one_pass(
     leadership: Leadership = memo.leadership
     departed: DepartedPods = memo.departed_pods
     departed.forget_expired(started)
+    snapshot_started = monotonic()
     snap = snapshot(name, body, indexes, departed)
-    busy_seconds = 0.0
+    busy_seconds = monotonic() - snapshot_started  # on the event loop
     in_flight = 0
     try:
         with metrics.reconcile_duration.labels(name).time():
             writes_before = reconciler.ledger.writes
             result = await asyncio.to_thread(_pass_and_samples, reconciler, snap, started)
+        busy_seconds += result.deciding_seconds
         metrics.ledger_writes.inc(reconciler.ledger.writes - writes_before)
         metrics.record_pool(name, GpuPoolSpec.model_validate(snap.spec), result.pool)
         metrics.record_terminating(name, result.terminating_namespaces)
@@ -265,18 +268,16 @@ async def _one_pass(
         in_flight = result.in_flight
         if result.failed:
             metrics.reconcile_errors.labels(name).inc(result.failed)
-        if result.processed >= HEAVY_PASS_ALLOCATIONS or result.in_flight:
-            busy_seconds = result.deciding_seconds
         if memo.options.webhook_url:
             await _register_once(memo)
         leadership.note_pass(started)
     except Exception:
         metrics.reconcile_errors.labels(name).inc()
         logger.exception(f"pool {name}: reconcile pass failed; retrying")
-    # Coalesce bursts of events (a bulk apply, the objects a pass applied) into one pass per interval, and keep a
-    # pool deciding about a fifth of the time while passes are heavy or writes outlast them (never rarer than the
-    # resync); a light pass (one new allocation) keeps the short interval, so apply-to-Ready stays fast. Waiting
-    # for writes does not count: the pass holds nothing then, and the writes go on between passes.
+    # Coalesce bursts of events (a bulk apply, the objects a pass applied) into one pass per interval, and keep the
+    # pool's snapshots and decisions to about a fifth of the time (never rarer than the resync). A small pool's pass
+    # takes milliseconds, so a new allocation there still gets the next pass within the short interval. Waiting for
+    # writes does not count: the pass holds nothing then, and the writes go on between passes.
     resync: float = memo.options.pool_resync_seconds
     return min(max(MIN_PASS_INTERVAL_SECONDS, PASS_DUTY_FACTOR * busy_seconds), resync), in_flight
 
