@@ -41,9 +41,12 @@ MIN_PASS_INTERVAL_SECONDS = 0.05
 PASS_WAIT_SECONDS = 1.0
 # The indexes of the objects `tenant_object_keys` names, in its order.
 MANAGED_OBJECT_INDEXES = ("managed_namespaces", "managed_quotas", "managed_limit_ranges", "managed_role_bindings")
-# A pool spends at most about a fifth of the time taking snapshots and deciding: at thousands of allocations a pool
-# deciding without pause held the GIL from kopf's event handling and the webhooks (creates slowed, the indexes lagged).
+# A pool whose passes are heavy spends at most about a fifth of the time taking snapshots and deciding: at thousands
+# of allocations a pool deciding without pause held the GIL from kopf's event handling and the webhooks (creates
+# slowed, the indexes lagged). A light pass (a pool of tens of allocations) keeps the short interval, so that
+# apply-to-Ready, which takes two passes, stays fast.
 PASS_DUTY_FACTOR = 5.0
+HEAVY_PASS_SECONDS = 0.1
 
 
 def register_webhooks(options: OperatorOptions, operator_username: str) -> None:
@@ -274,12 +277,11 @@ async def _one_pass(
     except Exception:
         metrics.reconcile_errors.labels(name).inc()
         logger.exception(f"pool {name}: reconcile pass failed; retrying")
-    # Coalesce bursts of events (a bulk apply, the objects a pass applied) into one pass per interval, and keep the
-    # pool's snapshots and decisions to about a fifth of the time (never rarer than the resync). A small pool's pass
-    # takes milliseconds, so a new allocation there still gets the next pass within the short interval. Waiting for
-    # writes does not count: the pass holds nothing then, and the writes go on between passes.
+    # Coalesce bursts of events (a bulk apply, the objects a pass applied) into one pass per interval (never rarer
+    # than the resync). Waiting for writes does not count as busy: the pass holds nothing then.
     resync: float = memo.options.pool_resync_seconds
-    return min(max(MIN_PASS_INTERVAL_SECONDS, PASS_DUTY_FACTOR * busy_seconds), resync), in_flight
+    heavy = busy_seconds >= HEAVY_PASS_SECONDS
+    return min(max(MIN_PASS_INTERVAL_SECONDS, PASS_DUTY_FACTOR * busy_seconds if heavy else 0.0), resync), in_flight
 
 
 @kopf.on.delete(GROUP, VERSION, POOL_PLURAL, optional=True)
