@@ -166,18 +166,14 @@ async def reconcile_pool(
                 await leadership.release()
 
 
-def _new_reconciler(name: str, options: OperatorOptions, wake: asyncio.Event, drained: asyncio.Event) -> PoolReconciler:
+def _new_reconciler(name: str, options: OperatorOptions, drained: asyncio.Event) -> PoolReconciler:
     ledger = LedgerWriter(time_zone=options.time_zone, flush_interval=timedelta(seconds=options.ledger_flush_seconds))
     loop = asyncio.get_running_loop()
-
-    def set_both() -> None:
-        wake.set()
-        drained.set()
 
     def wake_from_worker() -> None:
         """The workers are running out of writes: what waited for them gets a pass now."""
         with contextlib.suppress(RuntimeError):  # the loop has closed: the operator is exiting
-            loop.call_soon_threadsafe(set_both)
+            loop.call_soon_threadsafe(drained.set)
 
     return PoolReconciler(pool=name, ledger=ledger, on_work_done=wake_from_worker)
 
@@ -189,9 +185,10 @@ def _pass_and_samples(reconciler: PoolReconciler, snap: PoolSnapshot, now: datet
     return result
 
 
-async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: float) -> None:
-    """Until woken, stopped or `seconds` passed."""
-    waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())]
+async def _sleep(wake: asyncio.Event | list[asyncio.Event], stopped: kopf.DaemonStopped, seconds: float) -> None:
+    """Until woken (by any of the events), stopped or `seconds` passed."""
+    events = wake if isinstance(wake, list) else [wake]
+    waiters = [asyncio.ensure_future(event.wait()) for event in events] + [asyncio.ensure_future(stopped.wait())]
     try:
         await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -227,13 +224,17 @@ async def _run_passes(
                 continue
             if reconciler is None:
                 # Fresh state on every takeover: while another replica led, the ledger records moved on.
-                reconciler = _new_reconciler(name, memo.options, wake, drained)
+                reconciler = _new_reconciler(name, memo.options, drained)
             started = datetime.now(UTC)
             interval, in_flight = await _one_pass(name, body, memo, logger, indexes, reconciler, started)
             # While the workers have a backlog, more passes would only lengthen it (and take the event loop from
-            # the webhooks): the next pass comes when it runs low, whatever else happens meanwhile.
-            backlog = in_flight >= reconciler.low_water
-            await _sleep(drained if backlog else wake, stopped, memo.options.pool_resync_seconds)
+            # the webhooks): the next pass comes when it runs low, whatever else happens meanwhile. Writes that
+            # ended within the pass wake nothing: the pass has taken them in.
+            if in_flight >= reconciler.low_water:
+                woken_by: list[asyncio.Event] = [drained]
+            else:
+                woken_by = [wake, drained] if in_flight else [wake]
+            await _sleep(woken_by, stopped, memo.options.pool_resync_seconds)
             elapsed = (datetime.now(UTC) - started).total_seconds()
             if not stopped:
                 await asyncio.sleep(max(0.0, interval - elapsed))
