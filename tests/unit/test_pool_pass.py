@@ -110,6 +110,7 @@ def test_the_ledger_writes_records_before_it_releases_a_finished_pod_and_a_repla
     assert [type(a) for a in writer.actions] == [CreateUsage, ReleasePod]  # a new record is created booked
     assert booked["2026-11"].used_gpu_seconds == 8 * 30 * 60
     assert ledger.writes == 1
+    assert (ledger.writes_since_last_asked(), ledger.writes_since_last_asked()) == (1, 0)  # for the metric
 
     # The index now shows the record; the pod, released, has no finalizer left. Booking again books nothing.
     (create,) = writer.of(CreateUsage)

@@ -262,10 +262,9 @@ async def _one_pass(
     in_flight = 0
     try:
         with metrics.reconcile_duration.labels(name).time():
-            writes_before = reconciler.ledger.writes
             result = await asyncio.to_thread(_pass_and_samples, reconciler, snap, started)
         busy_seconds += result.deciding_seconds
-        metrics.ledger_writes.inc(reconciler.ledger.writes - writes_before)
+        metrics.ledger_writes.inc(reconciler.ledger.writes_since_last_asked())
         metrics.record_pool(name, GpuPoolSpec.model_validate(snap.spec), result.pool)
         metrics.record_terminating(name, result.terminating_namespaces)
         metrics.writes_in_flight.labels(name).set(result.in_flight)

@@ -34,6 +34,7 @@ class LedgerWriter:
     ledgers: dict[str, WrittenLedger] = field(default_factory=dict)
     writes: int = 0
     _writes_lock: threading.Lock = field(default_factory=threading.Lock)
+    _writes_reported: int = 0
 
     def book(
         self,
@@ -72,6 +73,12 @@ class LedgerWriter:
         for name in plan.departures:
             logger.info(f"pod {namespace}/{name} went without gpuaas releasing it; booked from its last state")
         return plan.booked
+
+    def writes_since_last_asked(self) -> int:
+        """Record writes since the last call: workers write between passes too, so a pass's own delta misses some."""
+        with self._writes_lock:
+            new, self._writes_reported = self.writes - self._writes_reported, self.writes
+        return new
 
     def unrecorded(self, allocation_uid: str, indexed: Mapping[str, GpuUsage], changes: Sequence[GrantChange]) -> bool:
         """Whether some of the changes are in no record the index has or this writer wrote."""
