@@ -56,7 +56,7 @@ class BookingPlan:
     departures: tuple[str, ...] = ()
     """Departed pods (domain/departed.py) whose last state booked time the records did not hold yet."""
     quiet: bool = False
-    """A flush was due, but only time granted (or idle, or down) passed: put off, nothing written."""
+    """A flush was due, but only time granted (or idle) passed: put off, nothing written."""
 
 
 def record_name_for(existing: Mapping[str, GpuUsage], spec: GpuUsageSpec) -> str:
