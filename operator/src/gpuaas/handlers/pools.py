@@ -185,10 +185,9 @@ def _pass_and_samples(reconciler: PoolReconciler, snap: PoolSnapshot, now: datet
     return result
 
 
-async def _sleep(wake: asyncio.Event | list[asyncio.Event], stopped: kopf.DaemonStopped, seconds: float) -> None:
-    """Until woken (by any of the events), stopped or `seconds` passed."""
-    events = wake if isinstance(wake, list) else [wake]
-    waiters = [asyncio.ensure_future(event.wait()) for event in events] + [asyncio.ensure_future(stopped.wait())]
+async def _sleep(woken_by: list[asyncio.Event], stopped: kopf.DaemonStopped, seconds: float) -> None:
+    """Until one of the events is set, stopped or `seconds` passed."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in woken_by] + [asyncio.ensure_future(stopped.wait())]
     try:
         await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -220,7 +219,7 @@ async def _run_passes(
                     metrics.forget_pool(name, GpuPoolSpec.model_validate(dict(body.get("spec") or {})))
                     _forget_registration(memo)
                     reconciler = None
-                await _sleep(wake, stopped, memo.options.pool_resync_seconds)
+                await _sleep([wake], stopped, memo.options.pool_resync_seconds)
                 continue
             if reconciler is None:
                 # Fresh state on every takeover: while another replica led, the ledger records moved on.

@@ -139,7 +139,7 @@ class PoolReconciler:
             self._hand_out(uid, self._process, c, decision, down_gpus, fingerprint, snap, members, pool_spec, now)
             handed_out.append(uid)
         deciding_seconds = monotonic() - clock_started
-        wait([self.in_flight[uid] for uid in self.in_flight], timeout=wait_seconds)
+        wait(list(self.in_flight.values()), timeout=wait_seconds)
         failed += self._collect_finished()
         samples = [self.last_samples[c.view.uid] for c in candidates if c.view.uid in self.last_samples]
 
