@@ -1,5 +1,8 @@
 """Admission webhooks for GpuAllocations: they stamp who changed or deleted one (rules in domain/history.py), and
-give a new one its release finalizer (domain/planner.py), which saves the first pass a write."""
+give a new one its release finalizer (domain/planner.py), which saves the first pass a write.
+
+The create and update stamp runs on the event loop (a coroutine that never awaits, see handlers/fence.py); the delete
+stamp writes to the API server, so it stays a plain function, which kopf runs in its thread pool."""
 
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ logger = logging.getLogger("gpuaas.history")
 
 
 @kopf.on.mutate(GROUP, VERSION, ALLOCATION_PLURAL, id="mutate-allocations", operations=["CREATE", "UPDATE"])
-def stamp_allocation_change(
+async def stamp_allocation_change(
     *, body: kopf.Body, userinfo: kopf.UserInfo, memo: kopf.Memo, patch: kopf.Patch, **kwargs: Any
 ) -> None:
     old: kopf.Body | None = kwargs.get("old")  # None on CREATE

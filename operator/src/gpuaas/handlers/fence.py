@@ -1,12 +1,14 @@
 """Admission webhooks served by the operator: the pool fence for pods, and guards for managed objects.
 
-The API server calls these only for namespaces labelled gpuaas.io/managed=true (namespaceSelector).
+The API server calls these only for namespaces labelled gpuaas.io/managed=true (namespaceSelector). The handlers
+are coroutines that never await, as the indexes are: kopf would run plain functions in its thread pool, and every
+admission request would wait for a free thread and the GIL's hand-over there and back.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import jsonpatch
@@ -62,7 +64,7 @@ def _reject(problems: list[str]) -> None:
 
 
 @kopf.on.mutate("", "v1", "pods", id="mutate-pods", operations=["CREATE"])
-def pin_pod_to_pool(*, body: kopf.Body, namespace: str | None, patch: kopf.Patch, **indexes: Any) -> None:
+async def pin_pod_to_pool(*, body: kopf.Body, namespace: str | None, patch: kopf.Patch, **indexes: Any) -> None:
     fence = _fence_for(namespace, indexes)
     if fence is None:
         return  # a released namespace: validation refuses GPU pods and pool tolerations
@@ -76,7 +78,9 @@ def pin_pod_to_pool(*, body: kopf.Body, namespace: str | None, patch: kopf.Patch
 
 
 @kopf.on.mutate("", "v1", "pods", id="mutate-pods", operations=["UPDATE"], subresource="ephemeralcontainers")
-def hide_devices_from_debug_containers(*, body: kopf.Body, namespace: str | None, patch: kopf.Patch, **_: Any) -> None:
+async def hide_devices_from_debug_containers(
+    *, body: kopf.Body, namespace: str | None, patch: kopf.Patch, **_: Any
+) -> None:
     ops = hide_devices_from_ephemeral_containers(dict(body))
     if ops:
         logger.info(f"ephemeral container in pod {namespace}/{(body.get('metadata') or {}).get('name')}: no devices")
@@ -85,7 +89,7 @@ def hide_devices_from_debug_containers(*, body: kopf.Body, namespace: str | None
 
 
 @kopf.on.validate("", "v1", "pods", id="validate-pods", operations=["CREATE", "UPDATE"])
-def check_pod_fence(
+async def check_pod_fence(
     *,
     body: kopf.Body,
     namespace: str | None,
@@ -122,8 +126,8 @@ def _owner_subjects(namespace: str, indexes: dict[str, kopf.Index[Any, Any]]) ->
     return None if binding is None else list(binding.get("subjects") or [])
 
 
-def guard_managed(kind: str) -> Callable[..., None]:
-    def guard(
+def guard_managed(kind: str) -> Callable[..., Awaitable[None]]:
+    async def guard(
         *,
         old: kopf.Body | None,
         new: kopf.Body | None,
@@ -171,8 +175,8 @@ for _group, _version, _plural, _kind, _subresource in _GUARDED:
     )
 
 
-def guard_exposure(kind: str) -> Callable[..., None]:
-    def guard(*, body: kopf.Body, userinfo: kopf.UserInfo, memo: kopf.Memo, **_: Any) -> None:
+def guard_exposure(kind: str) -> Callable[..., Awaitable[None]]:
+    async def guard(*, body: kopf.Body, userinfo: kopf.UserInfo, memo: kopf.Memo, **_: Any) -> None:
         _reject(exposure_problems(kind, dict(body), _requester(userinfo), memo.operator_username))
 
     guard.__name__ = f"guard_{kind.lower()}_exposure"
@@ -200,8 +204,8 @@ def _recorded_devices_of_owner(
     return next(iter(store), None) if store is not None else None
 
 
-def guard_claims(kind: str) -> Callable[..., None]:
-    def guard(
+def guard_claims(kind: str) -> Callable[..., Awaitable[None]]:
+    async def guard(
         *, body: kopf.Body, namespace: str | None, userinfo: kopf.UserInfo, memo: kopf.Memo, **indexes: Any
     ) -> None:
         claim = dict(body)
@@ -231,7 +235,7 @@ for _plural, _kind in zip(("resourceclaims", "resourceclaimtemplates"), CLAIM_KI
 
 
 @kopf.on.validate(GROUP, VERSION, ALLOCATION_PLURAL, id="validate-allocations", operations=["CREATE", "UPDATE"])
-def check_allocation(*, name: str | None, spec: kopf.Spec, **indexes: Any) -> None:
+async def check_allocation(*, name: str | None, spec: kopf.Spec, **indexes: Any) -> None:
     """Early, clear errors for what the schema cannot know: pools and namespaces that exist."""
     try:
         parsed = GpuAllocationSpec.model_validate(dict(spec))

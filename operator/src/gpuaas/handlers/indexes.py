@@ -1,4 +1,8 @@
-"""kopf indexes: the in-memory, watch-fed view of the cluster that reconcile passes read."""
+"""kopf indexes: the in-memory, watch-fed view of the cluster that reconcile passes read.
+
+The index functions are coroutines that never await: kopf runs a plain function in its thread pool, a hop to another
+thread and back for every watch event (thousands a second under churn), while these are quick and pure.
+"""
 
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ MANAGED = {MANAGED_LABEL: "true"}
 
 
 @kopf.index("", "v1", "nodes")
-def nodes_by_name(*, name: str, body: kopf.Body, **_: Any) -> dict[str, NodeInfo]:
+async def nodes_by_name(*, name: str, body: kopf.Body, **_: Any) -> dict[str, NodeInfo]:
     # gpuaas's own taints (the pool fence, exclusive reservations) do not make a node unhealthy.
     return {name: node_info_from_manifest(body, (POOL_LABEL, ALLOCATION_LABEL))}
 
@@ -61,12 +65,14 @@ def allocation_view(body: kopf.Body) -> AllocationView:
 
 
 @kopf.index(GROUP, VERSION, ALLOCATION_PLURAL)
-def allocations_by_pool(*, body: kopf.Body, spec: kopf.Spec, **_: Any) -> dict[str, AllocationView]:
+async def allocations_by_pool(*, body: kopf.Body, spec: kopf.Spec, **_: Any) -> dict[str, AllocationView]:
     return {str(spec.get("pool", "")): allocation_view(body)}
 
 
 @kopf.index(GROUP, VERSION, ALLOCATION_PLURAL)
-def allocations_by_namespace(*, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any) -> dict[str, NamespaceClaim]:
+async def allocations_by_namespace(
+    *, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
+) -> dict[str, NamespaceClaim]:
     namespace = spec.get("namespace") or (spec.get("tenant") or {}).get("name", "")
     created = str(meta.get("creationTimestamp", ""))
     pool, exclusive = str(spec.get("pool", "")), bool(spec.get("exclusiveNodes", False))
@@ -74,7 +80,7 @@ def allocations_by_namespace(*, name: str, spec: kopf.Spec, meta: kopf.Meta, **_
 
 
 @kopf.index(GROUP, VERSION, "gpupools")
-def pools_by_name(*, name: str, spec: kopf.Spec, **_: Any) -> dict[str, PoolRules]:
+async def pools_by_name(*, name: str, spec: kopf.Spec, **_: Any) -> dict[str, PoolRules]:
     """pool -> what the fence enforces for it."""
     return {
         name: PoolRules(
@@ -87,26 +93,28 @@ def pools_by_name(*, name: str, spec: kopf.Spec, **_: Any) -> dict[str, PoolRule
 
 
 @kopf.index("resource.k8s.io", "v1", "resourceclaimtemplates")
-def claim_templates_by_namespace(*, namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, ClaimTemplate]:
+async def claim_templates_by_namespace(*, namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, ClaimTemplate]:
     """namespace -> its templates and the devices each asks for: what a DRA pod's claims will bill."""
     return {str(namespace): claim_template(body)}
 
 
 @kopf.index("resource.k8s.io", "v1", "resourceclaims")
-def shared_claims_by_namespace(*, namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, SharedClaim] | None:
+async def shared_claims_by_namespace(
+    *, namespace: str | None, body: kopf.Body, **_: Any
+) -> dict[str, SharedClaim] | None:
     """namespace -> the ResourceClaims its pods may share (not those made from a pod's template)."""
     claim = shared_claim(body)
     return {str(namespace): claim} if claim is not None else None
 
 
 @kopf.index("", "v1", "pods", annotations={DRA_GPUS_ANNOTATION: kopf.PRESENT})
-def dra_pods_by_name(*, name: str, namespace: str | None, meta: kopf.Meta, **_: Any) -> dict[Any, dict[str, int]]:
+async def dra_pods_by_name(*, name: str, namespace: str | None, meta: kopf.Meta, **_: Any) -> dict[Any, dict[str, int]]:
     """(namespace, pod) -> the DRA devices recorded at its admission, to check the claims made for it."""
     return {(str(namespace), name): recorded_claim_devices(meta)}
 
 
 @kopf.index("", "v1", "pods", annotations={SHARED_CLAIMS_ANNOTATION: kopf.PRESENT})
-def shared_claim_users(
+async def shared_claim_users(
     *, name: str, namespace: str | None, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, **_: Any
 ) -> dict[tuple[str, str], str] | None:
     """(namespace, claim name) -> the unfinished pods admitted for the shared claim of that name."""
@@ -117,21 +125,21 @@ def shared_claim_users(
 
 
 @kopf.index("resource.k8s.io", "v1", "resourceslices")
-def devices_by_node(*, body: kopf.Body, **_: Any) -> dict[str, PublishedDevices] | None:
+async def devices_by_node(*, body: kopf.Body, **_: Any) -> dict[str, PublishedDevices] | None:
     """node -> the device counts its DRA drivers publish (capacity of pools whose GPUs are DRA devices)."""
     published = published_devices(body)
     return {published.node: published} if published is not None else None
 
 
 @kopf.index("", "v1", "namespaces")
-def terminating_namespaces(*, name: str, body: kopf.Body, **_: Any) -> dict[str, TerminatingNamespace] | None:
+async def terminating_namespaces(*, name: str, body: kopf.Body, **_: Any) -> dict[str, TerminatingNamespace] | None:
     """Namespaces being deleted, with what keeps them (their own status conditions)."""
     terminating = terminating_namespace(body)
     return {name: terminating} if terminating is not None else None
 
 
 @kopf.index("", "v1", "namespaces")
-def namespace_labels(*, name: str, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, str]]:
+async def namespace_labels(*, name: str, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, str]]:
     return {name: dict(labels)}
 
 
@@ -146,27 +154,27 @@ def _observed(body: kopf.Body) -> dict[tuple[str, str, str], dict[str, Any]]:
 
 
 @kopf.index("", "v1", "namespaces", labels=MANAGED)
-def managed_namespaces(*, body: kopf.Body, **_: Any) -> dict[tuple[str, str, str], dict[str, Any]]:
+async def managed_namespaces(*, body: kopf.Body, **_: Any) -> dict[tuple[str, str, str], dict[str, Any]]:
     return _observed(body)
 
 
 @kopf.index("", "v1", "resourcequotas", labels={ALLOCATION_LABEL: kopf.PRESENT})
-def managed_quotas(*, body: kopf.Body, **_: Any) -> dict[tuple[str, str, str], dict[str, Any]]:
+async def managed_quotas(*, body: kopf.Body, **_: Any) -> dict[tuple[str, str, str], dict[str, Any]]:
     return _observed(body)
 
 
 @kopf.index("", "v1", "limitranges", labels={ALLOCATION_LABEL: kopf.PRESENT})
-def managed_limit_ranges(*, body: kopf.Body, **_: Any) -> dict[tuple[str, str, str], dict[str, Any]]:
+async def managed_limit_ranges(*, body: kopf.Body, **_: Any) -> dict[tuple[str, str, str], dict[str, Any]]:
     return _observed(body)
 
 
 @kopf.index("rbac.authorization.k8s.io", "v1", "rolebindings", labels={ALLOCATION_LABEL: kopf.PRESENT})
-def managed_role_bindings(*, body: kopf.Body, **_: Any) -> dict[tuple[str, str, str], dict[str, Any]]:
+async def managed_role_bindings(*, body: kopf.Body, **_: Any) -> dict[tuple[str, str, str], dict[str, Any]]:
     return _observed(body)
 
 
 @kopf.index("rbac.authorization.k8s.io", "v1", "rolebindings", labels={ALLOCATION_LABEL: kopf.ABSENT})
-def tenant_role_bindings(
+async def tenant_role_bindings(
     *, name: str, namespace: str | None, meta: kopf.Meta, body: kopf.Body, **_: Any
 ) -> dict[str, TenantBinding]:
     """RoleBindings gpuaas did not write, by namespace (only those of tenant namespaces are ever read)."""
@@ -176,7 +184,7 @@ def tenant_role_bindings(
 
 
 @kopf.index("", "v1", "pods")
-def gpu_pods_by_namespace(
+async def gpu_pods_by_namespace(
     *, body: kopf.Body, namespace: str | None, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status, **_: Any
 ) -> dict[str, PodView] | None:
     """GPU pods, and any pod still holding the usage finalizer (it must be released even without GPUs)."""
@@ -203,7 +211,7 @@ def gpu_pods_by_namespace(
 
 
 @kopf.index(GROUP, VERSION, USAGE_PLURAL)
-def usage_by_allocation(*, name: str, body: kopf.Body, spec: kopf.Spec, **_: Any) -> dict[str, GpuUsage]:
+async def usage_by_allocation(*, name: str, body: kopf.Body, spec: kopf.Spec, **_: Any) -> dict[str, GpuUsage]:
     return {str(spec.get("allocationUID", "")): GpuUsage.from_object(body)}
 
 

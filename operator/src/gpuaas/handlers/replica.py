@@ -29,7 +29,7 @@ async def release_leadership(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event("", "v1", "namespaces")
-def indexes_warm(**_: Any) -> None:
+async def indexes_warm(**_: Any) -> None:
     """kopf calls non-index handlers only once every index has its initial listing, and every cluster has namespaces:
     the first call means this replica's indexes are live, so it may answer admission requests."""
     if not metrics.readiness.indexes_warm:
