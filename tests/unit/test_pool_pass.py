@@ -271,3 +271,33 @@ def test_a_record_whose_only_news_is_granted_time_is_written_ten_flushes_apart_a
     ledger.book(usage_identity(), "t", indexed, [], grant, datetime(2026, 12, 1, 0, 0, 30, tzinfo=UTC))
     (closed,) = writer.of(WriteUsageLedger)
     assert closed.ledger.booked_until == datetime(2026, 12, 1, tzinfo=UTC)
+
+
+def test_a_running_pods_time_is_written_ten_flushes_apart_and_a_pod_that_starts_at_the_next_flush() -> None:
+    writer = RecordingWriter()
+    ledger = LedgerWriter(time_zone="UTC", writer=writer, read_live_pod_uids=lambda namespace: {"uid-p", "uid-q"})
+    start = datetime(2026, 11, 10, 12, tzinfo=UTC)
+    grant = GrantState(8, start - timedelta(hours=2))
+    flush = ledger.flush_interval
+    running = gpu_pod("p", "t", started=start - timedelta(hours=1)).ledger
+    ledger.book(usage_identity(), "t", {}, [running], grant, start)
+    ledger.book(usage_identity(), "t", {}, [running], grant, start + flush)
+    (created,) = writer.of(CreateUsage)  # a record to create, with the pod's first watermark, is news
+    indexed = {created.record.name: created.record}
+    for flushes in range(2, 11):  # the same pod running on: its time follows from the pod and the watermark
+        ledger.book(usage_identity(), "t", indexed, [running], grant, start + flushes * flush)
+        assert ledger.next_due("uid-t", start + flushes * flush) == start + (1 + QUIET_FLUSH_FACTOR) * flush
+    assert writer.of(WriteUsageLedger) == []
+    booked = ledger.book(usage_identity(), "t", indexed, [running], grant, start + 11 * flush)
+    (written,) = writer.of(WriteUsageLedger)
+    assert written.ledger.used_gpu_seconds == booked["2026-11"].used_gpu_seconds == 8 * (3600 + 11 * 60)
+    assert written.ledger.pods["uid-p"].booked_until == start + 11 * flush
+    indexed[written.name] = indexed[written.name].model_copy(update={"ledger": written.ledger})
+
+    # A second pod starts: its watermark is news, written at the next flush interval, not ten later.
+    writer.actions.clear()
+    second = gpu_pod("q", "t", gpus=2, started=start + 11 * flush + timedelta(seconds=5)).ledger
+    ledger.book(usage_identity(), "t", indexed, [running, second], grant, start + 12 * flush)
+    (news,) = writer.of(WriteUsageLedger)
+    assert news.ledger.pods.keys() == {"uid-p", "uid-q"}
+    assert news.ledger.used_gpu_seconds == 8 * (3600 + 12 * 60) + 2 * 55

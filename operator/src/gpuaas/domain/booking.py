@@ -40,7 +40,7 @@ class WrittenLedger:
     records: Mapping[str, GpuUsage] = field(default_factory=dict)
     last_write: datetime | None = None
     quiet: bool = False
-    """A flush came due with nothing but time granted to book, and was put off (`QUIET_FLUSH_FACTOR`)."""
+    """A flush came due with nothing but time to book, and was put off (`QUIET_FLUSH_FACTOR`)."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class BookingPlan:
     departures: tuple[str, ...] = ()
     """Departed pods (domain/departed.py) whose last state booked time the records did not hold yet."""
     quiet: bool = False
-    """A flush was due, but only time granted (or idle) passed: put off, nothing written."""
+    """A flush was due, but only time passed (granted, idle, or on pods the record knows): put off, nothing
+    written."""
 
 
 def record_name_for(existing: Mapping[str, GpuUsage], spec: GpuUsageSpec) -> str:
@@ -138,20 +139,32 @@ def _add_changes(
         to_write[month] = base.model_copy(update={"history": [*base.history, change]})
 
 
-# A record whose only news is time granted or idle (no pod ran, no hardware was down, nothing changed, its month goes
-# on) is written this many flush intervals apart: every allocation's record each minute was most of the API server's
-# write load at thousands of allocations. Nothing is at risk meanwhile: that time follows from the grant (the
-# allocation's status, whose every change is written at once) and the record's watermark, so a later booking, by
-# any replica, books it. Pod time and downtime credit depend on what was seen live, and keep the flush interval.
+# A record whose only news is time (granted or idle time, and the GPU-seconds of pods it already holds a watermark for,
+# with their GPUs unchanged; no pod started or ended, no hardware was down, nothing else changed, its month goes on) is
+# written this many flush intervals apart: every allocation's record each minute was most of the API server's write
+# load at thousands of allocations. Nothing is at risk meanwhile: that time follows from what outlives this process,
+# the grant (the allocation's status, whose every change is written at once), the pods (each kept by the usage
+# finalizer until its end is written) and the record's watermarks, so a later booking, by any replica, books it.
+# Starts, ends, new GPU counts and downtime credit depend on what was seen live, and keep the flush interval.
 QUIET_FLUSH_FACTOR = 10
-# What booking moves on when only time passed under an unchanged grant, with no pods and no hardware down.
+# What booking moves on when only time passed under an unchanged grant and unchanged pods, with no hardware down.
 _TIME_ONLY_FIELDS = (
     "granted_gpu_seconds",
     "granted_gpu_hours",
     "daily_granted_gpu_seconds",
     "idle_seconds",
+    "used_gpu_seconds",
+    "used_gpu_hours",
+    "daily_used_gpu_seconds",
     "booked_until",
 )
+
+
+def _same_pods(booked: UsageLedger, known: UsageLedger) -> bool:
+    """The same pods with the same GPUs; their watermarks may have moved on."""
+    return booked.pods.keys() == known.pods.keys() and all(
+        watermark.gpus == known.pods[uid].gpus for uid, watermark in booked.pods.items()
+    )
 
 
 def flush_due(ledger: WrittenLedger, now: datetime, interval: timedelta) -> bool:
@@ -167,8 +180,8 @@ def quiet_flush(
     interval: timedelta,
 ) -> bool:
     """Whether a due flush may be put off: the booking since the last write holds nothing but time that follows from
-    the grant, in the month that goes on (no pod time, no record to create, no month to close), and the last write
-    is less than `QUIET_FLUSH_FACTOR` intervals old."""
+    the grant and the pods the record knows, in the month that goes on (no pod started or ended, no record to create,
+    no month to close), and the last write is less than `QUIET_FLUSH_FACTOR` intervals old."""
     if flush_due(ledger, now, interval * QUIET_FLUSH_FACTOR):
         return False
     current = month_of(now, tz)
@@ -176,7 +189,10 @@ def quiet_flush(
         known = before.get(month)
         if month != current or known is None:
             return False
-        if booked.model_copy(update={name: getattr(known, name) for name in _TIME_ONLY_FIELDS}) != known:
+        if not _same_pods(booked, known):
+            return False
+        unchanged = {name: getattr(known, name) for name in _TIME_ONLY_FIELDS}
+        if booked.model_copy(update={**unchanged, "pods": known.pods}) != known:
             return False
     return True
 
