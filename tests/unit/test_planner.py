@@ -250,7 +250,7 @@ def test_recheck_is_the_nearest_moment_that_time_alone_changes_something() -> No
     view = allocation("r", end=NOW + timedelta(minutes=5))
     stopping = gpu_pod("p", "r", ended=NOW + timedelta(seconds=20))
     moment = planner.recheck_at(spec_of(view), NO_STATUS, [stopping], NOW + timedelta(minutes=1), NOW)
-    assert moment == NOW + timedelta(seconds=15)  # the metrics refresh comes first
+    assert moment == NOW + timedelta(seconds=20)  # the stopping pod's kill deadline comes first
     later = planner.recheck_at(spec_of(view), NO_STATUS, [], NOW + timedelta(seconds=3), NOW)
     assert later == NOW + timedelta(seconds=3)  # the ledger's next write
 

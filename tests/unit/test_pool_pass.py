@@ -20,6 +20,8 @@ from gpuaas.domain.actions import (
 )
 from gpuaas.domain.booking import QUIET_FLUSH_FACTOR
 from gpuaas.domain.ledger import GrantState
+from gpuaas.domain.planner import METRICS_REFRESH
+from gpuaas.domain.snapshot import observed_key
 from gpuaas.k8s.ledger import LedgerWriter
 from gpuaas.k8s.pool_ledger import PoolLedgerWriter
 from gpuaas.k8s.reconciler import PoolReconciler
@@ -301,3 +303,25 @@ def test_a_running_pods_time_is_written_ten_flushes_apart_and_a_pod_that_starts_
     (news,) = writer.of(WriteUsageLedger)
     assert news.ledger.pods.keys() == {"uid-p", "uid-q"}
     assert news.ledger.used_gpu_seconds == 8 * (3600 + 12 * 60) + 2 * 55
+
+
+def test_an_unchanged_allocations_usage_counters_move_every_refresh_with_nothing_else_redone() -> None:
+    writer = RecordingWriter()
+    run = reconciler(writer)
+    snap = SnapshotBuilder().with_allocation(allocation("a", 8), gpu_pod("p", "a")).build()
+    run.run_pass(snap, NOW)
+    settled = replace(snap, observed={observed_key(a.manifest): a.manifest for a in writer.of(ApplyObject)})
+    run.run_pass(settled, NOW + timedelta(seconds=1))  # the objects are seen: nothing depends on the clock now
+    writer.actions.clear()
+
+    within = run.run_pass(settled, NOW + timedelta(seconds=10))
+    assert within.processed == 0
+    later = run.run_pass(settled, NOW + timedelta(seconds=1) + METRICS_REFRESH)
+    assert later.processed == 1
+    assert writer.actions == []  # no apply, no status, and no ledger write due yet
+    (before,), (after,) = within.samples, later.samples
+    assert after.used_gpu_seconds == 8 * (3600 + 16)  # the pod has run since an hour before NOW
+    assert after.granted_gpu_seconds - before.granted_gpu_seconds == 8 * 15
+    assert replace(after, used_gpu_seconds=0, granted_gpu_seconds=0) == replace(
+        before, used_gpu_seconds=0, granted_gpu_seconds=0
+    )

@@ -301,6 +301,18 @@ def _peak(weighted: Iterable[tuple[int, int, int]], low: int, high: int) -> int:
 # --- booking ---------------------------------------------------------------------------------------
 
 
+def _copy_to_book(ledger: UsageLedger) -> UsageLedger:
+    """A copy that booking may change: the containers it changes are copied (a deep copy took a third of the
+    booking's time); watermarks are replaced, never changed, and the history is not touched."""
+    return ledger.model_copy(
+        update={
+            "pods": dict(ledger.pods),
+            "daily_used_gpu_seconds": dict(ledger.daily_used_gpu_seconds),
+            "daily_granted_gpu_seconds": dict(ledger.daily_granted_gpu_seconds),
+        }
+    )
+
+
 def _book_month(
     previous: UsageLedger | None,
     month_start: int,
@@ -311,7 +323,7 @@ def _book_month(
     now: int,
     zone: ZoneInfo,
 ) -> UsageLedger:
-    status = previous.model_copy(deep=True) if previous is not None else UsageLedger()
+    status = UsageLedger() if previous is None else _copy_to_book(previous)
     window_end = min(now, month_end)
 
     # (a) and (e): each pod from its own watermark in this month.

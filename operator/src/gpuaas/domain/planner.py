@@ -14,7 +14,7 @@ Where a step's input is the outcome of an earlier write (an apply that failed), 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -71,7 +71,8 @@ from gpuaas.domain.tenant import (
 RELEASE_FINALIZER = "gpuaas.io/release"
 # An apply that the watch has not reflected yet is not repeated for this long.
 APPLY_SETTLE = timedelta(seconds=5)
-# Allocations skipped as unchanged are still fully processed this often, so live usage counters keep moving.
+# Allocations skipped as unchanged have their usage booked again this often (in memory; nothing else of theirs is
+# redone), so that live usage counters keep moving.
 METRICS_REFRESH = timedelta(seconds=15)
 
 
@@ -463,7 +464,7 @@ def allocation_sample(
     records: Mapping[str, UsageLedger],
 ) -> AllocationSample:
     """The allocation's metric sample; `records` are its month records' ledgers as booked up to now."""
-    return AllocationSample(
+    sample = AllocationSample(
         allocation=view.name,
         tenant=spec.tenant.name,
         organization=spec.tenant.organization,
@@ -473,9 +474,19 @@ def allocation_sample(
         phase=status.phase,
         granted_gpus=status.granted_gpus,
         in_use_gpus=status.in_use_gpus,
+        used_gpu_seconds=0,
+        granted_gpu_seconds=0,
+        idle=is_idle(status),
+    )
+    return with_usage(sample, records)
+
+
+def with_usage(sample: AllocationSample, records: Mapping[str, UsageLedger]) -> AllocationSample:
+    """The sample with its usage counters from `records`, booked up to now; the rest as it was."""
+    return replace(
+        sample,
         used_gpu_seconds=sum(r.used_gpu_seconds for r in records.values()),
         granted_gpu_seconds=sum(r.granted_gpu_seconds for r in records.values()),
-        idle=is_idle(status),
     )
 
 
@@ -500,8 +511,9 @@ def recheck_at(
     spec: GpuAllocationSpec, status: GpuAllocationStatus, pods: Iterable[PodView], ledger_due: datetime, now: datetime
 ) -> datetime:
     """The next moment time alone changes something: window edges, the idle threshold, the ledger's next due write,
-    the kill deadline of a pod being deleted (booked and released once it passes), and a metrics refresh."""
-    moments = [now + METRICS_REFRESH, ledger_due]
+    and the kill deadline of a pod being deleted (booked and released once it passes). The usage counters move too,
+    but refreshing them takes no full pass (`METRICS_REFRESH`)."""
+    moments = [ledger_due]
     for pod in pods:
         interval = pod.ledger.interval
         if interval is not None and interval.end is not None and interval.end > now:

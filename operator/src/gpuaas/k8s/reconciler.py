@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from time import monotonic
 from typing import Any
@@ -51,6 +51,7 @@ class _Cached:
     fingerprint: tuple[object, ...]
     recheck_at: datetime
     sample: AllocationSample
+    refresh_at: datetime  # when its usage counters are booked again (planner.METRICS_REFRESH)
 
 
 @dataclass(frozen=True)
@@ -124,20 +125,9 @@ class PoolReconciler:
         breakdown = planner.breakdown_now(
             pool_spec, members, capacity.program_gpus, candidates, decisions, snap.exclusive_holders
         )
-        down = breakdown.down_by_allocation
-        handed_out: list[str] = []
-        for c in candidates:
-            uid = c.view.uid
-            if uid in self.in_flight:
-                continue  # its grant counted above; its writes get the decision of a pass after they end
-            fingerprint = (*planner.fingerprint(c, decisions[c.view.name], snap), down.get(c.view.name, 0))
-            cached = self.cache.get(uid)
-            if cached is not None and cached.fingerprint == fingerprint and now < cached.recheck_at:
-                self.last_samples[uid] = cached.sample  # nothing it depends on changed, and nothing is due
-                continue
-            decision, down_gpus = decisions[c.view.name], down.get(c.view.name, 0)
-            self._hand_out(uid, self._process, c, decision, down_gpus, fingerprint, snap, members, pool_spec, now)
-            handed_out.append(uid)
+        handed_out = self._hand_out_changed(
+            candidates, decisions, breakdown.down_by_allocation, snap, members, pool_spec, now
+        )
         deciding_seconds = monotonic() - clock_started
         wait(list(self.in_flight.values()), timeout=wait_seconds)
         failed += self._collect_finished()
@@ -174,6 +164,37 @@ class PoolReconciler:
             failed=failed,
             deciding_seconds=deciding_seconds,
         )
+
+    def _hand_out_changed(
+        self,
+        candidates: list[Candidate],
+        decisions: Mapping[str, AdmissionDecision],
+        down: Mapping[str, int],
+        snap: PoolSnapshot,
+        members: list[NodeInfo],
+        pool_spec: GpuPoolSpec,
+        now: datetime,
+    ) -> list[str]:
+        """Hand a worker each allocation whose inputs changed or whose time came; the uids handed work."""
+        handed_out: list[str] = []
+        for c in candidates:
+            uid = c.view.uid
+            if uid in self.in_flight:
+                continue  # its grant counted above; its writes get the decision of a pass after they end
+            fingerprint = (*planner.fingerprint(c, decisions[c.view.name], snap), down.get(c.view.name, 0))
+            cached = self.cache.get(uid)
+            if cached is not None and cached.fingerprint == fingerprint and now < cached.recheck_at:
+                # Nothing it depends on changed, and nothing is due but, now and then, its usage counters.
+                if now < cached.refresh_at:
+                    self.last_samples[uid] = cached.sample
+                else:
+                    self._hand_out(uid, self._refresh_usage, c, cached, snap, pool_spec, now)
+                    handed_out.append(uid)
+                continue
+            decision, down_gpus = decisions[c.view.name], down.get(c.view.name, 0)
+            self._hand_out(uid, self._process, c, decision, down_gpus, fingerprint, snap, members, pool_spec, now)
+            handed_out.append(uid)
+        return handed_out
 
     def stop(self) -> None:
         """Drop the writes not started and wait for those running: after this, another replica may lead."""
@@ -282,13 +303,21 @@ class PoolReconciler:
         changes = stamped_changes(view.history_stamps, view.spec, None, now)
         if self.ledger.unrecorded(view.uid, snap.usage.get(view.uid, {}), changes):
             self._book(view, spec, pool_spec, snap, c.grant, now, changes=changes)
-        records = {r.spec.month: r.ledger for r in snap.usage.get(view.uid, {}).values()}
-        records.update(booked)
-        sample = planner.allocation_sample(self.pool, pool_spec, view, spec, status, records)
+        sample = planner.allocation_sample(self.pool, pool_spec, view, spec, status, _records(view, snap, booked))
         if outcome.objects_applied and not outcome.settling and not spec.exclusive_nodes:  # exclusive: node health
             pods = snap.pods_of(spec.target_namespace)
             due = planner.recheck_at(spec, status, pods, self.ledger.next_due(view.uid, now), now)
-            self.cache[view.uid] = _Cached(fingerprint, due, sample)
+            self.cache[view.uid] = _Cached(fingerprint, due, sample, now + planner.METRICS_REFRESH)
+        return sample
+
+    def _refresh_usage(
+        self, c: Candidate, cached: _Cached, snap: PoolSnapshot, pool_spec: GpuPoolSpec, now: datetime
+    ) -> AllocationSample:
+        """Book the allocation's usage up to now for its counters (no write is due: that would be a recheck), and
+        keep the rest of its last sample: a fifth of a full pass's work at 3,000 allocations every 15 s."""
+        booked = self._book(c.view, c.spec, pool_spec, snap, c.grant, now)
+        sample = planner.with_usage(cached.sample, _records(c.view, snap, booked))
+        self.cache[c.view.uid] = replace(cached, sample=sample, refresh_at=now + planner.METRICS_REFRESH)
         return sample
 
     def _carry_out(self, view: AllocationView, plan: planner.TenantPlan, now: datetime) -> str | None:
@@ -378,3 +407,10 @@ class PoolReconciler:
             self.waiting_namespaces.pop(view.uid, None)
             self.written.pop(view.uid, None)
         return None  # a released allocation has no series
+
+
+def _records(view: AllocationView, snap: PoolSnapshot, booked: dict[str, UsageLedger]) -> dict[str, UsageLedger]:
+    """The allocation's month ledgers: as the index has them, and those booked just now instead."""
+    records = {r.spec.month: r.ledger for r in snap.usage.get(view.uid, {}).values()}
+    records.update(booked)
+    return records
