@@ -314,7 +314,7 @@ class PoolReconciler:
         self, c: Candidate, cached: _Cached, snap: PoolSnapshot, pool_spec: GpuPoolSpec, now: datetime
     ) -> AllocationSample:
         """Book the allocation's usage up to now for its counters (no write is due: that would be a recheck), and
-        keep the rest of its last sample: a fifth of a full pass's work at 3,000 allocations every 15 s."""
+        keep the rest of its last sample: about half the work of processing it in full (bench/refresh_pass.py)."""
         booked = self._book(c.view, c.spec, pool_spec, snap, c.grant, now)
         sample = planner.with_usage(cached.sample, _records(c.view, snap, booked))
         self.cache[c.view.uid] = replace(cached, sample=sample, refresh_at=now + planner.METRICS_REFRESH)
