@@ -305,7 +305,7 @@ def test_a_running_pods_time_is_written_ten_flushes_apart_and_a_pod_that_starts_
     assert news.ledger.used_gpu_seconds == 8 * (3600 + 12 * 60) + 2 * 55
 
 
-def test_an_unchanged_allocations_usage_counters_move_every_refresh_with_nothing_else_redone() -> None:
+def test_an_unchanged_allocations_usage_counters_move_every_refresh_and_nothing_is_written() -> None:
     writer = RecordingWriter()
     run = reconciler(writer)
     snap = SnapshotBuilder().with_allocation(allocation("a", 8), gpu_pod("p", "a")).build()
