@@ -47,13 +47,13 @@ def kubeconfig_of(provider: str) -> Path:
     return REPO / ".cluster" / f"{cluster_name(provider)}.kubeconfig"
 
 
-def record(provider: str, index: int) -> GpuUsage:
+def record(provider: str, index: int, month: str = MONTH) -> GpuUsage:
     pool, model = PROVIDERS[provider]
     gpus = 8 * (1 + index % 4)
     used_per_day = gpus * 3600 * (index % 24)
-    start = datetime(2026, 10, 1, tzinfo=UTC)
+    start = datetime(int(month[:4]), int(month[5:]), 1, tzinfo=UTC)
     return GpuUsage(
-        name=f"lab-{index:04d}-{MONTH}",
+        name=f"lab-{index:04d}-{month}",
         spec=GpuUsageSpec(
             allocation=f"lab-{index:04d}",
             allocation_uid=f"{provider}-{index:08d}-0000-0000-0000-000000000000",
@@ -61,7 +61,7 @@ def record(provider: str, index: int) -> GpuUsage:
             pool=pool,
             gpu_model=model,
             provider=provider,
-            month=MONTH,
+            month=month,
         ),
         ledger=UsageLedger(
             used_gpu_seconds=31 * used_per_day,

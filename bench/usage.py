@@ -40,6 +40,7 @@ from allocations import (
     start_operator,
     status_kib,
 )
+from report import report_steps
 
 from gpuaas.k8s.client import new_api_client
 
@@ -102,35 +103,6 @@ def measure(pid: int, seconds: float) -> dict[str, float]:
         "operator_peak_rss_mib": round(peak, 1),
         "ledger_writes_per_second": round((writes1 - writes0) / seconds, 2),
     }
-
-
-# The report's steps timed in a fresh process, as `gpuaas report` runs them (start-up is the interpreter alone).
-_REPORT_STEPS = """
-import json, sys, time
-started = time.monotonic()
-from gpuaas.cli import build_report, read_ledgers, render
-from gpuaas.k8s.usage import LedgerSource
-imported = time.monotonic()
-ledgers = read_ledgers([LedgerSource("", sys.argv[1])])
-read = time.monotonic()
-report = build_report(ledgers[""], sys.argv[2])
-built = time.monotonic()
-data = render(report, "csv")
-rendered = time.monotonic()
-print(json.dumps({"imports": imported - started, "list_and_parse": read - imported, "build": built - read,
-                  "render_csv": rendered - built, "records": len(ledgers[""]), "bytes": len(data)}))
-"""
-
-
-def report_breakdown(month: str) -> dict[str, Any]:
-    started = time.monotonic()
-    command = [sys.executable, "-c", _REPORT_STEPS, str(KUBECONFIG), month]
-    done = subprocess.run(command, check=False, cwd=REPO, capture_output=True)
-    if done.returncode != 0:  # a figure missing, not the whole run's results
-        return {"error": done.stderr.decode(errors="replace")[-2000:]}
-    steps: dict[str, Any] = json.loads(done.stdout)
-    steps = {key: round(value, 3) if isinstance(value, float) else value for key, value in steps.items()}
-    return {**steps, "process": round(time.monotonic() - started, 3)}
 
 
 def main() -> None:
@@ -309,7 +281,7 @@ def main() -> None:
                    str(REPO / ".cluster" / "bench-report.csv"))  # fmt: skip
             runs.append(time.monotonic() - started)
         result["report_seconds"] = {"allocations": options.allocations, "runs": [round(r, 2) for r in runs]}
-        result["report_breakdown_seconds"] = report_breakdown(month)
+        result["report_breakdown_seconds"] = report_steps(month, KUBECONFIG)
     finally:
         operator.terminate()
         operator.wait()

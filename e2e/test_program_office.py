@@ -248,6 +248,22 @@ def test_monthly_report(cluster: E2ECluster, operator: E2EOperator, tmp_path: Pa
     assert float(kaist["Granted GPU-hours"]) > 0
     assert "fm-team-a-2026" in by_allocation
 
+    # The report finds a month's records by their month label: the chart's admission policy refuses to change it,
+    # even for a cluster admin, and leaves other labels alone.
+    record = f"kaist-vision-2026-{month}"
+    moved = cluster.kubectl("label", "gpuusage", record, "gpuaas.io/month=1999-01", "--overwrite", check=False)
+    assert moved.returncode != 0
+    assert f"label gpuaas.io/month must be {month}" in moved.stderr
+    removed = cluster.kubectl("label", "gpuusage", record, "gpuaas.io/pool-", check=False)
+    assert "label gpuaas.io/pool must be test-h200" in removed.stderr
+    cluster.kubectl("label", "gpuusage", record, "backup.example/keep=true")
+    labels = cluster.get_json("gpuusage", record)["metadata"]["labels"]
+    assert (labels["gpuaas.io/month"], labels["gpuaas.io/pool"], labels["backup.example/keep"]) == (
+        month,
+        "test-h200",
+        "true",
+    )
+
 
 def test_helm_upgrade_changes_a_pool(cluster: E2ECluster, operator: E2EOperator, release: Release) -> None:
     release.upgrade(MANIFESTS / "pools-upgrade-values.yaml")

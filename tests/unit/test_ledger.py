@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
@@ -15,13 +16,19 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gpuaas.api.pool import POOL_LABEL
 from gpuaas.api.usage import (
+    ALLOCATION_LABEL,
+    MONTH_LABEL,
+    GpuPoolUsageList,
     GpuUsage,
+    GpuUsageList,
     GpuUsageSpec,
     PodWatermark,
     UsageLedger,
     UsageTenant,
     ledger_patch,
+    usage_labels,
     usage_name,
 )
 from gpuaas.domain.ledger import (
@@ -716,6 +723,43 @@ def test_a_record_from_before_the_ledger_field_is_read_from_its_status_and_moved
     assert GpuUsage.from_object(legacy).ledger == ledger
     pruned = ledger.model_copy(update={"pods": {}})
     assert ledger_patch(pruned, ["u"]) == {"ledger": {**pruned.to_wire(), "pods": {"u": None}}, "status": None}
+
+
+def test_a_list_page_parsed_from_its_bytes_gives_the_records_that_from_object_gives() -> None:
+    """The report parses each list response in one pass (GpuUsageList.model_validate_json); it must read every
+    record as the operator's index reads it, the legacy `status` ledger included, whatever else the server adds."""
+    spec = GpuUsageSpec(
+        allocation="a", tenant=UsageTenant(name="a"), pool="p", gpu_model="H200", provider="naver", month="2026-10"
+    )
+    ledger = UsageLedger(
+        used_gpu_seconds=3600,
+        daily_used_gpu_seconds={"02": 3600},
+        pods={"u": PodWatermark(gpus=1, booked_until=datetime(2026, 10, 2, tzinfo=UTC))},
+    )
+    current = GpuUsage(name="a-2026-10", spec=spec, ledger=ledger).to_object()
+    current["metadata"] |= {"uid": "1", "managedFields": [{"manager": "gpuaas", "fieldsV1": {"f:ledger": {}}}]}
+    legacy = {**GpuUsage(name="b-2026-10", spec=spec.model_copy(update={"allocation": "b"})).to_object()}
+    legacy["status"] = legacy.pop("ledger") | {"usedGPUSeconds": 60}
+    empty = {**GpuUsage(name="c-2026-10", spec=spec.model_copy(update={"allocation": "c"})).to_object()}
+    del empty["ledger"]
+    objects = [current, legacy, empty]
+    page = {"apiVersion": "gpuaas.io/v1alpha1", "items": objects, "kind": "GpuUsageList", "metadata": {}}
+    parsed = GpuUsageList.model_validate_json(json.dumps(page).encode())
+    assert parsed.records() == [GpuUsage.from_object(obj) for obj in objects]
+    assert [record.ledger.used_gpu_seconds for record in parsed.records()] == [3600, 60, 0]
+    assert parsed.metadata.continue_token == ""
+    pool_page = {"items": [], "metadata": {"continue": "abc", "resourceVersion": "9"}}
+    assert GpuPoolUsageList.model_validate_json(json.dumps(pool_page)).metadata.continue_token == "abc"
+
+
+def test_a_ledger_write_sets_the_records_labels_so_a_changed_label_heals() -> None:
+    ledger = UsageLedger(used_gpu_seconds=1)
+    spec = GpuUsageSpec(
+        allocation="a", tenant=UsageTenant(name="a"), pool="p", gpu_model="H200", provider="naver", month="2026-10"
+    )
+    patch = ledger_patch(ledger, (), usage_labels(spec))
+    assert patch["metadata"] == {"labels": {ALLOCATION_LABEL: "a", MONTH_LABEL: "2026-10", POOL_LABEL: "p"}}
+    assert "metadata" not in ledger_patch(ledger)
 
 
 def test_a_pod_whose_finish_never_comes_is_billed_to_its_deadline_and_counted_once() -> None:

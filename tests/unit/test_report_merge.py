@@ -13,7 +13,7 @@ import yaml
 from gpuaas.api.usage import GpuUsage
 from gpuaas.cli import ledger_sources
 from gpuaas.domain.report import Report, ReportTotal, build_merged_report, build_report
-from gpuaas.k8s.usage import LedgerSource
+from gpuaas.k8s.ledger_reader import LedgerSource
 from gpuaas.reporting import to_csv, to_html, to_json, to_xlsx
 from gpuaas.reporting.formats import csv_cell_text
 from tests.unit.test_report import MONTH, record

@@ -10,18 +10,15 @@ from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import typer
-from kubernetes.config.config_exception import ConfigException
 from rich.console import Console
 
 from gpuaas.api.usage import DEFAULT_TIME_ZONE
 from gpuaas.domain.ledger import month_bounds, month_of, parse_month
 from gpuaas.domain.report import Report, build_merged_report, build_report, with_busy
 from gpuaas.domain.scenarios import REAL_NODE_POOL, SCENARIOS, pool_manifest
-from gpuaas.k8s.client import current_context, new_api_client
 from gpuaas.k8s.dcgm import BusyUnreadableError, read_busy
-from gpuaas.k8s.manifests import load_manifests, server_side_apply
-from gpuaas.k8s.resources import list_pools, wait_for_pool_status
-from gpuaas.k8s.usage import LedgerSource, LedgerUnreadableError, read_ledgers
+from gpuaas.k8s.kubeconfig import KubeconfigError, current_context
+from gpuaas.k8s.ledger_reader import LedgerSource, LedgerUnreadableError, read_ledgers
 from gpuaas.options import OperatorOptions
 from gpuaas.reporting.formats import FORMATS, render
 
@@ -146,6 +143,9 @@ def cluster_up(
         created = localcluster.create_nodes(kubeconfig, chosen, lambda n: progress.advance(task, n))
     console.print(f"{created} nodes created, {chosen.node_count - created} already present")
     if pools:
+        from gpuaas.k8s.client import new_api_client
+        from gpuaas.k8s.manifests import load_manifests, server_side_apply
+
         with new_api_client(str(kubeconfig)) as api:
             for manifest in load_manifests(crd_paths()):
                 server_side_apply(api, manifest)
@@ -161,6 +161,9 @@ def cluster_up(
         )
         console.print(f"operator image {node.operator_image} imported (helm: --set image.pullPolicy=Never)")
         if pools:
+            from gpuaas.k8s.client import new_api_client
+            from gpuaas.k8s.manifests import server_side_apply
+
             with new_api_client(str(kubeconfig)) as api:
                 server_side_apply(api, pool_manifest(REAL_NODE_POOL))
     totals = ", ".join(f"{model} x {gpus:,}" for model, gpus in chosen.gpus_by_model().items())
@@ -211,6 +214,9 @@ def pools(
     ] = 0,
 ) -> None:
     """Print GPU totals by model from the pools' status."""
+    from gpuaas.k8s.client import new_api_client
+    from gpuaas.k8s.resources import list_pools, wait_for_pool_status
+
     with new_api_client(kubeconfig) as api:
         try:
             items = wait_for_pool_status(api, timeout=wait) if wait else list_pools(api)
@@ -284,7 +290,7 @@ def ledger_sources(kubeconfigs: list[str], contexts: list[str]) -> list[LedgerSo
     elif len(kubeconfigs) > 1:
         try:
             sources = [LedgerSource(current_context(path), path) for path in kubeconfigs]
-        except (ConfigException, OSError) as error:
+        except (KubeconfigError, OSError) as error:
             raise typer.BadParameter(str(error), param_hint="--kubeconfig") from None
     else:
         return [LedgerSource("", kubeconfigs[0] if kubeconfigs else None)]
@@ -351,7 +357,7 @@ def report(
     chosen = resolve_month(month, time_zone, now())
     sources = ledger_sources(kubeconfig or [], context or [])
     try:
-        ledgers = read_ledgers(sources)
+        ledgers = read_ledgers(sources, chosen)
     except LedgerUnreadableError as error:
         console.print(f"error: cannot read the ledger of {error}; no report was written", markup=False, highlight=False)
         raise typer.Exit(1) from None

@@ -108,8 +108,10 @@ class GpuUsage(ApiModel):
         """Parse a GpuUsage as the API server returns it; a record not written since the ledger left `status` is
         read from there."""
         metadata = obj.get("metadata") or {}
-        ledger = obj.get("ledger") or obj.get("status") or {}
-        return cls.model_validate({"name": metadata.get("name", ""), "spec": obj.get("spec") or {}, "ledger": ledger})
+        ledger = obj.get("ledger") if obj.get("ledger") is not None else obj.get("status")
+        return cls.model_validate(
+            {"name": metadata.get("name", ""), "spec": obj.get("spec") or {}, "ledger": ledger or {}}
+        )
 
     def to_object(self) -> dict[str, object]:
         """The manifest that creates this record, ledger included."""
@@ -122,12 +124,18 @@ class GpuUsage(ApiModel):
         }
 
 
-def ledger_patch(ledger: UsageLedger, dropped_pods: Iterable[str] = ()) -> dict[str, Any]:
+def ledger_patch(
+    ledger: UsageLedger, dropped_pods: Iterable[str] = (), labels: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """A JSON merge patch that writes the ledger, deletes the watermarks of pods pruned from it (a merge patch keeps
-    map keys it does not name) and clears the `status` that held the ledger before."""
+    map keys it does not name) and clears the `status` that held the ledger before. With `labels`, it also sets
+    them, restoring any that were changed: the report lists a month by its label."""
     wire: dict[str, Any] = ledger.to_wire()
     wire["pods"] = {**dict.fromkeys(dropped_pods), **wire.get("pods", {})}
-    return {"ledger": wire, "status": None}
+    patch: dict[str, Any] = {"ledger": wire, "status": None}
+    if labels:
+        patch["metadata"] = {"labels": dict(labels)}
+    return patch
 
 
 def record_namespace(spec: GpuUsageSpec) -> str:
@@ -178,6 +186,10 @@ class PoolLedger(ApiModel):
         )
 
 
+def pool_usage_labels(spec: GpuPoolUsageSpec) -> dict[str, str]:
+    return {MONTH_LABEL: spec.month, POOL_LABEL: spec.pool}
+
+
 class GpuPoolUsage(ApiModel):
     """A pool's month record, named `<pool>-<yyyy-mm>`; like GpuUsage it outlives what it records."""
 
@@ -196,7 +208,59 @@ class GpuPoolUsage(ApiModel):
         return {
             "apiVersion": API_VERSION,
             "kind": POOL_USAGE_KIND,
-            "metadata": {"name": self.name, "labels": {MONTH_LABEL: self.spec.month, POOL_LABEL: self.spec.pool}},
+            "metadata": {"name": self.name, "labels": pool_usage_labels(self.spec)},
             "spec": self.spec.to_wire(),
             "ledger": self.ledger.to_wire(),
         }
+
+
+class ObjectName(ApiModel):
+    """The one field of an object's metadata the ledger keeps."""
+
+    name: str = ""
+
+
+class ListMetadata(ApiModel):
+    continue_token: str = Field(default="", alias="continue")
+
+
+class _WireUsage(ApiModel):
+    """A GpuUsage as the API server sends it, read straight from JSON (see GpuUsage.from_object for the rule)."""
+
+    metadata: ObjectName = Field(default_factory=ObjectName)
+    spec: GpuUsageSpec
+    ledger: UsageLedger | None = None
+    status: UsageLedger | None = None
+
+    def record(self) -> GpuUsage:
+        ledger = self.ledger if self.ledger is not None else self.status
+        return GpuUsage(name=self.metadata.name, spec=self.spec, ledger=ledger or UsageLedger())
+
+
+class _WirePoolUsage(ApiModel):
+    metadata: ObjectName = Field(default_factory=ObjectName)
+    spec: GpuPoolUsageSpec
+    ledger: PoolLedger = Field(default_factory=PoolLedger)
+
+    def record(self) -> GpuPoolUsage:
+        return GpuPoolUsage(name=self.metadata.name, spec=self.spec, ledger=self.ledger)
+
+
+class GpuUsageList(ApiModel):
+    """One page of a GpuUsage list. Parsed from the response's bytes in one pass (`model_validate_json`), which
+    skips the fields the ledger does not keep (managedFields are about half of each object) without building them:
+    the report reads thousands of records."""
+
+    metadata: ListMetadata = Field(default_factory=ListMetadata)
+    items: list[_WireUsage] = Field(default_factory=list)
+
+    def records(self) -> list[GpuUsage]:
+        return [item.record() for item in self.items]
+
+
+class GpuPoolUsageList(ApiModel):
+    metadata: ListMetadata = Field(default_factory=ListMetadata)
+    items: list[_WirePoolUsage] = Field(default_factory=list)
+
+    def records(self) -> list[GpuPoolUsage]:
+        return [item.record() for item in self.items]

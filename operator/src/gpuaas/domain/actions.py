@@ -7,7 +7,7 @@ The planner (domain/planner.py) returns these; the executor (k8s/reconciler.py) 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gpuaas.api.usage import GpuPoolUsage, GpuUsage, PoolLedger, UsageLedger
@@ -120,6 +120,7 @@ class WriteUsageLedger:
     name: str
     ledger: UsageLedger
     dropped_pods: tuple[str, ...] = ()  # watermarks pruned from the ledger: deleted from the stored record
+    labels: Mapping[str, str] = field(default_factory=dict)  # set with the ledger, so a changed label heals
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ class CreatePoolUsage:
 class WritePoolLedger:
     name: str
     ledger: PoolLedger
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

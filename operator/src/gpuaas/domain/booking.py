@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from gpuaas.api.allocation import ALLOCATION_KIND
-from gpuaas.api.usage import GpuUsage, GpuUsageSpec, GrantChange, UsageLedger, usage_name
+from gpuaas.api.usage import GpuUsage, GpuUsageSpec, GrantChange, UsageLedger, usage_labels, usage_name
 from gpuaas.domain.actions import Action, CreateUsage, PostEvent, ReleasePod, WriteUsageLedger
 from gpuaas.domain.departed import WATERMARK_KEEP
 from gpuaas.domain.history import UNKNOWN_REQUESTER
@@ -280,7 +280,7 @@ def plan_booking(
             actions.append(CreateUsage(written[record.name]))
         else:
             dropped = tuple(sorted(set(record.ledger.pods) - set(booked_month.pods)))
-            actions.append(WriteUsageLedger(record.name, booked_month, dropped))
+            actions.append(WriteUsageLedger(record.name, booked_month, dropped, usage_labels(record.spec)))
     for change in new_changes:  # `kubectl describe` shows them beside the latest stamp
         message = f"{change.by}: {'; '.join(change.changes)}"
         actions.append(

@@ -298,6 +298,13 @@ def tenant_summaries(rows: Iterable[ReportRow]) -> list[TenantSummary]:
     ]
 
 
+def _add_days(totals: dict[str, int], daily: Mapping[str, int]) -> None:
+    """Adds a record's days into the month's; a day the month lacks stays out (and shows as unsplit)."""
+    for day, seconds in daily.items():
+        if day in totals:
+            totals[day] += seconds
+
+
 def _daily_series(month: str, selected: Sequence[tuple[GpuUsage, str]]) -> tuple[DailySeries, ...]:
     year, number = parse_month(month)
     days = [f"{day:02d}" for day in range(1, monthrange(year, number)[1] + 1)]
@@ -306,8 +313,10 @@ def _daily_series(month: str, selected: Sequence[tuple[GpuUsage, str]]) -> tuple
         by_pool.setdefault(qualified_pool(cluster, record.spec.pool), []).append(record)
     series = []
     for pool, records in sorted(by_pool.items()):
-        used = {day: sum(r.ledger.daily_used_gpu_seconds.get(day, 0) for r in records) for day in days}
-        granted = {day: sum(r.ledger.daily_granted_gpu_seconds.get(day, 0) for r in records) for day in days}
+        used, granted = dict.fromkeys(days, 0), dict.fromkeys(days, 0)
+        for record in records:
+            _add_days(used, record.ledger.daily_used_gpu_seconds)
+            _add_days(granted, record.ledger.daily_granted_gpu_seconds)
         series.append(
             DailySeries(
                 pool=pool,

@@ -42,9 +42,3 @@ def new_api_client(kubeconfig: str | None = None, pool_size: int = 16, context: 
         config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
     configuration.connection_pool_maxsize = pool_size
     return client.ApiClient(configuration)
-
-
-def current_context(kubeconfig: str | None = None) -> str:
-    """The name of the kubeconfig's current context (kubeconfig None: $KUBECONFIG or ~/.kube/config)."""
-    _, active = config.list_kube_config_contexts(config_file=kubeconfig)
-    return str(active["name"])

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from kubernetes.client.exceptions import ApiException
 
 from gpuaas.api.pool import GpuPoolSpec
-from gpuaas.api.usage import GpuPoolUsage, GpuPoolUsageSpec
+from gpuaas.api.usage import GpuPoolUsage, GpuPoolUsageSpec, pool_usage_labels
 from gpuaas.domain.actions import CreatePoolUsage, WritePoolLedger
 from gpuaas.domain.downtime import PoolBreakdown, book_pool
 from gpuaas.domain.ledger import month_bounds, month_of
@@ -100,7 +100,7 @@ class PoolLedgerWriter:
             for month in sorted(self.unwritten):
                 record = self.records[month]
                 if month in self.stored:
-                    self.writer.perform(WritePoolLedger(record.name, record.ledger))
+                    self.writer.perform(WritePoolLedger(record.name, record.ledger, pool_usage_labels(record.spec)))
                 else:
                     self.writer.perform(CreatePoolUsage(record))
                     self.stored.add(month)

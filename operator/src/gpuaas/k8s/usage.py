@@ -1,17 +1,13 @@
-"""API calls of the GpuUsage ledger: the report's reads, the pass's record writes and the usage finalizer's release."""
+"""API calls of the GpuUsage ledger: the pass's record writes and the usage finalizer's release (the report's reads
+are in ledger_reader.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
-import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
-from pydantic import ValidationError
 
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.usage import (
@@ -24,86 +20,9 @@ from gpuaas.api.usage import (
     ledger_patch,
 )
 from gpuaas.domain.fence import USAGE_FINALIZER
-from gpuaas.k8s.client import discard, new_api_client
+from gpuaas.k8s.client import discard
 
-PAGE_SIZE = 500
 JSON_PATCH = "application/json-patch+json"
-
-
-# Seconds to connect to, and to read each page from, a cluster's API server before its ledger counts as unreadable.
-READ_TIMEOUT = (10, 60)
-
-
-def list_usage(api: client.ApiClient, plural: str = USAGE_PLURAL) -> list[dict[str, Any]]:
-    """Every GpuUsage object (all months, including those of deleted allocations), or of another ledger kind, paged."""
-    objects = client.CustomObjectsApi(api)
-    items: list[dict[str, Any]] = []
-    token: str | None = None
-    while True:
-        kwargs: dict[str, Any] = {"limit": PAGE_SIZE, "_request_timeout": READ_TIMEOUT}
-        if token:
-            kwargs["_continue"] = token
-        listing = cast(dict[str, Any], objects.list_cluster_custom_object(GROUP, VERSION, plural, **kwargs))
-        items.extend(listing.get("items") or [])
-        token = (listing.get("metadata") or {}).get("continue")
-        if not token:
-            return items
-
-
-@dataclass(frozen=True)
-class LedgerSource:
-    """One cluster's ledger: where to read it, and the name a merged report gives its rows."""
-
-    name: str
-    kubeconfig: str | None = None
-    context: str | None = None
-
-    def describe(self) -> str:
-        where = [
-            f"context {self.context}" if self.context else "",
-            f"kubeconfig {self.kubeconfig}" if self.kubeconfig else "",
-        ]
-        named = f"cluster {self.name!r}" if self.name else "the cluster"
-        return f"{named} ({', '.join(part for part in where if part) or 'in-cluster or $KUBECONFIG'})"
-
-
-class LedgerUnreadableError(Exception):
-    """A cluster's ledger could not be read; a report without it would be silently short."""
-
-
-def _pool_records(api: client.ApiClient) -> list[GpuPoolUsage]:
-    """The pools' month records; none where the cluster's gpuaas predates them (no such resource)."""
-    try:
-        return [GpuPoolUsage.from_object(obj) for obj in list_usage(api, POOL_USAGE_PLURAL)]
-    except ApiException as error:
-        if error.status == 404:
-            return []
-        raise
-
-
-def read_ledger(source: LedgerSource) -> list[GpuUsage | GpuPoolUsage]:
-    """A cluster's allocation records and its pools' month records."""
-    try:
-        with new_api_client(source.kubeconfig, context=source.context) as api:
-            records: list[GpuUsage | GpuPoolUsage] = [GpuUsage.from_object(obj) for obj in list_usage(api)]
-            return records + _pool_records(api)
-    except ApiException as error:
-        raise LedgerUnreadableError(
-            f"{source.describe()}: the API server answered {error.status} {error.reason}"
-        ) from error
-    except (urllib3.exceptions.HTTPError, ConfigException, OSError, ValidationError) as error:
-        raise LedgerUnreadableError(f"{source.describe()}: {error}") from error
-
-
-def read_ledgers(sources: Sequence[LedgerSource]) -> dict[str, list[GpuUsage | GpuPoolUsage]]:
-    """Every source's records by name, read in parallel. Any unreadable source fails the whole read, naming each
-    one that failed."""
-    with ThreadPoolExecutor(max_workers=max(1, len(sources))) as pool:
-        futures = [pool.submit(read_ledger, source) for source in sources]
-    failures = [str(error) for future in futures if (error := future.exception()) is not None]
-    if failures:
-        raise LedgerUnreadableError("; ".join(failures))
-    return {source.name: future.result() for source, future in zip(sources, futures, strict=True)}
 
 
 class UsageRecordExistsError(Exception):
@@ -126,9 +45,11 @@ def create_usage(record: GpuUsage) -> None:
         ) from error
 
 
-def write_usage_ledger(name: str, ledger: UsageLedger, dropped_pods: Iterable[str] = ()) -> None:
+def write_usage_ledger(
+    name: str, ledger: UsageLedger, dropped_pods: Iterable[str] = (), labels: Mapping[str, str] | None = None
+) -> None:
     response = client.CustomObjectsApi().patch_cluster_custom_object(
-        GROUP, VERSION, USAGE_PLURAL, name, ledger_patch(ledger, dropped_pods), _preload_content=False
+        GROUP, VERSION, USAGE_PLURAL, name, ledger_patch(ledger, dropped_pods, labels), _preload_content=False
     )
     discard(response)
 
@@ -151,9 +72,12 @@ def create_pool_usage(record: GpuPoolUsage) -> None:
     discard(response)
 
 
-def write_pool_ledger(name: str, ledger: PoolLedger) -> None:
+def write_pool_ledger(name: str, ledger: PoolLedger, labels: Mapping[str, str] | None = None) -> None:
+    patch: dict[str, Any] = {"ledger": ledger.to_wire()}
+    if labels:
+        patch["metadata"] = {"labels": dict(labels)}
     response = client.CustomObjectsApi().patch_cluster_custom_object(
-        GROUP, VERSION, POOL_USAGE_PLURAL, name, {"ledger": ledger.to_wire()}, _preload_content=False
+        GROUP, VERSION, POOL_USAGE_PLURAL, name, patch, _preload_content=False
     )
     discard(response)
 

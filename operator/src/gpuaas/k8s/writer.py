@@ -74,12 +74,12 @@ class KubernetesWriter:
                 objects.post_event(kind, name, uid, reason, message, event_type)
             case CreateUsage(record):
                 usage.create_usage(record)
-            case WriteUsageLedger(name, ledger, dropped_pods):
-                usage.write_usage_ledger(name, ledger, dropped_pods)
+            case WriteUsageLedger(name, ledger, dropped_pods, labels):
+                usage.write_usage_ledger(name, ledger, dropped_pods, labels)
             case CreatePoolUsage(record):
                 usage.create_pool_usage(record)
-            case WritePoolLedger(name, ledger):
-                usage.write_pool_ledger(name, ledger)
+            case WritePoolLedger(name, ledger, labels):
+                usage.write_pool_ledger(name, ledger, labels)
             case ReleasePod(namespace, name):
                 usage.release_pod(namespace, name)
 
