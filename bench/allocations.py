@@ -101,7 +101,9 @@ def decided(obj: dict[str, Any]) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions") or [])
 
 
-def latency(api: client.ApiClient, samples: int) -> list[float]:
+def latency(api: client.ApiClient, samples: int) -> list[tuple[float, float]]:
+    """Per sample: apply to Ready, and of that the create call alone (the API server and gpuaas's two admission
+    webhooks), so that a slow sample says which side it was slow on."""
     custom = client.CustomObjectsApi(api)
     results = []
     for index in range(samples):
@@ -109,10 +111,20 @@ def latency(api: client.ApiClient, samples: int) -> list[float]:
         name = body["metadata"]["name"]
         started = time.monotonic()
         custom.create_cluster_custom_object("gpuaas.io", "v1alpha1", "gpuallocations", body)
+        created = time.monotonic()
         while not decided(custom.get_cluster_custom_object("gpuaas.io", "v1alpha1", "gpuallocations", name)):
             time.sleep(0.01)
-        results.append(time.monotonic() - started)
+        results.append((time.monotonic() - started, created - started))
     return results
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {
+        "p50": round(statistics.median(values), 3),
+        "p95": round(percentile(values, 0.95), 3),
+        "p99": round(percentile(values, 0.99), 3),
+        "max": round(max(values), 3),
+    }
 
 
 def bulk(api: client.ApiClient, count: int, gpus: int | None) -> dict[str, Any]:
@@ -241,13 +253,12 @@ def main() -> None:
                 profiler.send_signal(signal.SIGINT)  # py-spy writes the flame graph when interrupted
                 profiler.wait(timeout=60)
             if samples:
-                result["apply_to_ready_seconds"] = {
-                    "samples": len(samples),
-                    "p50": round(statistics.median(samples), 3),
-                    "p95": round(percentile(samples, 0.95), 3),
-                    "p99": round(percentile(samples, 0.99), 3),
-                    "max": round(max(samples), 3),
-                }
+                totals = [total for total, _ in samples]
+                result["apply_to_ready_seconds"] = {"samples": len(samples), **spread(totals)}
+                result["create_call_seconds"] = spread([create for _, create in samples])
+                result["create_to_ready_seconds"] = spread([total - create for total, create in samples])
+                slowest = sorted(samples, reverse=True)[: max(1, len(samples) // 50)]
+                result["slowest_samples"] = [{"total": round(t, 3), "create_call": round(c, 3)} for t, c in slowest]
             if options.bulk:
                 result["bulk"] = bulk(api, options.bulk, options.bulk_gpus)
                 result["bulk"].update(passes_and_memory(operator.pid))

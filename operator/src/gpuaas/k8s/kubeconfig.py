@@ -19,7 +19,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlencode, urlsplit
@@ -68,7 +68,6 @@ class Endpoint:
     token: str | None = None
     token_file: str | None = None
     basic: tuple[str, str] | None = None
-    extra_headers: Mapping[str, str] = field(default_factory=dict)
 
 
 def kubeconfig_paths(kubeconfig: str | None) -> list[Path]:
@@ -239,7 +238,6 @@ class ApiReader:
             "Accept": "application/json",
             "Accept-Encoding": "gzip",
             **_authorization(endpoint),
-            **endpoint.extra_headers,
         }
         self._read_seconds = read_seconds
         port = parts.port or (443 if parts.scheme == "https" else 80)
