@@ -44,10 +44,6 @@ from gpuaas.k8s.writer import ClusterWriter, cluster_writer
 
 logger = logging.getLogger(__name__)
 WORKERS = 16  # a pool's writes at once
-# A pool with at most this many allocations' writes running is quiet: an allocation's applies after its namespace's
-# (quota, limit range, owners' binding) go at once, since apply-to-Ready waits for each in turn. A busy pool applies
-# them in turn: the API server is the bottleneck then, and more requests at once would not make it faster.
-QUIET_RUNNING = 2
 
 
 @dataclass(frozen=True)
@@ -87,8 +83,6 @@ class PoolReconciler:
     cache: dict[str, _Cached] = field(default_factory=dict)
     specs: dict[str, tuple[int | None, GpuAllocationSpec]] = field(default_factory=dict)
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=WORKERS))
-    # The namespaced applies of an allocation in a quiet pool, at once (QUIET_RUNNING).
-    fan_out: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=QUIET_RUNNING * 3))
     # The pool's month records (program = usable granted + unallocated + down); made on the first pass.
     pool_ledger: PoolLedgerWriter | None = None
     # uid -> the writes a pass handed to a worker, until a later pass collects them.
@@ -205,7 +199,6 @@ class PoolReconciler:
     def stop(self) -> None:
         """Drop the writes not started and wait for those running: after this, another replica may lead."""
         self.executor.shutdown(wait=True, cancel_futures=True)
-        self.fan_out.shutdown(wait=True)
 
     def _hand_out(self, uid: str, work: Callable[..., AllocationSample | None], *args: Any) -> None:
         with self._running_lock:
@@ -328,38 +321,17 @@ class PoolReconciler:
         return sample
 
     def _carry_out(self, view: AllocationView, plan: planner.TenantPlan, now: datetime) -> str | None:
-        """Perform the tenant plan in order; the first failed write ends it (the next pass retries from fresh state).
-        In a quiet pool, the applies that follow the namespace's go at once."""
-        actions, quiet = plan.actions, self._running <= QUIET_RUNNING
+        """Perform the tenant plan in order; the first failed write ends it (the next pass retries from fresh state)."""
         try:
-            index = 0
-            while index < len(actions):
-                together = _namespaced_applies(actions, index) if quiet else []
-                if len(together) > 1:
-                    self._apply_at_once(view, together, now)
-                    index += len(together)
-                    continue
-                self._perform_noting(view, actions[index], now)
-                index += 1
+            for action in plan.actions:
+                self.writer.perform(action)
+                if isinstance(action, ApplyObject):
+                    recent = self.applied.setdefault(view.uid, {})
+                    recent[observed_key(action.manifest)] = RecentApply(action.manifest, now)
         except ApiException as error:
             logger.warning("allocation %s: apply failed: %s %s", view.name, error.status, error.reason)
             return f"{error.status} {error.reason}"
         return None
-
-    def _perform_noting(self, view: AllocationView, action: Action, now: datetime) -> None:
-        """Perform one write; an apply is remembered, so that the next pass does not repeat it before the watch
-        shows it."""
-        self.writer.perform(action)
-        if isinstance(action, ApplyObject):
-            recent = self.applied.setdefault(view.uid, {})
-            recent[observed_key(action.manifest)] = RecentApply(action.manifest, now)
-
-    def _apply_at_once(self, view: AllocationView, applies: list[ApplyObject], now: datetime) -> None:
-        """All of them, each on its own thread; every one has ended when this returns, and the first error is raised."""
-        futures = [self.fan_out.submit(self._perform_noting, view, action, now) for action in applies]
-        wait(futures)
-        for future in futures:
-            future.result()
 
     def _book(
         self,
@@ -435,17 +407,6 @@ class PoolReconciler:
             self.waiting_namespaces.pop(view.uid, None)
             self.written.pop(view.uid, None)
         return None  # a released allocation has no series
-
-
-def _namespaced_applies(actions: Sequence[Action], start: int) -> list[ApplyObject]:
-    """The applies of namespaced objects from `start` on, up to the first other write: they need only their
-    namespace, which an earlier apply made."""
-    run: list[ApplyObject] = []
-    for action in actions[start:]:
-        if not isinstance(action, ApplyObject) or "namespace" not in action.manifest.get("metadata", {}):
-            break
-        run.append(action)
-    return run
 
 
 def _records(view: AllocationView, snap: PoolSnapshot, booked: dict[str, UsageLedger]) -> dict[str, UsageLedger]:
