@@ -36,7 +36,8 @@ from gpuaas.api.usage import (
 )
 from gpuaas.k8s.kubeconfig import ApiError, ApiReader, KubeconfigError, NeedsKubernetesClientError, resolve_endpoint
 
-# Seconds to connect to, and to read each page from, a cluster's API server before its ledger counts as unreadable.
+# Seconds to connect to a cluster's API server, and to wait on each read of a list, before its ledger counts as
+# unreadable.
 READ_TIMEOUT = (10, 60)
 
 FetchList = Callable[[str, str], bytes]
