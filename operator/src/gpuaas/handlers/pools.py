@@ -44,18 +44,9 @@ MANAGED_OBJECT_INDEXES = ("managed_namespaces", "managed_quotas", "managed_limit
 # A pool whose passes are heavy spends at most about a fifth of the time taking snapshots and deciding: at thousands
 # of allocations a pool deciding without pause held the GIL from kopf's event handling and the webhooks (creates
 # slowed, the indexes lagged). A light pass (a pool of tens of allocations) keeps the short interval, so that
-# apply-to-Ready stays fast.
+# apply-to-Ready, which takes two passes, stays fast.
 PASS_DUTY_FACTOR = 5.0
 HEAVY_PASS_SECONDS = 0.1
-
-
-def next_pass_interval(busy_seconds: float, previous_busy_seconds: float, resync_seconds: float) -> float:
-    """The least time from a pass's start to the next one's. A pool is heavy when its passes are, not when one was:
-    the lesser of the last two passes' busy time decides, so one slow pass of a small pool (a collector pause, a busy
-    moment of the machine) does not hold its next allocation back by five times that pass."""
-    busy = min(busy_seconds, previous_busy_seconds)
-    throttled = PASS_DUTY_FACTOR * busy if busy >= HEAVY_PASS_SECONDS else 0.0
-    return min(max(MIN_PASS_INTERVAL_SECONDS, throttled), resync_seconds)
 
 
 def register_webhooks(options: OperatorOptions, operator_username: str) -> None:
@@ -216,7 +207,6 @@ async def _run_passes(
     leadership: Leadership = memo.leadership
     reconciler: PoolReconciler | None = None
     drained = asyncio.Event()
-    previous_busy = 0.0
     try:
         while not stopped:
             wake.clear()
@@ -235,9 +225,7 @@ async def _run_passes(
                 # Fresh state on every takeover: while another replica led, the ledger records moved on.
                 reconciler = _new_reconciler(name, memo.options, drained)
             started = datetime.now(UTC)
-            busy, in_flight = await _one_pass(name, body, memo, logger, indexes, reconciler, started)
-            interval = next_pass_interval(busy, previous_busy, memo.options.pool_resync_seconds)
-            previous_busy = busy
+            interval, in_flight = await _one_pass(name, body, memo, logger, indexes, reconciler, started)
             # While the workers have a backlog, more passes would only lengthen it (and take the event loop from
             # the webhooks): the next pass comes when it runs low, whatever else happens meanwhile. Writes that
             # ended within the pass wake nothing: the pass has taken them in.
@@ -263,8 +251,7 @@ async def _one_pass(
     reconciler: PoolReconciler,
     started: datetime,
 ) -> tuple[float, int]:
-    """One pass; returns the seconds it kept the event loop or the interpreter busy (snapshot and deciding; waiting for
-    writes does not count: the pass holds nothing then), and the allocations it left in flight."""
+    """One pass; returns the least time until the next one starts, and the allocations it left in flight."""
     leadership: Leadership = memo.leadership
     departed: DepartedPods = memo.departed_pods
     departed.forget_expired(started)
@@ -289,7 +276,11 @@ async def _one_pass(
     except Exception:
         metrics.reconcile_errors.labels(name).inc()
         logger.exception(f"pool {name}: reconcile pass failed; retrying")
-    return busy_seconds, in_flight
+    # Coalesce bursts of events (a bulk apply, the objects a pass applied) into one pass per interval (never rarer
+    # than the resync). Waiting for writes does not count as busy: the pass holds nothing then.
+    resync: float = memo.options.pool_resync_seconds
+    heavy = busy_seconds >= HEAVY_PASS_SECONDS
+    return min(max(MIN_PASS_INTERVAL_SECONDS, PASS_DUTY_FACTOR * busy_seconds if heavy else 0.0), resync), in_flight
 
 
 @kopf.on.delete(GROUP, VERSION, POOL_PLURAL, optional=True)
