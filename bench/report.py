@@ -22,20 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes import client
-from report_merge import record
+from report_merge import REPO, gpuaas, record
 
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.usage import USAGE_PLURAL
 from gpuaas.k8s.client import new_api_client
 
-REPO = Path(__file__).resolve().parents[1]
 CLUSTER = "gpuaas-bench-report"
 KUBECONFIG = REPO / ".cluster" / f"{CLUSTER}.kubeconfig"
 MONTH = "2026-10"
-
-
-def gpuaas(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "gpuaas", *args], cwd=REPO, check=True, capture_output=True)
 
 
 def month_before(month: str, count: int) -> str:

@@ -107,11 +107,7 @@ class GpuUsage(ApiModel):
     def from_object(cls, obj: Mapping[str, Any]) -> GpuUsage:
         """Parse a GpuUsage as the API server returns it; a record not written since the ledger left `status` is
         read from there."""
-        metadata = obj.get("metadata") or {}
-        ledger = obj.get("ledger") if obj.get("ledger") is not None else obj.get("status")
-        return cls.model_validate(
-            {"name": metadata.get("name", ""), "spec": obj.get("spec") or {}, "ledger": ledger or {}}
-        )
+        return _WireUsage.model_validate(obj).record()
 
     def to_object(self) -> dict[str, object]:
         """The manifest that creates this record, ledger included."""
@@ -132,7 +128,15 @@ def ledger_patch(
     them, restoring any that were changed: the report lists a month by its label."""
     wire: dict[str, Any] = ledger.to_wire()
     wire["pods"] = {**dict.fromkeys(dropped_pods), **wire.get("pods", {})}
-    patch: dict[str, Any] = {"ledger": wire, "status": None}
+    return _with_labels({"ledger": wire, "status": None}, labels)
+
+
+def pool_ledger_patch(ledger: PoolLedger, labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A JSON merge patch that writes a pool's month ledger and, with `labels`, its labels (as `ledger_patch`)."""
+    return _with_labels({"ledger": ledger.to_wire()}, labels)
+
+
+def _with_labels(patch: dict[str, Any], labels: Mapping[str, str] | None) -> dict[str, Any]:
     if labels:
         patch["metadata"] = {"labels": dict(labels)}
     return patch
@@ -199,10 +203,7 @@ class GpuPoolUsage(ApiModel):
 
     @classmethod
     def from_object(cls, obj: Mapping[str, Any]) -> GpuPoolUsage:
-        metadata = obj.get("metadata") or {}
-        return cls.model_validate(
-            {"name": metadata.get("name", ""), "spec": obj.get("spec") or {}, "ledger": obj.get("ledger") or {}}
-        )
+        return _WirePoolUsage.model_validate(obj).record()
 
     def to_object(self) -> dict[str, object]:
         return {
@@ -225,7 +226,8 @@ class ListMetadata(ApiModel):
 
 
 class _WireUsage(ApiModel):
-    """A GpuUsage as the API server sends it, read straight from JSON (see GpuUsage.from_object for the rule)."""
+    """A GpuUsage as the API server sends it (a dict, or bytes of JSON for a list): its ledger is the `ledger` field,
+    or `status` in a record not written since the ledger moved."""
 
     metadata: ObjectName = Field(default_factory=ObjectName)
     spec: GpuUsageSpec

@@ -18,6 +18,7 @@ from gpuaas.api.usage import (
     PoolLedger,
     UsageLedger,
     ledger_patch,
+    pool_ledger_patch,
 )
 from gpuaas.domain.fence import USAGE_FINALIZER
 from gpuaas.k8s.client import discard
@@ -73,11 +74,8 @@ def create_pool_usage(record: GpuPoolUsage) -> None:
 
 
 def write_pool_ledger(name: str, ledger: PoolLedger, labels: Mapping[str, str] | None = None) -> None:
-    patch: dict[str, Any] = {"ledger": ledger.to_wire()}
-    if labels:
-        patch["metadata"] = {"labels": dict(labels)}
     response = client.CustomObjectsApi().patch_cluster_custom_object(
-        GROUP, VERSION, POOL_USAGE_PLURAL, name, patch, _preload_content=False
+        GROUP, VERSION, POOL_USAGE_PLURAL, name, pool_ledger_patch(ledger, labels), _preload_content=False
     )
     discard(response)
 
