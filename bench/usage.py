@@ -7,7 +7,8 @@
    write rate, and whether every ended pod was booked and released.
 
 Usage: python bench/usage.py [--allocations 3000] [--pods 10000] [--churn-rate 10] [--churn-seconds 60]
-[--memray heap.bin (then: python -m memray flamegraph heap.bin, which shows the peak)] [--profile churn.txt (py-spy)]
+[--memray heap.bin (then: python -m memray flamegraph heap.bin, which shows the peak)]
+[--profile churn.txt (py-spy's collapsed stacks of the churn; those of the steady pods go to churn-steady.txt)]
 Writes bench/results/usage.json.
 """
 
@@ -89,14 +90,30 @@ def pod(name: str, namespace: str) -> dict[str, Any]:
     }
 
 
-def measure(pid: int, seconds: float) -> dict[str, float]:
+def sampled(pid: int, out: str | None, rate: int) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling the operator without pausing it, into `out` as collapsed stacks; None without `out`."""
+    if out is None:
+        return None
+    command = ["py-spy", "record", "--pid", str(pid), "--output", out, "--format", "raw", "--nonblocking"]
+    return subprocess.Popen([*command, "--rate", str(rate)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_sampling(profiler: subprocess.Popen[bytes] | None) -> None:
+    if profiler is not None:
+        profiler.send_signal(signal.SIGINT)  # py-spy writes what it sampled when interrupted
+        profiler.wait(timeout=60)
+
+
+def measure(pid: int, seconds: float, profile: str | None = None, rate: int = 50) -> dict[str, float]:
     """Operator CPU (cores) and peak RSS, and ledger writes per second, over `seconds`."""
+    profiler = sampled(pid, profile, rate)
     cpu0, writes0 = cpu_seconds(pid), metric_value(scrape()[1], "gpuaas_ledger_writes_total")
     peak = 0.0
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         peak = max(peak, rss_mib(pid))
         time.sleep(1)
+    stop_sampling(profiler)
     writes1 = metric_value(scrape()[1], "gpuaas_ledger_writes_total")
     return {
         "operator_cpu_cores": round((cpu_seconds(pid) - cpu0) / seconds, 3),
@@ -116,8 +133,10 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         metavar="FILE",
-        help="Collapsed stacks of the operator during the churn, by py-spy (on PATH, sampling without pausing it).",
+        help="Collapsed stacks of the operator during the churn, by py-spy (on PATH, sampling without pausing it); "
+        "those of the steady pods go beside it, with -steady before the suffix.",
     )
+    parser.add_argument("--profile-rate", type=int, default=50, help="py-spy's samples a second.")
     parser.add_argument(
         "--memray", metavar="FILE", help="Run the operator under memray (aggregated; needs memray installed) into FILE."
     )
@@ -151,6 +170,10 @@ def main() -> None:
                 "bytes": len(scrape()[1]),
             }
 
+            steady_profile = None
+            if options.profile:
+                path = Path(options.profile)
+                steady_profile = str(path.with_name(f"{path.stem}-steady{path.suffix}"))
             # About `pods` running 1-GPU pods, spread over the admitted grants.
             names: list[tuple[str, str]] = []
             for allocation_name, granted in active:
@@ -175,7 +198,7 @@ def main() -> None:
             result["running_pods"] = {
                 "pods": len(names),
                 "create_seconds": round(created, 1),
-                **measure(operator.pid, options.settle_seconds),
+                **measure(operator.pid, options.settle_seconds, steady_profile, options.profile_rate),
             }
 
             # Churn: end RATE pods and start RATE new ones every second.
@@ -211,13 +234,7 @@ def main() -> None:
             stop.unlink(missing_ok=True)
             scraper = subprocess.Popen([sys.executable, str(Path(__file__).parent / "scraper.py"), METRICS,
                                         str(outside), str(stop)])  # fmt: skip
-            profiler = None
-            if options.profile:
-                profiler = subprocess.Popen(
-                    ["py-spy", "record", "--pid", str(operator.pid), "--output", options.profile, "--format", "raw",
-                     "--nonblocking", "--rate", "50"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                )  # fmt: skip
+            profiler = sampled(operator.pid, options.profile, options.profile_rate)
             with ThreadPoolExecutor(1) as executor:
                 future = executor.submit(churn)
                 while not future.done():
@@ -228,9 +245,7 @@ def main() -> None:
                 future.result()
             stop.touch()
             scraper.wait(timeout=60)
-            if profiler is not None:
-                profiler.send_signal(signal.SIGINT)  # py-spy writes what it sampled when interrupted
-                profiler.wait(timeout=60)
+            stop_sampling(profiler)
             apart = [json.loads(line) for line in outside.read_text().splitlines()]
             elapsed = time.monotonic() - churn_started
             text = scrape()[1]
