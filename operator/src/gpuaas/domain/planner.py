@@ -255,7 +255,7 @@ def intake(
 def held_by_allocation(snap: PoolSnapshot) -> dict[str, list[HeldPod]]:
     """The GPU pods of each allocation's namespace (when the namespace is still the allocation's own)."""
     return {
-        view.name: [pod.held() for pod in snap.pods_of(view.target_namespace)]
+        view.name: [pod.held for pod in snap.pods_of(view.target_namespace)]
         for view in snap.allocations
         if snap.namespace_is_of(view.target_namespace, view.name)
     }
@@ -347,7 +347,7 @@ def expired_pod_stops(
     namespace and PVCs stay."""
     if now < spec.window.end + timedelta(seconds=spec.grace_period_seconds):
         return []
-    return [pod.stop(max_grace_seconds) for pod in pods if holds_quota(pod.held())]
+    return [pod.stop(max_grace_seconds) for pod in pods if holds_quota(pod.held)]
 
 
 def beyond_grant_stops(
@@ -355,7 +355,7 @@ def beyond_grant_stops(
 ) -> list[Action]:
     """Suspension, idle reclaim and a smaller grant take GPUs away: the pods holding them stop now."""
     by_name = {pod.name: pod for pod in pods}
-    stopping = pods_to_stop(decision.phase, decision.granted_gpus, [pod.held() for pod in pods])
+    stopping = pods_to_stop(decision.phase, decision.granted_gpus, [pod.held for pod in pods])
     if not stopping:
         return []
     actions: list[Action] = [by_name[held.name].stop(max_grace_seconds) for held in stopping]
@@ -417,7 +417,7 @@ def plan_tenant(
         nodes=nodes.nodes,
         node_shortfall=nodes.shortfall,
         in_use_gpus=sum(pod.gpus for pod in pods if pod.running),
-        held_gpus=quota_held(pod.held() for pod in pods),
+        held_gpus=quota_held(pod.held for pod in pods),
     )
 
 
@@ -490,9 +490,30 @@ def with_usage(sample: AllocationSample, records: Mapping[str, UsageLedger]) -> 
     )
 
 
-def fingerprint(c: Candidate, decision: AdmissionDecision, snap: PoolSnapshot) -> tuple[object, ...]:
-    """Everything a full pass of one allocation reads, except the clock: while it is unchanged and nothing is due
-    (`recheck_at`), the allocation's last sample stands and nothing is written."""
+def pass_inputs(
+    view: AllocationView, snap: PoolSnapshot, written_status: Mapping[str, Any] | None, remembered_grant: int | None
+) -> tuple[object, ...]:
+    """Everything one allocation's `intake` and `snapshot_reads` read, besides its spec (which follows from the view):
+    while these compare equal, both give what they gave. The indexes hand out the same objects while nothing
+    changes, so for an unchanged allocation the comparison is one of identities, not of contents."""
+    namespace = view.target_namespace
+    return (
+        view,
+        written_status,
+        remembered_grant,
+        tuple(snap.namespace_claims.get(namespace, ())),
+        snap.namespaces.get(namespace),
+        snap.terminating_namespaces.get(namespace),
+        tuple(snap.pods_of(namespace)),
+        tuple(snap.departed_by_namespace.get(namespace, ())),
+        tuple(snap.observed.get(key) for key in tenant_object_keys(namespace)),
+        snap.generation,
+        snap.other_pools_device_classes,
+    )
+
+
+def snapshot_reads(c: Candidate, snap: PoolSnapshot) -> tuple[object, ...]:
+    """What a full pass of one allocation reads from the snapshot beyond its intake, in short."""
     namespace = c.spec.target_namespace
     pods = tuple(sorted((p.uid, p.running) for p in snap.pods_of(namespace)))
     ledger_pods = tuple(
@@ -500,11 +521,17 @@ def fingerprint(c: Candidate, decision: AdmissionDecision, snap: PoolSnapshot) -
     )
     versions = tuple(
         (snap.observed.get(key) or {}).get("metadata", {}).get("resourceVersion")
-        for key in tenant_object_keys(c.spec.target_namespace)
+        for key in tenant_object_keys(namespace)
     )
     # The pool's spec and the other pools' GPU classes shape the quota.
     pool = (snap.generation, snap.other_pools_device_classes)
-    return (c.view.resource_version, c.grant, decision, pods, ledger_pods, versions, pool)
+    return (pods, ledger_pods, versions, pool)
+
+
+def fingerprint(c: Candidate, decision: AdmissionDecision, reads: tuple[object, ...]) -> tuple[object, ...]:
+    """Everything a full pass of one allocation reads, except the clock: while it is unchanged and nothing is due
+    (`recheck_at`), the allocation's last sample stands and nothing is written. `reads`: `snapshot_reads`."""
+    return (c.view.resource_version, c.grant, decision, *reads)
 
 
 def recheck_at(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 from gpuaas.api.allocation import ALLOCATION_LABEL
@@ -59,7 +60,9 @@ class PodView:
         """Delete it with its own grace, never more than its pool allows (pods admitted before a lower cap)."""
         return DeletePod(self.namespace, self.name, min(self.grace_seconds, max_grace_seconds))
 
+    @cached_property
     def held(self) -> HeldPod:
+        """Made once per pod state: every pass's admission reads it for every pod of the pool."""
         interval = self.ledger.interval
         return HeldPod(
             name=self.name,

@@ -54,6 +54,16 @@ class _Cached:
     refresh_at: datetime  # when its usage counters are booked again (planner.METRICS_REFRESH)
 
 
+@dataclass
+class _Intake:
+    """An allocation's intake as a candidate, kept while its `planner.pass_inputs` compare equal: a steady pass does
+    not redo each allocation's intake and fingerprint, only compares what they were made from."""
+
+    inputs: tuple[object, ...]
+    candidate: Candidate
+    reads: tuple[object, ...] | None = None  # planner.snapshot_reads, once a pass needed them
+
+
 @dataclass(frozen=True)
 class PassResult:
     pool: GpuPoolStatus
@@ -81,6 +91,7 @@ class PoolReconciler:
     # uid -> namespace: deleted allocations whose namespace is still terminating (reported as a metric).
     waiting_namespaces: dict[str, str] = field(default_factory=dict)
     cache: dict[str, _Cached] = field(default_factory=dict)
+    intakes: dict[str, _Intake] = field(default_factory=dict)
     specs: dict[str, tuple[int | None, GpuAllocationSpec]] = field(default_factory=dict)
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=WORKERS))
     # The pool's month records (program = usable granted + unallocated + down); made on the first pass.
@@ -110,10 +121,17 @@ class PoolReconciler:
 
         candidates: list[Candidate] = []
         for view in snap.allocations:
+            kept = self._kept_intake(view, snap)
+            if kept is not None:
+                candidates.append(kept.candidate)
+                continue
+            self.intakes.pop(view.uid, None)
             if view.uid in self.in_flight:
                 found = self._candidate_in_flight(view, snap)
             else:
                 found = self._intake(view, snap, members, pool_spec, now)
+                if found is not None:
+                    self._keep_intake(view, snap, found)
             if found is not None:
                 candidates.append(found)
         self._forget_all_but({view.uid for view in snap.allocations} | set(self.in_flight))
@@ -181,7 +199,10 @@ class PoolReconciler:
             uid = c.view.uid
             if uid in self.in_flight:
                 continue  # its grant counted above; its writes get the decision of a pass after they end
-            fingerprint = (*planner.fingerprint(c, decisions[c.view.name], snap), down.get(c.view.name, 0))
+            fingerprint = (
+                *planner.fingerprint(c, decisions[c.view.name], self._reads(c, snap)),
+                down.get(c.view.name, 0),
+            )
             cached = self.cache.get(uid)
             if cached is not None and cached.fingerprint == fingerprint and now < cached.recheck_at:
                 # Nothing it depends on changed, and nothing is due but, now and then, its usage counters.
@@ -239,7 +260,7 @@ class PoolReconciler:
         return self.pool_ledger
 
     def _forget_all_but(self, live_uids: set[str]) -> None:
-        for memory in (self.cache, self.specs, self.waiting_namespaces, self.applied, self.last_samples):
+        for memory in (self.cache, self.intakes, self.specs, self.waiting_namespaces, self.applied, self.last_samples):
             for uid in set(memory) - live_uids:
                 memory.pop(uid, None)
         for uid in set(self.granted) - live_uids:
@@ -250,6 +271,28 @@ class PoolReconciler:
     def _perform_all(self, actions: Iterable[Action]) -> None:
         for action in actions:
             self.writer.perform(action)
+
+    def _inputs(self, view: AllocationView, snap: PoolSnapshot) -> tuple[object, ...]:
+        return planner.pass_inputs(view, snap, self.written.get(view.uid), self.granted.get(view.uid))
+
+    def _kept_intake(self, view: AllocationView, snap: PoolSnapshot) -> _Intake | None:
+        """The allocation's intake of an earlier pass, if nothing it was made from changed since."""
+        kept = self.intakes.get(view.uid)
+        if kept is None or view.deleting or kept.inputs != self._inputs(view, snap):
+            return None
+        return kept
+
+    def _keep_intake(self, view: AllocationView, snap: PoolSnapshot, candidate: Candidate) -> None:
+        """Only after `_intake`'s own writes (the finalizer added): a kept intake skips them too."""
+        self.intakes[view.uid] = _Intake(self._inputs(view, snap), candidate)
+
+    def _reads(self, c: Candidate, snap: PoolSnapshot) -> tuple[object, ...]:
+        kept = self.intakes.get(c.view.uid)
+        if kept is None or kept.candidate is not c:
+            return planner.snapshot_reads(c, snap)
+        if kept.reads is None:
+            kept.reads = planner.snapshot_reads(c, snap)
+        return kept.reads
 
     def _intake(
         self, view: AllocationView, snap: PoolSnapshot, members: list[NodeInfo], pool_spec: GpuPoolSpec, now: datetime
