@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +154,20 @@ class OperatorProcess:
         """Until the pool has run `count` more passes: what a later pass could change, it has changed by then."""
         target = self.passes(pool) + count
         wait_for(lambda: self.passes(pool) >= target, timeout=30, message=f"{count} more passes of pool {pool}")
+
+    @contextmanager
+    def restarted_with(self, *args: str) -> Iterator[OperatorProcess]:
+        """Restarted with `args` added to its command line, and back as it was afterwards."""
+        plain = self.extra_args
+        self.stop()
+        self.extra_args = (*plain, *args)
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+            self.extra_args = plain
+            self.start()
 
     def kill(self) -> None:
         """SIGKILL: no graceful shutdown, as when a node dies under the operator."""

@@ -39,16 +39,8 @@ def service_account_token(cluster: LocalCluster, namespace: str, name: str) -> s
 @pytest.fixture
 def guarded_operator(operator: OperatorProcess) -> Iterator[OperatorProcess]:
     """The shared operator, restarted with --metrics-auth as the chart runs it, and back without it afterwards."""
-    plain = operator.extra_args
-    operator.stop()
-    operator.extra_args = (*plain, "--metrics-auth")
-    operator.start()
-    try:
-        yield operator
-    finally:
-        operator.stop()
-        operator.extra_args = plain
-        operator.start()
+    with operator.restarted_with("--metrics-auth") as guarded:
+        yield guarded
 
 
 def test_only_subjects_allowed_to_get_metrics_can_read_them(
