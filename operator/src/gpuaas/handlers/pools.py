@@ -77,9 +77,14 @@ def wakeup(memo: kopf.Memo, pool: str) -> asyncio.Event:
     return events.setdefault(pool, asyncio.Event())
 
 
+def _all(index: kopf.Index[Any, Any], key: Any) -> list[Any]:
+    """The values under `key`. Not `index.get`: Mapping's get raises and catches a KeyError for every absent key,
+    and most of a pass's lookups (terminating namespaces, departed pods, bindings) find none."""
+    return list(index[key]) if key in index else []
+
+
 def _one(index: kopf.Index[Any, Any], key: Any) -> Any:
-    store = index.get(key)
-    return next(iter(store), None) if store is not None else None
+    return next(iter(index[key]), None) if key in index else None
 
 
 def snapshot(
@@ -87,7 +92,7 @@ def snapshot(
 ) -> PoolSnapshot:
     """Copy what one pass needs out of the indexes, synchronously, so it is consistent. Only this pool's
     allocations' namespaces are looked up: a pass costs what its pool holds, not what the cluster holds."""
-    allocations: list[AllocationView] = list(indexes["allocations_by_pool"].get(name, []))
+    allocations: list[AllocationView] = _all(indexes["allocations_by_pool"], name)
     namespaces = {allocation.target_namespace for allocation in allocations}
     observed: dict[tuple[str, str, str], Any] = {}
     claims: dict[str, list[NamespaceClaim]] = {}
@@ -101,24 +106,24 @@ def snapshot(
             found = _one(indexes[index_name], key)
             if found is not None:
                 observed[key] = found
-        claims[namespace] = list(indexes["allocations_by_namespace"].get(namespace, []))
+        claims[namespace] = _all(indexes["allocations_by_namespace"], namespace)
         found_terminating = _one(indexes["terminating_namespaces"], namespace)
         if found_terminating is not None:
             terminating[namespace] = found_terminating
-        pods[namespace] = list(indexes["gpu_pods_by_namespace"].get(namespace, []))
-        bindings[namespace] = list(indexes["tenant_role_bindings"].get(namespace, []))
+        pods[namespace] = _all(indexes["gpu_pods_by_namespace"], namespace)
+        bindings[namespace] = _all(indexes["tenant_role_bindings"], namespace)
         gone[namespace] = departed.of(namespace)
         found_labels = _one(indexes["namespace_labels"], namespace)
         if found_labels is not None:
             labels[namespace] = found_labels
     uids = {a.uid for a in allocations}
-    usage = {uid: {r.name: r for r in indexes["usage_by_allocation"].get(uid, [])} for uid in uids}
+    usage = {uid: {r.name: r for r in _all(indexes["usage_by_allocation"], uid)} for uid in uids}
     nodes: list[NodeInfo] = [info for store in indexes["nodes_by_name"].values() for info in store]
     spec = GpuPoolSpec.model_validate(dict(body.get("spec") or {}))
     if spec.dra is not None:  # a DRA node's GPUs are the devices its driver publishes, not an allocatable count
         published = indexes["devices_by_node"]
         driver = spec.dra.driver_name
-        nodes = [replace(node, allocatable_gpus=node_devices(published.get(node.name, []), driver)) for node in nodes]
+        nodes = [replace(node, allocatable_gpus=node_devices(_all(published, node.name), driver)) for node in nodes]
     pools: kopf.Index[str, PoolRules] = indexes["pools_by_name"]
     other_classes = {r.device_class for pool, store in pools.items() if pool != name for r in store if r.device_class}
     return PoolSnapshot(
