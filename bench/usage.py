@@ -104,6 +104,21 @@ def stop_sampling(profiler: subprocess.Popen[bytes] | None) -> None:
         profiler.wait(timeout=60)
 
 
+def create_pod(core: client.CoreV1Api, namespace: str, body: dict[str, Any]) -> None:
+    """Create it, once the namespace's default ServiceAccount exists: the API server refuses pods before that, and a
+    namespace made moments ago may not have it yet."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            core.create_namespaced_pod(namespace, body)
+            return
+        except client.ApiException as error:
+            waiting = error.status == 403 and "serviceaccount" in str(error.body) and time.monotonic() < deadline
+            if not waiting:
+                raise
+            time.sleep(1)
+
+
 def measure(pid: int, seconds: float, profile: str | None = None, rate: int = 50) -> dict[str, float]:
     """Operator CPU (cores) and peak RSS, and ledger writes per second, over `seconds`."""
     profiler = sampled(pid, profile, rate)
@@ -185,7 +200,7 @@ def main() -> None:
                 raise RuntimeError(f"no admitted allocation to run pods in; phases seen: {phases}")
             started = time.monotonic()
             with ThreadPoolExecutor(32) as executor:
-                list(executor.map(lambda n: core.create_namespaced_pod(n[1], pod(*n)), names))
+                list(executor.map(lambda n: create_pod(core, n[1], pod(*n)), names))
             created = time.monotonic() - started
             while True:
                 running = sum(

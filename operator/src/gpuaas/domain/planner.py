@@ -495,7 +495,8 @@ def pass_inputs(
 ) -> tuple[object, ...]:
     """Everything one allocation's `intake` and `snapshot_reads` read, besides its spec (which follows from the view):
     while these compare equal, both give what they gave. The indexes hand out the same objects while nothing
-    changes, so for an unchanged allocation the comparison is one of identities, not of contents."""
+    changes, so for an unchanged allocation the comparison is one of identities, not of contents. Whatever `intake`
+    or `snapshot_reads` comes to read must be added here (tests/unit/test_steady_pass.py changes each input)."""
     namespace = view.target_namespace
     return (
         view,
