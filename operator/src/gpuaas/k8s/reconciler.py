@@ -121,17 +121,19 @@ class PoolReconciler:
 
         candidates: list[Candidate] = []
         for view in snap.allocations:
-            kept = self._kept_intake(view, snap)
-            if kept is not None:
+            # What the intake is made from; `_intake` changes none of it for a candidate (only its finalizer write).
+            inputs = planner.pass_inputs(view, snap, self.written.get(view.uid), self.granted.get(view.uid))
+            kept = self.intakes.pop(view.uid, None)
+            if kept is not None and kept.inputs == inputs:
+                self.intakes[view.uid] = kept
                 candidates.append(kept.candidate)
                 continue
-            self.intakes.pop(view.uid, None)
             if view.uid in self.in_flight:
                 found = self._candidate_in_flight(view, snap)
             else:
                 found = self._intake(view, snap, members, pool_spec, now)
-                if found is not None:
-                    self._keep_intake(view, snap, found)
+                if found is not None:  # only after `_intake`'s own writes: a kept intake skips them too
+                    self.intakes[view.uid] = _Intake(inputs, found)
             if found is not None:
                 candidates.append(found)
         self._forget_all_but({view.uid for view in snap.allocations} | set(self.in_flight))
@@ -271,20 +273,6 @@ class PoolReconciler:
     def _perform_all(self, actions: Iterable[Action]) -> None:
         for action in actions:
             self.writer.perform(action)
-
-    def _inputs(self, view: AllocationView, snap: PoolSnapshot) -> tuple[object, ...]:
-        return planner.pass_inputs(view, snap, self.written.get(view.uid), self.granted.get(view.uid))
-
-    def _kept_intake(self, view: AllocationView, snap: PoolSnapshot) -> _Intake | None:
-        """The allocation's intake of an earlier pass, if nothing it was made from changed since."""
-        kept = self.intakes.get(view.uid)
-        if kept is None or view.deleting or kept.inputs != self._inputs(view, snap):
-            return None
-        return kept
-
-    def _keep_intake(self, view: AllocationView, snap: PoolSnapshot, candidate: Candidate) -> None:
-        """Only after `_intake`'s own writes (the finalizer added): a kept intake skips them too."""
-        self.intakes[view.uid] = _Intake(self._inputs(view, snap), candidate)
 
     def _reads(self, c: Candidate, snap: PoolSnapshot) -> tuple[object, ...]:
         kept = self.intakes.get(c.view.uid)
