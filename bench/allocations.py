@@ -6,13 +6,15 @@
    (bench/ssa_baseline.py) on a fresh cluster.
 
 Usage: python bench/allocations.py [--latency-samples 50] [--bulk 3000 (0: latency only)] [--out allocations.json]
-[--profile flame.svg] [--bulk-gpus 1 --no-baseline]. Writes bench/results/allocations.json (or the --out name).
+[--profile latency.txt] [--profile-bulk bulk.txt] [--bulk-gpus 1 --no-baseline].
+Writes bench/results/allocations.json (or the --out name).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -37,6 +39,7 @@ CLUSTER = "gpuaas-bench"
 KUBECONFIG = REPO / ".cluster" / f"{CLUSTER}.kubeconfig"
 POOLS = SCENARIOS["program"].pools
 SIZES = (1, 2, 4, 8)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def gpuaas(*args: str) -> None:
@@ -173,6 +176,29 @@ def status_kib(pid: int, field: str) -> int:
     )
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU of the operator and its metrics server."""
+    total = 0
+    for member in process_tree(pid):
+        fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
+
+
+def sampled(pid: int, out: str | None, rate: int) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling the operator without pausing it, into `out` as collapsed stacks; None without `out`."""
+    if out is None:
+        return None
+    command = ["py-spy", "record", "--pid", str(pid), "--output", out, "--format", "raw", "--nonblocking"]
+    return subprocess.Popen([*command, "--rate", str(rate)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_sampling(profiler: subprocess.Popen[bytes] | None) -> None:
+    if profiler is not None:
+        profiler.send_signal(signal.SIGINT)  # py-spy writes what it sampled when interrupted
+        profiler.wait(timeout=60)
+
+
 def passes_and_memory(pid: int) -> dict[str, Any]:
     """The operator's pool passes so far (all, and those over 2 s, from its duration histogram) and its peak RSS."""
     with urllib.request.urlopen("http://127.0.0.1:18180/metrics", timeout=30) as response:
@@ -213,11 +239,9 @@ def main() -> None:
     parser.add_argument("--bulk-gpus", type=int, help="GPUs of every bulk allocation (default: 1, 2, 4, 8 in turn).")
     parser.add_argument("--no-baseline", action="store_true", help="Skip the plain SSA baseline.")
     parser.add_argument("--out", default="allocations.json", help="File name under bench/results/.")
-    parser.add_argument(
-        "--profile",
-        help="Profile of the operator during the latency samples, by py-spy (on PATH): a flame graph (.svg) or "
-        "collapsed stacks (.txt).",
-    )
+    parser.add_argument("--profile", help="py-spy's collapsed stacks of the operator during the latency samples.")
+    parser.add_argument("--profile-bulk", help="py-spy's collapsed stacks of the operator during the bulk.")
+    parser.add_argument("--profile-rate", type=int, default=50, help="py-spy's samples a second.")
     options = parser.parse_args()
     result: dict[str, Any] = {"scenario": "program", "nodes": 1307}
 
@@ -233,25 +257,9 @@ def main() -> None:
     operator = start_operator()
     try:
         with new_api_client(str(KUBECONFIG), pool_size=32) as api:
-            profiler = None
-            if options.profile:
-                command = [
-                    "py-spy",
-                    "record",
-                    "--pid",
-                    str(operator.pid),
-                    "--output",
-                    options.profile,
-                    "--subprocesses",
-                    # .svg: a flame graph; .txt: collapsed stacks, to read with grep and sort
-                    "--format",
-                    "raw" if options.profile.endswith(".txt") else "flamegraph",
-                ]
-                profiler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            profiler = sampled(operator.pid, options.profile, options.profile_rate)
             samples = latency(api, options.latency_samples)
-            if profiler is not None:
-                profiler.send_signal(signal.SIGINT)  # py-spy writes the flame graph when interrupted
-                profiler.wait(timeout=60)
+            stop_sampling(profiler)
             if samples:
                 totals = [total for total, _ in samples]
                 result["apply_to_ready_seconds"] = {"samples": len(samples), **spread(totals)}
@@ -260,7 +268,11 @@ def main() -> None:
                 slowest = sorted(samples, reverse=True)[: max(1, len(samples) // 50)]
                 result["slowest_samples"] = [{"total": round(t, 3), "create_call": round(c, 3)} for t, c in slowest]
             if options.bulk:
+                profiler = sampled(operator.pid, options.profile_bulk, options.profile_rate)
+                cpu_before = cpu_seconds(operator.pid)
                 result["bulk"] = bulk(api, options.bulk, options.bulk_gpus)
+                result["bulk"]["operator_cpu_seconds"] = round(cpu_seconds(operator.pid) - cpu_before, 1)
+                stop_sampling(profiler)
                 result["bulk"].update(passes_and_memory(operator.pid))
     finally:
         operator.terminate()

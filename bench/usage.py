@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,29 +31,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from allocations import (
     KUBECONFIG,
     REPO,
+    cpu_seconds,
     decided,
     fresh_cluster,
     gpuaas,
     manifest,
-    process_tree,
+    sampled,
     start_operator,
     status_kib,
+    stop_sampling,
 )
 from report import report_steps
 
 from gpuaas.k8s.client import new_api_client
 
 METRICS = "http://127.0.0.1:18180/metrics"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU of the operator and its metrics server."""
-    total = 0
-    for member in process_tree(pid):
-        fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
 
 
 def rss_mib(pid: int) -> float:
@@ -88,20 +78,6 @@ def pod(name: str, namespace: str) -> dict[str, Any]:
             ]
         },
     }
-
-
-def sampled(pid: int, out: str | None, rate: int) -> subprocess.Popen[bytes] | None:
-    """py-spy sampling the operator without pausing it, into `out` as collapsed stacks; None without `out`."""
-    if out is None:
-        return None
-    command = ["py-spy", "record", "--pid", str(pid), "--output", out, "--format", "raw", "--nonblocking"]
-    return subprocess.Popen([*command, "--rate", str(rate)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def stop_sampling(profiler: subprocess.Popen[bytes] | None) -> None:
-    if profiler is not None:
-        profiler.send_signal(signal.SIGINT)  # py-spy writes what it sampled when interrupted
-        profiler.wait(timeout=60)
 
 
 def create_pod(core: client.CoreV1Api, namespace: str, body: dict[str, Any]) -> None:
