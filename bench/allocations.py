@@ -121,6 +121,33 @@ def latency(api: client.ApiClient, samples: int) -> list[tuple[float, float]]:
     return results
 
 
+WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE", "APPLY")
+
+
+def api_writes(api: client.ApiClient) -> dict[str, float]:
+    """The API server's write requests so far, by resource and verb (its apiserver_request_total)."""
+    response = api.call_api("/metrics", "GET", auth_settings=["BearerToken"], _preload_content=False)
+    counts: dict[str, float] = {}
+    for line in response[0].data.decode().splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(part.split("=", 1) for part in line[line.index("{") + 1 : line.rindex("}")].split(","))
+        verb = labels.get("verb", "").strip('"')
+        if verb in WRITE_VERBS:
+            resource = "/".join(
+                labels[name].strip('"') for name in ("resource", "subresource") if labels.get(name, '""') != '""'
+            )
+            key = f"{resource} {verb}"
+            counts[key] = counts.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def writes_between(before: dict[str, float], after: dict[str, float], allocations: int) -> dict[str, float]:
+    """Write requests per allocation, by resource and verb, between two counts."""
+    per = {key: (after[key] - before.get(key, 0.0)) / allocations for key in after}
+    return {key: round(value, 2) for key, value in sorted(per.items()) if value >= 0.01}
+
+
 def spread(values: list[float]) -> dict[str, float]:
     return {
         "p50": round(statistics.median(values), 3),
@@ -249,8 +276,10 @@ def main() -> None:
         fresh_cluster()
         with new_api_client(str(KUBECONFIG), pool_size=32) as api:
             started = time.monotonic()
+            writes_before = api_writes(api)
             write_all(api, baseline_objects(options.bulk), workers=16)
             result["baseline_ssa_seconds"] = round(time.monotonic() - started, 1)
+            result["baseline_writes_per_allocation"] = writes_between(writes_before, api_writes(api), options.bulk)
             result["baseline_objects"] = options.bulk * 4
 
     fresh_cluster()
@@ -269,8 +298,9 @@ def main() -> None:
                 result["slowest_samples"] = [{"total": round(t, 3), "create_call": round(c, 3)} for t, c in slowest]
             if options.bulk:
                 profiler = sampled(operator.pid, options.profile_bulk, options.profile_rate)
-                cpu_before = cpu_seconds(operator.pid)
+                cpu_before, writes_before = cpu_seconds(operator.pid), api_writes(api)
                 result["bulk"] = bulk(api, options.bulk, options.bulk_gpus)
+                result["bulk"]["writes_per_allocation"] = writes_between(writes_before, api_writes(api), options.bulk)
                 result["bulk"]["operator_cpu_seconds"] = round(cpu_seconds(operator.pid) - cpu_before, 1)
                 stop_sampling(profiler)
                 result["bulk"].update(passes_and_memory(operator.pid))
