@@ -126,9 +126,11 @@ WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE", "APPLY")
 
 def api_writes(api: client.ApiClient) -> dict[str, float]:
     """The API server's write requests so far, by resource and verb (its apiserver_request_total)."""
-    response = api.call_api("/metrics", "GET", auth_settings=["BearerToken"], _preload_content=False)
+    method, url, headers, _, _ = api.param_serialize("GET", "/metrics", auth_settings=["BearerToken"])
+    response = api.call_api(method, url, headers)
+    response.read()
     counts: dict[str, float] = {}
-    for line in response[0].data.decode().splitlines():
+    for line in response.data.decode().splitlines():
         if not line.startswith("apiserver_request_total{"):
             continue
         labels = dict(part.split("=", 1) for part in line[line.index("{") + 1 : line.rindex("}")].split(","))
