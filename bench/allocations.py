@@ -52,10 +52,12 @@ def fresh_cluster() -> None:
 
 
 def pools_reconciled() -> bool:
-    """Every pool has had its first pass (which taints a new pool's nodes)."""
+    """Every pool has had a pass that found all its nodes healthy: until then a bulk would be queued for capacity that
+    the cluster's nodes (still settling after `cluster up`) do not show yet, and would meet the first passes' taints."""
     with new_api_client(str(KUBECONFIG)) as api:
         pools = client.CustomObjectsApi(api).list_cluster_custom_object("gpuaas.io", "v1alpha1", "gpupools")["items"]
-    return bool(pools) and all("observedGeneration" in (p.get("status") or {}) for p in pools)
+    capacity = {p["metadata"]["name"]: (p.get("status") or {}).get("capacityGPUs") for p in pools}
+    return capacity == {pool.name: pool.gpus for pool in POOLS}
 
 
 def start_operator(wrapper: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
