@@ -166,8 +166,9 @@ def test_each_change_is_kept_once_in_the_record_of_its_month() -> None:
     assert sorted(created) == ["2026-10", "2026-11"]
     assert created["2026-10"].ledger.history == [earlier]
     assert created["2026-11"].ledger.history == [latest]
+    # An event for each change but the create, which the allocation's first phase event marks.
     events = [action for action in plan.actions if isinstance(action, PostEvent)]
-    assert [event.message for event in events] == ["program-office: created", "officer-kim: gpus 8 -> 16"]
+    assert [event.message for event in events] == ["officer-kim: gpus 8 -> 16"]
     # Booked again with what was written: nothing more to write, and no second event.
     again = book([earlier, latest], WrittenLedger(records=dict(created), last_write=NOW))
     assert [a for a in again.actions if isinstance(a, CreateUsage | WriteUsageLedger | PostEvent)] == []
@@ -199,3 +200,14 @@ def test_a_delete_stamp_that_does_not_parse_never_holds_up_the_release() -> None
     assert stamped_changes(stamps, SPEC, deleting, deleting)[-1] == GrantChange(
         at=deleting, by=UNKNOWN_REQUESTER, changes=["deleted"]
     )
+
+
+def test_a_stamped_create_posts_no_event_but_a_spec_changed_unseen_does() -> None:
+    """The create's first phase event (Active, Queued...) marks it; a spec no stamp describes is worth a warning."""
+    created = GrantChange(at=NOW, by="program-office", changes=describe_spec_change(None, SPEC))
+    (unseen,) = stamped_changes({}, SPEC, None, NOW + timedelta(minutes=1))
+    plan = book([created, unseen], WrittenLedger(last_write=NOW))
+    (record,) = [action.record for action in plan.actions if isinstance(action, CreateUsage)]
+    assert record.ledger.history == [created, unseen]
+    events = [action for action in plan.actions if isinstance(action, PostEvent)]
+    assert [event.message for event in events] == [f"{UNKNOWN_REQUESTER}: {unseen.changes[0]}"]

@@ -17,7 +17,7 @@ from gpuaas.api.allocation import ALLOCATION_KIND
 from gpuaas.api.usage import GpuUsage, GpuUsageSpec, GrantChange, UsageLedger, usage_labels, usage_name
 from gpuaas.domain.actions import Action, CreateUsage, PostEvent, ReleasePod, WriteUsageLedger
 from gpuaas.domain.departed import WATERMARK_KEEP
-from gpuaas.domain.history import UNKNOWN_REQUESTER
+from gpuaas.domain.history import UNKNOWN_REQUESTER, is_creation
 from gpuaas.domain.ledger import (
     GrantState,
     LedgerPod,
@@ -281,7 +281,9 @@ def plan_booking(
         else:
             dropped = tuple(sorted(set(record.ledger.pods) - set(booked_month.pods)))
             actions.append(WriteUsageLedger(record.name, booked_month, dropped, usage_labels(record.spec)))
-    for change in new_changes:  # `kubectl describe` shows them beside the latest stamp
+    # `kubectl describe` shows them beside the latest stamp. Not a create: the allocation's first phase event marks
+    # it, and its stamp names who asked; a second event for every new allocation would cost a write in a burst.
+    for change in (change for change in new_changes if not is_creation(change)):
         message = f"{change.by}: {'; '.join(change.changes)}"
         actions.append(
             PostEvent(ALLOCATION_KIND, identity.allocation, identity.allocation_uid, "GrantChanged", message)

@@ -28,6 +28,7 @@ RECENT_CHANGES_KEPT = 10
 DELETE_REQUESTED_ANNOTATION = "gpuaas.io/delete-requested"
 HISTORY_ANNOTATIONS = (RECENT_CHANGES_ANNOTATION, DELETE_REQUESTED_ANNOTATION)
 UNKNOWN_REQUESTER = "unknown"
+CREATED = "created"  # the first word of a create's description
 # The spec fields a person reads first, in this order; any other changed field is named by its path.
 _NAMED_FIELDS = ("gpus", "window", "suspend", "priority")
 
@@ -49,9 +50,9 @@ def _text(value: object) -> str:
 def describe_spec_change(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:
     """What changed from `old` to `new` in words; `old` None is a create. Empty: nothing in the spec changed."""
     if old is None:
-        window = new.get("window") or {}
+        window, tenant = new.get("window") or {}, (new.get("tenant") or {}).get("name")
         return [
-            f"created: {new.get('gpus')} GPUs of pool {new.get('pool')} for {((new.get('tenant') or {}).get('name'))}, "
+            f"{CREATED}: {new.get('gpus')} GPUs of pool {new.get('pool')} for {tenant}, "
             f"window {window.get('start')} to {window.get('end')}"
         ]
     changes: list[str] = []
@@ -69,6 +70,11 @@ def describe_spec_change(old: Mapping[str, Any] | None, new: Mapping[str, Any]) 
         if key not in _NAMED_FIELDS and old.get(key) != new.get(key):
             changes.append(f"{key} {_text(old.get(key))} -> {_text(new.get(key))}")
     return changes
+
+
+def is_creation(change: GrantChange) -> bool:
+    """Whether the change is the allocation's create (as the webhook stamped it)."""
+    return change.changes[0].split(":", 1)[0] == CREATED
 
 
 def stamp(spec: Mapping[str, Any], by: str, at: datetime, changes: Sequence[str]) -> dict[str, Any]:
