@@ -230,31 +230,38 @@ def stop_sampling(profiler: subprocess.Popen[bytes] | None) -> None:
         profiler.wait(timeout=60)
 
 
-def passes_and_memory(pid: int) -> dict[str, Any]:
-    """The operator's pool passes so far (all, and those over 2 s, from its duration histogram) and its peak RSS."""
+PASS_BOUNDS = ("1.0", "2.0", "5.0", "10.0", "30.0")
+
+
+def pass_histogram() -> dict[str, float]:
+    """The operator's pass-duration histogram, summed over its pools: count, sum, and passes within each bound."""
     with urllib.request.urlopen("http://127.0.0.1:18180/metrics", timeout=30) as response:
-        text = response.read().decode()
+        lines = response.read().decode().splitlines()
 
-    def total(prefix: str) -> float:
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
-
-    passes = total("gpuaas_reconcile_duration_seconds_count")
-
-    def within(bound: str) -> float:
+    def total(prefix: str, bound: str | None = None) -> float:
         return sum(
             float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("gpuaas_reconcile_duration_seconds_bucket") and f'le="{bound}"' in line
+            for line in lines
+            if line.startswith(prefix) and (bound is None or f'le="{bound}"' in line)
         )
 
-    longer = {f"over_{b}s": int(passes - within(b)) for b in ("1.0", "2.0", "5.0", "10.0", "30.0")}
-    peak_kib = status_kib(pid, "VmHWM")
+    histogram = {
+        "count": total("gpuaas_reconcile_duration_seconds_count"),
+        "sum": total("gpuaas_reconcile_duration_seconds_sum"),
+    }
+    histogram.update({bound: total("gpuaas_reconcile_duration_seconds_bucket", bound) for bound in PASS_BOUNDS})
+    return histogram
+
+
+def passes_between(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """The passes that ended between two readings of the histogram: how many, how many over each bound, their time."""
+    passes = after["count"] - before.get("count", 0.0)
+    longer = {f"over_{b}s": int(passes - (after[b] - before.get(b, 0.0))) for b in PASS_BOUNDS}
     return {
         "passes": int(passes),
         "passes_over_2s": longer["over_2.0s"],
         "passes_longer_than": longer,
-        "pass_seconds_total": round(total("gpuaas_reconcile_duration_seconds_sum"), 1),
-        "operator_peak_rss_mib": peak_kib // 1024,
+        "pass_seconds_total": round(after["sum"] - before.get("sum", 0.0), 1),
     }
 
 
@@ -302,12 +309,16 @@ def main() -> None:
                 result["slowest_samples"] = [{"total": round(t, 3), "create_call": round(c, 3)} for t, c in slowest]
             if options.bulk:
                 profiler = sampled(operator.pid, options.profile_bulk, options.profile_rate)
+                passes_before = pass_histogram()
+                # The operator's start (a new pool's first pass taints its nodes) and the latency samples.
+                result["passes_before_bulk"] = passes_between({}, passes_before)
                 cpu_before, writes_before = cpu_seconds(operator.pid), api_writes(api)
                 result["bulk"] = bulk(api, options.bulk, options.bulk_gpus)
                 result["bulk"]["writes_per_allocation"] = writes_between(writes_before, api_writes(api), options.bulk)
                 result["bulk"]["operator_cpu_seconds"] = round(cpu_seconds(operator.pid) - cpu_before, 1)
                 stop_sampling(profiler)
-                result["bulk"].update(passes_and_memory(operator.pid))
+                result["bulk"].update(passes_between(passes_before, pass_histogram()))
+                result["bulk"]["operator_peak_rss_mib"] = status_kib(operator.pid, "VmHWM") // 1024
     finally:
         operator.terminate()
         operator.wait()
