@@ -163,10 +163,12 @@ def test_a_grant_that_changes_between_flushes_is_booked_under_each_state_for_its
     run.run_pass(waiting.build(), NOW)
     run.run_pass(SnapshotBuilder().with_allocation(allocation("a", 24)).build(), NOW + timedelta(seconds=30))
     assert [p.patch["phase"] for p in status_patches(writer, ALLOCATION_PLURAL)] == ["Queued", "Active"]
-    run.run_pass(SnapshotBuilder().with_allocation(allocation("a", 24)).build(), NOW + timedelta(seconds=130))
+    # Only granted time since: written with the quiet flush, ten flushes on.
+    later = NOW + timedelta(seconds=30) + QUIET_FLUSH_FACTOR * run.ledger.flush_interval
+    run.run_pass(SnapshotBuilder().with_allocation(allocation("a", 24)).build(), later)
     records = [a.record.ledger for a in writer.of(CreateUsage)] + [a.ledger for a in writer.of(WriteUsageLedger)]
-    assert records[-1].granted_gpu_seconds == 24 * 100
-    assert records[-1].booked_until == NOW + timedelta(seconds=130)
+    assert records[-1].granted_gpu_seconds == 24 * (later - NOW - timedelta(seconds=30)).total_seconds()
+    assert records[-1].booked_until == later
 
 
 @dataclass

@@ -13,7 +13,8 @@ import pytest
 
 from gpuaas.api.allocation import ALLOCATION_LABEL, ALLOCATION_PLURAL
 from gpuaas.api.pool import POOL_PLURAL
-from gpuaas.domain.actions import ApplyObject, PatchStatus
+from gpuaas.domain.actions import ApplyObject, PatchStatus, WriteUsageLedger
+from gpuaas.domain.booking import QUIET_FLUSH_FACTOR
 from gpuaas.domain.ledger import LedgerPod, PodInterval
 from gpuaas.domain.namespaces import NamespaceClaim, TerminatingNamespace
 from gpuaas.domain.snapshot import PoolSnapshot, observed_key
@@ -125,3 +126,16 @@ def test_a_grant_this_replica_changed_is_taken_in_at_the_next_pass() -> None:
     run.granted[snap.allocations[0].uid] = 16  # as a pass that admitted more, before the index shows it
     result = run.run_pass(snap, LATER)
     assert result.processed == 1
+
+
+def test_a_new_allocations_record_is_not_written_again_at_its_first_flush_only_for_its_grants_gpus() -> None:
+    """Its record is created before its grant booked any time (0 GPUs in it); the grant is the status's, so the
+    GPUs it has wait for the quiet flush with its time."""
+    run, writer, snap = settled()
+    flush = run.ledger.flush_interval
+    for flushes in range(1, QUIET_FLUSH_FACTOR):
+        run.run_pass(snap, NOW + flushes * flush + timedelta(seconds=1))
+    assert writer.of(WriteUsageLedger) == []
+    run.run_pass(snap, NOW + QUIET_FLUSH_FACTOR * flush + timedelta(seconds=1))
+    (written,) = writer.of(WriteUsageLedger)
+    assert written.ledger.granted_gpus == 8

@@ -147,8 +147,12 @@ def _add_changes(
 # finalizer until its end is written) and the record's watermarks, so a later booking, by any replica, books it.
 # Starts, ends, new GPU counts and downtime credit depend on what was seen live, and keep the flush interval.
 QUIET_FLUSH_FACTOR = 10
-# What booking moves on when only time passed under an unchanged grant and unchanged pods, with no hardware down.
+# What booking moves on when only time passed under the grant and unchanged pods, with no hardware down. The grant's
+# GPUs among them: a grant is the allocation's status, and a change of one writes what the old grant booked at once
+# (`force`); a new allocation's record, created before its grant booked any time, would otherwise be written again
+# at its first flush only to say how many GPUs the grant has.
 _TIME_ONLY_FIELDS = (
+    "granted_gpus",
     "granted_gpu_seconds",
     "granted_gpu_hours",
     "daily_granted_gpu_seconds",
