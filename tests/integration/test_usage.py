@@ -94,11 +94,14 @@ def assert_exact(cluster: LocalCluster, name: str, timeline: Timeline) -> None:
     """Within one second per pod of the test's own calculation (timestamps are whole seconds)."""
     expected = timeline.expected_gpu_seconds()
     tolerance = sum(gpus for gpus, _, _ in timeline.pods.values()) * 1.0
-    booked = wait_for(
-        lambda: (u := used_seconds(cluster, name)) and abs(u - expected) <= tolerance and u,
-        timeout=30,
-        message=f"ledger of {name} within {tolerance} GPU-s of {expected:.1f}",
-    )
+    try:
+        booked = wait_for(
+            lambda: (u := used_seconds(cluster, name)) and abs(u - expected) <= tolerance and u,
+            timeout=30,
+            message=f"ledger of {name} within {tolerance} GPU-s of {expected:.1f}",
+        )
+    except AssertionError as error:  # what was booked, and from which pod times, says which side is off
+        raise AssertionError(f"{error}; booked {used_seconds(cluster, name)}, pods {timeline.pods}") from error
     assert abs(booked - expected) <= tolerance
 
 
