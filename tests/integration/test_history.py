@@ -80,6 +80,12 @@ def test_each_change_is_kept_with_who_asked_past_the_deletion(cluster: LocalClus
     # `kubectl describe` shows the latest change and the recorded ones as events.
     described = cluster.kubectl("describe", "gpuallocation", name).stdout
     assert "officer-kim: suspended" in described, described
+    # Each change after the create is a GrantChanged event; the create is marked by the first phase event.
+    about = f"involvedObject.name={name}"
+    events = client.CoreV1Api(cluster.api).list_namespaced_event("default", field_selector=about)
+    grant_changes = sorted(e.message for e in events.items if e.reason == "GrantChanged")
+    assert grant_changes == ["officer-kim: suspended", "officer-lee: gpus 2 -> 4"], grant_changes
+    assert "Active" in {e.reason for e in events.items}
 
     as_officer(cluster, "officer-lee", "delete", "gpuallocation", name, "--wait=false")
     wait_for(lambda: not allocation_exists(cluster, name), timeout=60, message="the allocation released")
