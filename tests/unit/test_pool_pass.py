@@ -13,7 +13,6 @@ from gpuaas.domain.actions import (
     ApplyObject,
     CreateUsage,
     DeletePod,
-    PatchNode,
     PatchStatus,
     ReleasePod,
     RemoveAllocationFinalizer,
@@ -35,7 +34,6 @@ from tests.builders import (
     finished,
     gpu_node,
     gpu_pod,
-    pool_spec,
     usage_identity,
 )
 
@@ -210,21 +208,6 @@ def test_writes_that_outlast_the_pass_stay_in_flight_and_their_grant_still_count
     namespaces = [a.manifest["metadata"]["name"] for a in writer.of(ApplyObject) if a.manifest["kind"] == "Namespace"]
     assert sorted(namespaces) == ["a", "b"]  # a's applied once, though three passes saw it
     assert {s.allocation: s.phase for s in result.samples} == {"a": "Active", "b": "Queued"}
-
-
-def test_a_new_pools_taints_are_written_by_the_workers_without_holding_the_pass_and_handed_out_once() -> None:
-    writer = HeldWriter()
-    run = reconciler(writer)
-    snap = SnapshotBuilder(spec=pool_spec(taint=True)).with_allocation(allocation("a", 8)).build()
-    result = run.run_pass(snap, NOW, wait_seconds=0.05)  # the 4 node patches are held: the pass decided all the same
-    assert (result.pool.granted_gpus, writer.of(PatchNode)) == (8, [])
-    run.run_pass(snap, NOW + timedelta(seconds=1), wait_seconds=0.05)  # the index shows no taint yet
-    writer.release.set()
-    run.run_pass(snap, NOW + timedelta(seconds=2), wait_seconds=None)
-    assert sorted(patch.name for patch in writer.of(PatchNode)) == [f"node-{i}" for i in range(4)]
-    # Once they ended, a pass that still sees the nodes untainted hands them out again (level-triggered).
-    run.run_pass(snap, NOW + timedelta(seconds=3), wait_seconds=None)
-    assert len(writer.of(PatchNode)) == 8
 
 
 def test_writes_that_fail_are_counted_and_handed_out_again_by_the_next_pass() -> None:

@@ -98,8 +98,6 @@ class PoolReconciler:
     pool_ledger: PoolLedgerWriter | None = None
     # uid -> the writes a pass handed to a worker, until a later pass collects them.
     in_flight: dict[str, Future[AllocationSample | None]] = field(default_factory=dict)
-    # The pool taint's node patches that the workers have not yet ended.
-    tainting: list[Future[None]] = field(default_factory=list)
     # uid -> its latest sample, which stands for it while its writes are in flight.
     last_samples: dict[str, AllocationSample] = field(default_factory=dict)
     # Called from a worker when the writes in flight drop below `low_water` (and when the last end): the workers are
@@ -117,12 +115,9 @@ class PoolReconciler:
         pool_spec = GpuPoolSpec.model_validate(dict(snap.spec))
         capacity = measure_capacity(pool_spec, snap.nodes)
         members = pool_nodes(pool_spec, snap.nodes)
-        if all(future.done() for future in self.tainting):
-            failed += self._taints_ended()
-            # A new pool of 510 nodes is tainted by the workers, in parallel, and the pass does not wait for it: the
-            # taints fence the nodes and decide nothing. Until they end, no pass hands the same taints out again.
-            taints = planner.pool_taint_actions(self.pool, pool_spec, members)
-            self.tainting = [self.executor.submit(self.writer.perform, taint) for taint in taints]
+        taints = planner.pool_taint_actions(self.pool, pool_spec, members)
+        if taints:  # a new pool of 510 nodes is tainted in parallel, not one node after another
+            list(self.executor.map(self.writer.perform, taints))
 
         candidates: list[Candidate] = []
         for view in snap.allocations:
@@ -154,8 +149,7 @@ class PoolReconciler:
             candidates, decisions, breakdown.down_by_allocation, snap, members, pool_spec, now
         )
         deciding_seconds = monotonic() - clock_started
-        pending: list[Future[Any]] = [*self.in_flight.values(), *self.tainting]
-        wait(pending, timeout=wait_seconds)
+        wait(list(self.in_flight.values()), timeout=wait_seconds)
         failed += self._collect_finished()
         samples = [self.last_samples[c.view.uid] for c in candidates if c.view.uid in self.last_samples]
 
@@ -259,14 +253,6 @@ class PoolReconciler:
             if sample is not None:
                 self.last_samples[uid] = sample
         return failed
-
-    def _taints_ended(self) -> int:
-        """Take in the ended node patches of the pool taint: how many failed (each logged; the next pass retries)."""
-        errors = [error for future in self.tainting if (error := future.exception()) is not None]
-        for error in errors:
-            logger.error("pool %s: tainting a node failed", self.pool, exc_info=error)
-        self.tainting = []
-        return len(errors)
 
     def _pool_ledger(self) -> PoolLedgerWriter:
         if self.pool_ledger is None:
