@@ -8,7 +8,12 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from gpuaas.domain.scenarios import SCENARIOS, node_manifest, node_name
+from gpuaas.api.pool import GpuPoolSpec
+from gpuaas.domain import planner
+from gpuaas.domain.nodes import node_info_from_manifest
+from gpuaas.domain.scenarios import SCENARIOS, node_manifest, node_name, pool_manifest
+from gpuaas.k8s.client import load_config
+from gpuaas.k8s.writer import KubernetesWriter
 from tests.integration.allocations import pool_status
 from tests.integration.conftest import LocalCluster, OperatorProcess
 from tests.waiting import wait_for
@@ -101,3 +106,44 @@ def test_not_ready_node_leaves_capacity(cluster: LocalCluster, operator: Operato
         assert status["readyNodes"] == B200.nodes
     finally:
         core.delete_node(name)
+
+
+def test_a_taint_list_read_before_another_controllers_taint_does_not_drop_that_taint(cluster: LocalCluster) -> None:
+    """gpuaas rewrites a node's whole taint list to add the pool's fence. If the node lifecycle controller taints the
+    node unreachable between gpuaas's read and its write, the write must not undo that taint: the API server refuses
+    it as stale, and a write planned from the fresh node keeps both."""
+    load_config(str(cluster.kubeconfig))
+    core = client.CoreV1Api(cluster.api)
+    manifest = node_manifest(B200, 902)
+    manifest["metadata"]["labels"] = {"kubernetes.io/hostname": "taint-race"}  # type: ignore[index]  # in no pool
+    manifest["metadata"]["name"] = "taint-race"  # type: ignore[index]
+    manifest["metadata"]["annotations"] = {}  # type: ignore[index]  # not KWOK's: nothing else writes it
+    core.create_node(manifest)
+    spec = GpuPoolSpec.model_validate(pool_manifest(B200)["spec"])
+    unreachable = {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}
+
+    def read_node() -> Any:
+        return node_info_from_manifest(cluster.api.sanitize_for_serialization(core.read_node("taint-race")), ())
+
+    def keys() -> set[tuple[str, str | None, str]]:
+        return {(t.key, t.value, t.effect) for t in core.read_node("taint-race").spec.taints or []}
+
+    def plan_and_write() -> set[tuple[str, str | None, str]]:
+        for action in planner.pool_taint_actions(B200.name, spec, [read_node()]):
+            KubernetesWriter().perform(action)  # a conflict is logged, not raised: the operator's next pass retries
+        return keys()
+
+    try:
+        assert spec.taint
+        stale_plan = planner.pool_taint_actions(B200.name, spec, [read_node()])
+        core.patch_node("taint-race", {"spec": {"taints": [unreachable]}})
+        for action in stale_plan:
+            KubernetesWriter().perform(action)
+        fenced = ("gpuaas.io/pool", B200.name, "NoSchedule")
+        assert (unreachable["key"], None, "NoExecute") in keys()
+        assert fenced not in keys()  # refused as stale
+
+        taints = wait_for(lambda: fenced in (found := plan_and_write()) and found, message="the pool taint is set")
+        assert (unreachable["key"], None, "NoExecute") in taints
+    finally:
+        core.delete_node("taint-race")

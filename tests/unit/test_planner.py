@@ -63,6 +63,28 @@ def test_pool_nodes_are_tainted_once_and_untainted_when_the_pool_says_so() -> No
     assert [(a.name, a.patch) for a in untaint] == [("n2", {"spec": {"taints": []}})]
 
 
+def test_a_rewritten_taint_list_keeps_other_taints_and_is_sent_with_the_version_it_was_read_at() -> None:
+    not_ready = ("node.kubernetes.io/not-ready", "", "NoExecute")
+    node = replace(gpu_node("n1"), taints=(not_ready,), resource_version="4711")
+    spec = GpuPoolSpec.model_validate(pool_spec(taint=True))
+    [action] = planner.pool_taint_actions(POOL, spec, [node])
+    assert action.patch == {
+        "metadata": {"resourceVersion": "4711"},
+        "spec": {
+            "taints": [
+                {"key": "node.kubernetes.io/not-ready", "value": "", "effect": "NoExecute"},
+                {"key": POOL_LABEL, "value": POOL, "effect": "NoSchedule"},
+            ]
+        },
+    }
+    # A label alone merges key by key: no version, so no conflict with a heartbeat.
+    labelled = replace(node, taints=(not_ready, (ALLOCATION_LABEL, "excl", "NoSchedule")))
+    plan = planner.exclusive_node_plan(
+        "excl", decided(allocation("excl", 8, exclusiveNodes=True), granted=8), [labelled], {}, 8
+    )
+    assert [a.patch for a in plan.actions] == [{"metadata": {"labels": {ALLOCATION_LABEL: "excl"}}}]
+
+
 def test_an_active_exclusive_grant_labels_whole_nodes_and_a_suspended_one_gives_them_back() -> None:
     view = allocation("excl", 16, exclusiveNodes=True)
     members = [gpu_node(f"n{i}") for i in range(4)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from concurrent.futures import wait
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
@@ -20,7 +22,7 @@ from gpuaas.domain.actions import (
 )
 from gpuaas.domain.booking import QUIET_FLUSH_FACTOR
 from gpuaas.domain.ledger import GrantState
-from gpuaas.domain.planner import METRICS_REFRESH
+from gpuaas.domain.planner import APPLY_SETTLE, METRICS_REFRESH
 from gpuaas.domain.snapshot import observed_key
 from gpuaas.k8s.ledger import LedgerWriter
 from gpuaas.k8s.pool_ledger import PoolLedgerWriter
@@ -208,6 +210,25 @@ def test_writes_that_outlast_the_pass_stay_in_flight_and_their_grant_still_count
     namespaces = [a.manifest["metadata"]["name"] for a in writer.of(ApplyObject) if a.manifest["kind"] == "Namespace"]
     assert sorted(namespaces) == ["a", "b"]  # a's applied once, though three passes saw it
     assert {s.allocation: s.phase for s in result.samples} == {"a": "Active", "b": "Queued"}
+
+
+def test_an_apply_settles_from_when_it_was_written_not_from_when_its_pass_began() -> None:
+    """In a burst a worker writes seconds after its pass began; the watch's settling time counts from the write, or
+    a pass repeats applies that the watch was about to show."""
+    writer = HeldWriter()
+    run = reconciler(writer)
+    snap = SnapshotBuilder().with_allocation(allocation("a", 8)).build()  # the watch never shows the applies
+    run.run_pass(snap, NOW, wait_seconds=0.05)
+    time.sleep(0.5)  # the API server is busy: the applies end at least half a second after the pass began
+    writer.release.set()
+    wait(list(run.in_flight.values()))
+    applies = len(writer.of(ApplyObject))
+    assert applies == 4
+
+    run.run_pass(snap, NOW + APPLY_SETTLE + timedelta(seconds=0.2), wait_seconds=None)
+    assert len(writer.of(ApplyObject)) == applies  # 4.7 s or less since they were written
+    run.run_pass(snap, NOW + APPLY_SETTLE + timedelta(seconds=30), wait_seconds=None)
+    assert len(writer.of(ApplyObject)) == 2 * applies  # unshown for longer: applied again
 
 
 def test_writes_that_fail_are_counted_and_handed_out_again_by_the_next_pass() -> None:

@@ -19,6 +19,9 @@ class NodeInfo:
     foreign_taints: tuple[str, ...] = ()
     # Every taint as (key, value, effect), to rewrite the list when gpuaas adds or removes its own.
     taints: tuple[tuple[str, str, str], ...] = ()
+    # The version `taints` was read at: a rewritten list is sent with it, so that it cannot undo a taint set since.
+    # Not compared: a heartbeat moves it and changes nothing gpuaas decides.
+    resource_version: str = field(default="", compare=False)
 
     @property
     def healthy(self) -> bool:
@@ -78,6 +81,7 @@ def node_info_from_manifest(node: Mapping[str, object], own_taint_keys: Collecti
         allocatable_gpus=gpus,
         foreign_taints=tuple(taints),
         taints=all_taints,
+        resource_version=str(metadata.get("resourceVersion", "")),
     )
 
 

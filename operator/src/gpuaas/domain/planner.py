@@ -110,21 +110,34 @@ def grant_changes(held: GrantState, decision: AdmissionDecision, down_gpus: int)
 # --- 1. the pool's nodes -------------------------------------------------------------------------
 
 
+def node_patch(
+    node: NodeInfo, labels: Mapping[str, str | None] | None, taints: list[dict[str, str]] | None
+) -> PatchNode:
+    """A patch of the node's labels and its whole taint list (empty when neither changes). A taint list is sent
+    with the version it was read at: the list is replaced whole, so a taint that another controller set since
+    (the node lifecycle controller's not-ready, an operator's drain) would be lost. The API server refuses the
+    stale patch instead, and the next pass writes the list again from the fresh node."""
+    patch: dict[str, Any] = {}
+    if labels:
+        patch["metadata"] = {"labels": dict(labels)}
+    if taints is not None:
+        patch["spec"] = {"taints": taints}
+        if node.resource_version:
+            patch.setdefault("metadata", {})["resourceVersion"] = node.resource_version
+    return PatchNode(node.name, patch)
+
+
 def pool_taint_actions(pool: str, spec: GpuPoolSpec, members: Iterable[NodeInfo]) -> list[PatchNode]:
     actions = []
     for node in members:
         taints = taints_with(node, POOL_LABEL, pool) if spec.taint else taints_without(node, POOL_LABEL)
         if taints is not None:
-            actions.append(PatchNode(node.name, {"spec": {"taints": taints}}))
+            actions.append(node_patch(node, None, taints))
     return actions
 
 
 def unlabel_exclusive(node: NodeInfo) -> PatchNode:
-    patch: dict[str, Any] = {"metadata": {"labels": {ALLOCATION_LABEL: None}}}
-    taints = taints_without(node, ALLOCATION_LABEL)
-    if taints is not None:
-        patch["spec"] = {"taints": taints}
-    return PatchNode(node.name, patch)
+    return node_patch(node, {ALLOCATION_LABEL: None}, taints_without(node, ALLOCATION_LABEL))
 
 
 def release_exclusive_nodes(allocation: str, members: Iterable[NodeInfo]) -> list[PatchNode]:
@@ -155,14 +168,10 @@ def exclusive_node_plan(
     actions = [unlabel_exclusive(by_name[name]) for name in choice.released if name in by_name]
     for name in choice.nodes:
         node = by_name[name]
-        taints = taints_with(node, ALLOCATION_LABEL, allocation)
-        patch: dict[str, Any] = {}
-        if node.labels.get(ALLOCATION_LABEL) != allocation:
-            patch["metadata"] = {"labels": {ALLOCATION_LABEL: allocation}}
-        if taints is not None:
-            patch["spec"] = {"taints": taints}
-        if patch:
-            actions.append(PatchNode(name, patch))
+        label = {ALLOCATION_LABEL: allocation} if node.labels.get(ALLOCATION_LABEL) != allocation else None
+        action = node_patch(node, label, taints_with(node, ALLOCATION_LABEL, allocation))
+        if action.patch:
+            actions.append(action)
     return ExclusiveNodes(actions, choice.nodes, choice.shortfall)
 
 

@@ -98,7 +98,13 @@ def delete_pod(name: str, namespace: str, grace_period_seconds: int) -> None:
 
 def patch_node(name: str, patch: Mapping[str, Any]) -> None:
     """Strategic-merge patch of a node's labels or taints."""
-    discard(client.CoreV1Api().patch_node(name, dict(patch), _preload_content=False))
+    try:
+        discard(client.CoreV1Api().patch_node(name, dict(patch), _preload_content=False))
+    except ApiException as error:
+        if error.status != 409:
+            raise
+        # A taint list read at an older version (planner.node_patch): the next pass rewrites it from the fresh node.
+        logger.info("node %s changed since it was read; its taints are written again at the next pass", name)
 
 
 def _patch_allocation(name: str, json_patch: list[dict[str, Any]]) -> None:

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from time import monotonic
 from typing import Any
 
@@ -146,7 +146,7 @@ class PoolReconciler:
             pool_spec, members, capacity.program_gpus, candidates, decisions, snap.exclusive_holders
         )
         handed_out = self._hand_out_changed(
-            candidates, decisions, breakdown.down_by_allocation, snap, members, pool_spec, now
+            candidates, decisions, breakdown.down_by_allocation, snap, members, pool_spec, now, clock_started
         )
         deciding_seconds = monotonic() - clock_started
         wait(list(self.in_flight.values()), timeout=wait_seconds)
@@ -194,6 +194,7 @@ class PoolReconciler:
         members: list[NodeInfo],
         pool_spec: GpuPoolSpec,
         now: datetime,
+        clock_started: float,
     ) -> list[str]:
         """Hand a worker each allocation whose inputs changed or whose time came; the uids handed work."""
         handed_out: list[str] = []
@@ -215,7 +216,8 @@ class PoolReconciler:
                     handed_out.append(uid)
                 continue
             decision, down_gpus = decisions[c.view.name], down.get(c.view.name, 0)
-            self._hand_out(uid, self._process, c, decision, down_gpus, fingerprint, snap, members, pool_spec, now)
+            args = (c, decision, down_gpus, fingerprint, snap, members, pool_spec, now, clock_started)
+            self._hand_out(uid, self._process, *args)
             handed_out.append(uid)
         return handed_out
 
@@ -317,13 +319,16 @@ class PoolReconciler:
         members: list[NodeInfo],
         pool_spec: GpuPoolSpec,
         now: datetime,
+        clock_started: float,
     ) -> AllocationSample:
         """Book the grant that held until now, then carry out the new decision and report it."""
         view, spec = c.view, c.spec
         force = planner.grant_changes(c.grant, decision, down_gpus)
         booked = self._book(view, spec, pool_spec, snap, c.grant, now, force=force)
         plan = planner.plan_tenant(view, spec, decision, snap, members, pool_spec, self.applied.get(view.uid, {}), now)
-        outcome = planner.tenant_outcome(spec.target_namespace, plan, decision, self._carry_out(view, plan, now))
+        outcome = planner.tenant_outcome(
+            spec.target_namespace, plan, decision, self._carry_out(view, plan, now, clock_started)
+        )
         previous = self._status(view)
         status = allocation_status(
             previous, decision, outcome, spec.exclusive_nodes, view.generation, now, spec.idle.after_duration, down_gpus
@@ -351,14 +356,19 @@ class PoolReconciler:
         self.cache[c.view.uid] = replace(cached, sample=sample, refresh_at=now + planner.METRICS_REFRESH)
         return sample
 
-    def _carry_out(self, view: AllocationView, plan: planner.TenantPlan, now: datetime) -> str | None:
+    def _carry_out(
+        self, view: AllocationView, plan: planner.TenantPlan, now: datetime, clock_started: float
+    ) -> str | None:
         """Perform the tenant plan in order; the first failed write ends it (the next pass retries from fresh state)."""
         try:
             for action in plan.actions:
                 self.writer.perform(action)
                 if isinstance(action, ApplyObject):
+                    # When the apply ended, on the pass's clock: in a burst a worker writes seconds after its pass
+                    # began, and the watch's settling time counts from the write, not from the pass.
+                    applied_at = now + timedelta(seconds=monotonic() - clock_started)
                     recent = self.applied.setdefault(view.uid, {})
-                    recent[observed_key(action.manifest)] = RecentApply(action.manifest, now)
+                    recent[observed_key(action.manifest)] = RecentApply(action.manifest, applied_at)
         except ApiException as error:
             logger.warning("allocation %s: apply failed: %s %s", view.name, error.status, error.reason)
             return f"{error.status} {error.reason}"
