@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from gpuaas.api.pool import GpuPoolSpec
+from gpuaas.api.common import GROUP, VERSION
+from gpuaas.api.pool import POOL_PLURAL, GpuPoolSpec
 from gpuaas.domain import planner
 from gpuaas.domain.nodes import node_info_from_manifest
 from gpuaas.domain.scenarios import SCENARIOS, node_manifest, node_name, pool_manifest
@@ -147,3 +148,34 @@ def test_a_taint_list_read_before_another_controllers_taint_does_not_drop_that_t
         assert (unreachable["key"], None, "NoExecute") in taints
     finally:
         core.delete_node("taint-race")
+
+
+def test_a_pool_that_starts_to_taint_patches_a_node_that_changed_only_in_its_version(
+    cluster: LocalCluster, operator: OperatorProcess
+) -> None:
+    """A node's heartbeat moves its resourceVersion and nothing gpuaas decides from. When the pool then asks for its
+    taint, the operator must send the node's current version, not the one it first saw (its node index kept that
+    while the rest was equal, and every patch was refused)."""
+    core = client.CoreV1Api(cluster.api)
+    custom = client.CustomObjectsApi(cluster.api)
+    manifest = node_manifest(B200, 903)
+    manifest["metadata"]["labels"] = {"gpuaas.io/probe": "versions"}  # type: ignore[index]
+    manifest["metadata"]["name"] = "version-probe"  # type: ignore[index]
+    pool = pool_manifest(B200)
+    pool["metadata"] = {"name": "version-probe"}
+    pool["spec"] = {**pool["spec"], "nodeSelector": {"gpuaas.io/probe": "versions"}, "taint": False}  # type: ignore[dict-item]
+    core.create_node(manifest)
+    custom.create_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, pool)
+    try:
+        wait_for(lambda: pool_status(cluster, "version-probe").get("nodes") == 1, message="the probe pool has its node")
+        core.patch_node("version-probe", {"metadata": {"annotations": {"heartbeat": "1"}}})
+        custom.patch_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, "version-probe", {"spec": {"taint": True}})
+        fenced = ("gpuaas.io/pool", "version-probe", "NoSchedule")
+        wait_for(
+            lambda: fenced in {(t.key, t.value, t.effect) for t in core.read_node("version-probe").spec.taints or []},
+            timeout=30,
+            message="the probe pool's taint is on its node",
+        )
+    finally:
+        custom.delete_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, "version-probe")
+        core.delete_node("version-probe")

@@ -20,8 +20,9 @@ class NodeInfo:
     # Every taint as (key, value, effect), to rewrite the list when gpuaas adds or removes its own.
     taints: tuple[tuple[str, str, str], ...] = ()
     # The version `taints` was read at: a rewritten list is sent with it, so that it cannot undo a taint set since.
-    # Not compared: a heartbeat moves it and changes nothing gpuaas decides.
-    resource_version: str = field(default="", compare=False)
+    # Compared like the rest: kopf keeps an index's old value when the new one is equal, and an old version would
+    # have every later patch refused.
+    resource_version: str = ""
 
     @property
     def healthy(self) -> bool:
