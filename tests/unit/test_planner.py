@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from hypothesis import given
@@ -28,7 +28,7 @@ from gpuaas.domain.capacity import AdmissionDecision
 from gpuaas.domain.lifecycle import ReconcileOutcome, allocation_status
 from gpuaas.domain.namespaces import NamespaceClaim, TerminatingNamespace
 from gpuaas.domain.reclaim import HeldPod
-from gpuaas.domain.snapshot import AllocationView, observed_key
+from gpuaas.domain.snapshot import AllocationView, ObjectKey, observed_key
 from tests.builders import NOW, POOL, SnapshotBuilder, allocation, gpu_node, gpu_pod, pool_spec
 
 POOL_SPEC = GpuPoolSpec.model_validate(pool_spec())
@@ -191,6 +191,35 @@ def test_a_new_grant_applies_its_four_objects_and_then_waits_for_the_watch_inste
         view, spec_of(view), decided(view), snap, snap.nodes, POOL_SPEC, recent, NOW + planner.APPLY_SETTLE
     )
     assert len([a for a in later.actions if isinstance(a, ApplyObject)]) == 4
+
+
+def test_an_apply_the_watch_keeps_not_showing_is_repeated_ever_more_rarely_and_counts_afresh_once_shown() -> None:
+    view = allocation("lagging")
+    snap = SnapshotBuilder().with_allocation(view).build()  # the watch shows none of the four objects
+
+    def applies(recent: dict[ObjectKey, planner.RecentApply], at: datetime) -> list[ApplyObject]:
+        plan = planner.plan_tenant(view, spec_of(view), decided(view), snap, snap.nodes, POOL_SPEC, recent, at)
+        return [a for a in plan.actions if isinstance(a, ApplyObject)]
+
+    recent: dict[ObjectKey, planner.RecentApply] = {}
+    at, waits = NOW, []
+    for _ in range(7):
+        for action in applies(recent, at):
+            key = observed_key(action.manifest)
+            recent[key] = planner.recent_apply(recent.get(key), action.manifest, at)
+        settled_at = {r.settled_at for r in recent.values()}
+        (next_at,) = settled_at
+        assert applies(recent, next_at - timedelta(milliseconds=1)) == []
+        waits.append((next_at - at).total_seconds())
+        at = next_at
+    assert waits == [5, 10, 20, 40, 80, 80, 80]
+
+    # The watch shows the objects as applied: their records end, so a later drift is repaired at once.
+    applied = {observed_key(a.manifest): dict(a.manifest) for a in applies({}, at)}
+    shown = replace(snap, observed=applied)
+    plan = planner.plan_tenant(view, spec_of(view), decided(view), shown, snap.nodes, POOL_SPEC, recent, at)
+    assert set(plan.shown) == set(recent)
+    assert (plan.actions, plan.settling) == ([], False)
 
 
 def test_a_suspended_grant_stops_every_pod_holding_quota_and_says_so() -> None:

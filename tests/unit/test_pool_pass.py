@@ -227,8 +227,16 @@ def test_an_apply_settles_from_when_it_was_written_not_from_when_its_pass_began(
 
     run.run_pass(snap, NOW + APPLY_SETTLE + timedelta(seconds=0.2), wait_seconds=None)
     assert len(writer.of(ApplyObject)) == applies  # 4.7 s or less since they were written
-    run.run_pass(snap, NOW + APPLY_SETTLE + timedelta(seconds=30), wait_seconds=None)
+    repeated_at = NOW + APPLY_SETTLE + timedelta(seconds=30)
+    run.run_pass(snap, repeated_at, wait_seconds=None)
     assert len(writer.of(ApplyObject)) == 2 * applies  # unshown for longer: applied again
+    run.run_pass(snap, repeated_at + APPLY_SETTLE + timedelta(seconds=1), wait_seconds=None)
+    assert len(writer.of(ApplyObject)) == 2 * applies  # a repeat waits twice as long
+
+    # The watch shows them: their records end.
+    shown = replace(snap, observed={observed_key(a.manifest): dict(a.manifest) for a in writer.of(ApplyObject)})
+    run.run_pass(shown, repeated_at + timedelta(seconds=12), wait_seconds=None)
+    assert run.applied[snap.allocations[0].uid] == {}
 
 
 def test_writes_that_fail_are_counted_and_handed_out_again_by_the_next_pass() -> None:

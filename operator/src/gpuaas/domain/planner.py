@@ -71,6 +71,9 @@ from gpuaas.domain.tenant import (
 RELEASE_FINALIZER = "gpuaas.io/release"
 # An apply that the watch has not reflected yet is not repeated for this long.
 APPLY_SETTLE = timedelta(seconds=5)
+# Each repeat of the same apply waits twice as long as the last, up to this: a watch that lags in a burst is not caught
+# up by more writes, which load the API server that feeds it (10,000 at once repeated 1.6 quota applies each).
+APPLY_SETTLE_LONGEST = timedelta(seconds=80)
 # Allocations skipped as unchanged have their usage booked again this often (in memory; nothing else of theirs is
 # redone), so that live usage counters keep moving.
 METRICS_REFRESH = timedelta(seconds=15)
@@ -315,6 +318,25 @@ class RecentApply:
 
     manifest: Mapping[str, Any]
     at: datetime
+    repeats: int = 0  # applies of this manifest before this one that the watch has not shown yet
+
+    @property
+    def settled_at(self) -> datetime:
+        doublings = min(self.repeats, 8)  # the longest is reached before this; no huge numbers for long outages
+        return self.at + min(APPLY_SETTLE * (1 << doublings), APPLY_SETTLE_LONGEST)
+
+
+def recent_apply(previous: RecentApply | None, manifest: Mapping[str, Any], at: datetime) -> RecentApply:
+    """An apply's record: a repeat of the same manifest counts on from the one before."""
+    repeats = previous.repeats + 1 if previous is not None and previous.manifest == manifest else 0
+    return RecentApply(manifest, at, repeats)
+
+
+@dataclass(frozen=True)
+class ObjectApplies:
+    actions: list[ApplyObject]
+    settling: bool  # some object drifted but was applied moments ago
+    shown: tuple[ObjectKey, ...]  # objects applied before that the watch now shows as applied: their record ends
 
 
 def object_apply_actions(
@@ -322,19 +344,22 @@ def object_apply_actions(
     observed: Mapping[ObjectKey, Mapping[str, Any]],
     recent: Mapping[ObjectKey, RecentApply],
     now: datetime,
-) -> tuple[list[ApplyObject], bool]:
-    """Applies of the objects that drifted, and whether any is settling (drifted, but applied moments ago)."""
+) -> ObjectApplies:
+    """Applies of the objects that drifted, but not of those applied moments ago."""
     actions: list[ApplyObject] = []
     settling = False
+    shown: list[ObjectKey] = []
     for manifest in desired:
         key = observed_key(manifest)
+        last = recent.get(key)
         if not has_drifted(manifest, observed.get(key)):
+            if last is not None:
+                shown.append(key)
             continue
         settling = True
-        last = recent.get(key)
-        if last is None or last.manifest != manifest or now - last.at >= APPLY_SETTLE:
+        if last is None or last.manifest != manifest or now >= last.settled_at:
             actions.append(ApplyObject(manifest))
-    return actions, settling
+    return ObjectApplies(actions, settling, tuple(shown))
 
 
 def binding_actions(
@@ -384,6 +409,7 @@ class TenantPlan:
     node_shortfall: int
     in_use_gpus: int
     held_gpus: int
+    shown: tuple[ObjectKey, ...] = ()  # ObjectApplies.shown
 
 
 def gpu_quota_items_of(pool_spec: GpuPoolSpec, snap: PoolSnapshot) -> GpuQuotaItems:
@@ -408,13 +434,13 @@ def plan_tenant(
     if spec.exclusive_nodes:
         nodes = exclusive_node_plan(view.name, decision, members, snap.exclusive_holders, pool_spec.gpus_per_node)
         actions.extend(nodes.actions)
-    applies, settling = object_apply_actions(
+    applies = object_apply_actions(
         desired_tenant_objects(view.name, spec, decision.phase, gpu_quota_items_of(pool_spec, snap)),
         snap.observed,
         recent,
         now,
     )
-    actions.extend(applies)
+    actions.extend(applies.actions)
     owners = desired_owner_binding(view.name, spec)["subjects"]
     actions.extend(binding_actions(snap.tenant_bindings.get(namespace, []), namespace, owners))
     if decision.phase == "Expired":
@@ -422,7 +448,8 @@ def plan_tenant(
     actions.extend(beyond_grant_stops(view, decision, pods, pool_spec.max_termination_grace_period_seconds))
     return TenantPlan(
         actions=actions,
-        settling=settling,
+        settling=applies.settling,
+        shown=applies.shown,
         nodes=nodes.nodes,
         node_shortfall=nodes.shortfall,
         in_use_gpus=sum(pod.gpus for pod in pods if pod.running),

@@ -35,7 +35,7 @@ from gpuaas.domain.history import stamped_changes
 from gpuaas.domain.ledger import GrantState
 from gpuaas.domain.lifecycle import AllocationSample, allocation_status, rejected_status
 from gpuaas.domain.nodes import NodeInfo
-from gpuaas.domain.planner import Candidate, RecentApply
+from gpuaas.domain.planner import Candidate, RecentApply, recent_apply
 from gpuaas.domain.pool import measure_capacity, pool_nodes, pool_status
 from gpuaas.domain.snapshot import AllocationView, ObjectKey, PoolSnapshot, observed_key
 from gpuaas.k8s.ledger import LedgerWriter
@@ -326,6 +326,8 @@ class PoolReconciler:
         force = planner.grant_changes(c.grant, decision, down_gpus)
         booked = self._book(view, spec, pool_spec, snap, c.grant, now, force=force)
         plan = planner.plan_tenant(view, spec, decision, snap, members, pool_spec, self.applied.get(view.uid, {}), now)
+        for key in plan.shown:
+            self.applied[view.uid].pop(key, None)
         outcome = planner.tenant_outcome(
             spec.target_namespace, plan, decision, self._carry_out(view, plan, now, clock_started)
         )
@@ -368,7 +370,8 @@ class PoolReconciler:
                     # began, and the watch's settling time counts from the write, not from the pass.
                     applied_at = now + timedelta(seconds=monotonic() - clock_started)
                     recent = self.applied.setdefault(view.uid, {})
-                    recent[observed_key(action.manifest)] = RecentApply(action.manifest, applied_at)
+                    key = observed_key(action.manifest)
+                    recent[key] = recent_apply(recent.get(key), action.manifest, applied_at)
         except ApiException as error:
             logger.warning("allocation %s: apply failed: %s %s", view.name, error.status, error.reason)
             return f"{error.status} {error.reason}"
