@@ -85,7 +85,11 @@ def test_concurrent_applies_never_overcommit(cluster: LocalCluster, operator: Op
             message="both decided",
         )
         assert phases == ["Active", "Queued"]
-        assert pool_status(cluster, H200.name)["grantedGPUs"] == H200.gpus
+        # The pool's status is written at the end of the pass whose workers wrote the allocations' statuses.
+        pool = wait_for(
+            lambda: (s := pool_status(cluster, H200.name)).get("queued") == 1 and s, message="the pool shows the queue"
+        )
+        assert pool["grantedGPUs"] == H200.gpus
     finally:
         for name in names:
             delete_allocation(cluster, name)
