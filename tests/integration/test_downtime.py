@@ -91,7 +91,10 @@ def test_a_failed_node_under_a_grant_is_credited_to_the_second(
             "True",
             "GrantedGPUsDown",
         )
-        pool = pool_status(cluster, H200.name)
+        # The pool's status is written at the end of the pass whose workers wrote the grant's status.
+        pool = wait_for(
+            lambda: (s := pool_status(cluster, H200.name)).get("downGPUs") == 8 and s, message="pool shows 8 down"
+        )
         assert (pool["downGPUs"], pool["creditedGPUs"], pool["grantedGPUs"]) == (8, 8, gpus)
         failed = degraded_since(down)
         at_failure = booked_until(cluster, failed)  # a change of the hardware is written at once

@@ -68,7 +68,8 @@ def test_suspension_stops_the_pods_and_frees_their_gpus_only_then(
                      message="the suspended grant's pods gone")  # fmt: skip
             assert "PodsStopped" in events(cluster, held)
             wait_for_ready(cluster, waiting)
-            assert pool_numbers(cluster) == (16, 8)
+            # The pool's status is written at the end of the pass whose workers wrote the grants' statuses.
+            wait_for(lambda: pool_numbers(cluster) == (16, 8), message="pool granted 16, available 8")
             usage = status_of(cluster, held)
             assert usage["phase"] == "Suspended"
             assert usage["grantedGPUs"] == 0
