@@ -193,6 +193,32 @@ def test_a_new_grant_applies_its_four_objects_and_then_waits_for_the_watch_inste
     assert len([a for a in later.actions if isinstance(a, ApplyObject)]) == 4
 
 
+def test_a_plans_namespaced_applies_may_run_at_once_after_its_namespace_and_every_other_write_keeps_its_order() -> None:
+    view = allocation("lab", suspend=True, exclusiveNodes=True)
+    snap = SnapshotBuilder().with_allocation(view, gpu_pod("run", "lab")).build()
+    active = planner.plan_tenant(view, spec_of(view), decided(view), snap, snap.nodes, POOL_SPEC, {}, NOW)
+    stopping = planner.plan_tenant(
+        view, spec_of(view), decided(view, "Suspended", 0), snap, snap.nodes, POOL_SPEC, {}, NOW
+    )
+    stages = planner.write_stages([*active.actions, *stopping.actions[-2:]])
+
+    def shown(stage: tuple[object, ...]) -> tuple[str, ...]:
+        return tuple(a.manifest["kind"] if isinstance(a, ApplyObject) else type(a).__name__ for a in stage)
+
+    node_patches = [a for a in active.actions if isinstance(a, PatchNode)]
+    assert node_patches  # the exclusive grant's nodes come first, one write each
+    assert [shown(stage) for stage in stages] == [
+        *[("PatchNode",)] * len(node_patches),
+        ("Namespace",),
+        ("ResourceQuota", "LimitRange", "RoleBinding"),
+        *[shown((a,)) for a in stopping.actions[-2:]],
+    ]
+    assert [a for stage in stages for a in stage] == [*active.actions, *stopping.actions[-2:]]
+    # A namespaced apply after any other write starts a stage of its own.
+    quota = stages[-3][0]
+    assert planner.write_stages([quota, stopping.actions[-1], quota]) == [(quota,), (stopping.actions[-1],), (quota,)]
+
+
 def test_an_apply_the_watch_keeps_not_showing_is_repeated_ever_more_rarely_and_counts_afresh_once_shown() -> None:
     view = allocation("lagging")
     snap = SnapshotBuilder().with_allocation(view).build()  # the watch shows none of the four objects

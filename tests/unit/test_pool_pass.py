@@ -8,6 +8,8 @@ from concurrent.futures import wait
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
+from kubernetes.client.exceptions import ApiException
+
 from gpuaas.api.allocation import ALLOCATION_PLURAL
 from gpuaas.api.pool import POOL_PLURAL
 from gpuaas.domain.actions import (
@@ -237,6 +239,51 @@ def test_an_apply_settles_from_when_it_was_written_not_from_when_its_pass_began(
     shown = replace(snap, observed={observed_key(a.manifest): dict(a.manifest) for a in writer.of(ApplyObject)})
     run.run_pass(shown, repeated_at + timedelta(seconds=12), wait_seconds=None)
     assert run.applied[snap.allocations[0].uid] == {}
+
+
+@dataclass
+class MeetingWriter(RecordingWriter):
+    """Namespaced applies wait until all three of an allocation's are running at once (or fail, if they are written
+    one after another); `refuse` is a kind whose apply the API server refuses."""
+
+    meeting: threading.Barrier = field(default_factory=lambda: threading.Barrier(3, timeout=5))
+    running: list[str] = field(default_factory=list)
+    refuse: str | None = None
+
+    def perform(self, action: Action) -> None:
+        if isinstance(action, ApplyObject) and action.manifest["metadata"].get("namespace"):
+            self.running.append(action.manifest["kind"])
+            self.meeting.wait()
+            if action.manifest["kind"] == self.refuse:
+                raise ApiException(status=422, reason="Refused")
+        elif isinstance(action, PatchStatus):
+            assert len(self.running) in (0, 3)  # never while the applies run
+        super().perform(action)
+
+
+def test_an_allocations_quota_limit_range_and_binding_are_applied_at_once_after_its_namespace() -> None:
+    writer = MeetingWriter()
+    run = reconciler(writer)
+    snap = SnapshotBuilder().with_allocation(allocation("a", 8)).build()
+    assert run.run_pass(snap, NOW).failed == 0
+    kinds = [a.manifest["kind"] for a in writer.of(ApplyObject)]
+    assert kinds[0] == "Namespace"
+    assert sorted(kinds[1:]) == ["LimitRange", "ResourceQuota", "RoleBinding"]
+    (patch,) = status_patches(writer, ALLOCATION_PLURAL)
+    assert patch.patch["phase"] == "Active"
+    assert len(run.applied[snap.allocations[0].uid]) == 4  # each settles from its own write
+
+
+def test_a_refused_apply_among_those_at_once_is_reported_and_the_others_still_count_as_applied() -> None:
+    writer = MeetingWriter(refuse="LimitRange")
+    run = reconciler(writer)
+    snap = SnapshotBuilder().with_allocation(allocation("a", 8)).build()
+    run.run_pass(snap, NOW)
+    (patch,) = status_patches(writer, ALLOCATION_PLURAL)
+    quota = next(c for c in patch.patch["conditions"] if c["type"] == "QuotaApplied")
+    assert (quota["status"], quota["reason"], quota["message"]) == ("False", "ApplyFailed", "422 Refused")
+    applied = run.applied[snap.allocations[0].uid]
+    assert sorted(kind for kind, _, _ in applied) == ["Namespace", "ResourceQuota", "RoleBinding"]
 
 
 def test_writes_that_fail_are_counted_and_handed_out_again_by_the_next_pass() -> None:

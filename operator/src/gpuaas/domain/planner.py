@@ -412,6 +412,23 @@ class TenantPlan:
     shown: tuple[ObjectKey, ...] = ()  # ObjectApplies.shown
 
 
+def write_stages(actions: Sequence[Action]) -> list[tuple[Action, ...]]:
+    """The plan's writes in order, grouped into stages whose writes may run at once: consecutive applies of
+    namespaced objects (each needs only its Namespace, applied in a stage before them). Every other write is a stage of
+    its own: node patches, binding changes and pod stops keep the plan's order."""
+    stages: list[tuple[Action, ...]] = []
+    for action in actions:
+        if _namespaced_apply(action) and stages and _namespaced_apply(stages[-1][-1]):
+            stages[-1] = (*stages[-1], action)
+        else:
+            stages.append((action,))
+    return stages
+
+
+def _namespaced_apply(action: Action) -> bool:
+    return isinstance(action, ApplyObject) and bool(action.manifest.get("metadata", {}).get("namespace"))
+
+
 def gpu_quota_items_of(pool_spec: GpuPoolSpec, snap: PoolSnapshot) -> GpuQuotaItems:
     dra_class = pool_spec.dra.device_class_name if pool_spec.dra else None
     return gpu_quota_items(dra_class, snap.other_pools_device_classes)

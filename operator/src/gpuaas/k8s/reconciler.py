@@ -44,6 +44,10 @@ from gpuaas.k8s.writer import ClusterWriter, cluster_writer
 
 logger = logging.getLogger(__name__)
 WORKERS = 16  # a pool's writes at once
+# Extra threads a pool's workers may borrow to run one allocation's independent writes at once (its quota, limit
+# range and binding after its namespace): on a quiet cluster that is two round trips fewer to Ready. In a burst the
+# slots are taken and the workers write one after another, so the writes in flight stay near WORKERS per pool.
+FANOUT_WORKERS = 4
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,10 @@ class PoolReconciler:
     intakes: dict[str, _Intake] = field(default_factory=dict)
     specs: dict[str, tuple[int | None, GpuAllocationSpec]] = field(default_factory=dict)
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=WORKERS))
+    fanout: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=FANOUT_WORKERS))
+    _fanout_slots: threading.BoundedSemaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(FANOUT_WORKERS)
+    )
     # The pool's month records (program = usable granted + unallocated + down); made on the first pass.
     pool_ledger: PoolLedgerWriter | None = None
     # uid -> the writes a pass handed to a worker, until a later pass collects them.
@@ -224,6 +232,7 @@ class PoolReconciler:
     def stop(self) -> None:
         """Drop the writes not started and wait for those running: after this, another replica may lead."""
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.fanout.shutdown(wait=True)
 
     def _hand_out(self, uid: str, work: Callable[..., AllocationSample | None], *args: Any) -> None:
         with self._running_lock:
@@ -361,21 +370,46 @@ class PoolReconciler:
     def _carry_out(
         self, view: AllocationView, plan: planner.TenantPlan, now: datetime, clock_started: float
     ) -> str | None:
-        """Perform the tenant plan in order; the first failed write ends it (the next pass retries from fresh state)."""
-        try:
-            for action in plan.actions:
-                self.writer.perform(action)
-                if isinstance(action, ApplyObject):
+        """Perform the tenant plan stage by stage; a failed write ends it after its stage (the next pass retries from
+        fresh state)."""
+        for stage in planner.write_stages(plan.actions):
+            outcomes = self._perform_at_once(stage)
+            for action, (error, ended) in zip(stage, outcomes, strict=True):
+                if error is None and isinstance(action, ApplyObject):
                     # When the apply ended, on the pass's clock: in a burst a worker writes seconds after its pass
                     # began, and the watch's settling time counts from the write, not from the pass.
-                    applied_at = now + timedelta(seconds=monotonic() - clock_started)
+                    applied_at = now + timedelta(seconds=ended - clock_started)
                     recent = self.applied.setdefault(view.uid, {})
                     key = observed_key(action.manifest)
                     recent[key] = recent_apply(recent.get(key), action.manifest, applied_at)
-        except ApiException as error:
-            logger.warning("allocation %s: apply failed: %s %s", view.name, error.status, error.reason)
-            return f"{error.status} {error.reason}"
+            failed = next((error for error, _ in outcomes if error is not None), None)
+            if failed is not None:
+                logger.warning("allocation %s: apply failed: %s %s", view.name, failed.status, failed.reason)
+                return f"{failed.status} {failed.reason}"
         return None
+
+    def _perform_at_once(self, actions: Sequence[Action]) -> list[tuple[ApiException | None, float]]:
+        """Each write's refusal (or None) and when it ended. The first runs on this worker; each other borrows a
+        fan-out thread while one is free, else runs here after it."""
+        borrowed: dict[int, Future[tuple[ApiException | None, float]]] = {}
+        for index in range(1, len(actions)):
+            if self._fanout_slots.acquire(blocking=False):
+                borrowed[index] = self.fanout.submit(self._attempt_on_loan, actions[index])
+        here = {index: self._attempt(action) for index, action in enumerate(actions) if index not in borrowed}
+        return [here[index] if index in here else borrowed[index].result() for index in range(len(actions))]
+
+    def _attempt(self, action: Action) -> tuple[ApiException | None, float]:
+        try:
+            self.writer.perform(action)
+        except ApiException as error:
+            return error, monotonic()
+        return None, monotonic()
+
+    def _attempt_on_loan(self, action: Action) -> tuple[ApiException | None, float]:
+        try:
+            return self._attempt(action)
+        finally:
+            self._fanout_slots.release()
 
     def _book(
         self,
