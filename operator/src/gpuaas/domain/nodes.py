@@ -23,17 +23,20 @@ class NodeInfo:
     # Compared like the rest: kopf keeps an index's old value when the new one is equal, and an old version would
     # have every later patch refused.
     resource_version: str = ""
+    # Counts towards capacity: Ready, schedulable, with GPUs, and not tainted away by someone else. Derived once, as
+    # every pass asks it of every node of the pool.
+    healthy: bool = field(init=False, compare=False)
 
-    @property
-    def healthy(self) -> bool:
-        """Counts towards capacity: Ready, schedulable, with GPUs, and not tainted away by someone else."""
+    def __post_init__(self) -> None:
         blocking = any(t.endswith((":NoSchedule", ":NoExecute")) for t in self.foreign_taints)
-        return self.ready and not self.unschedulable and self.allocatable_gpus > 0 and not blocking
+        healthy = self.ready and not self.unschedulable and self.allocatable_gpus > 0 and not blocking
+        object.__setattr__(self, "healthy", healthy)
 
 
 def matches_selector(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
-    """Equality-based label selection, as Pod.spec.nodeSelector does it."""
-    return all(labels.get(key) == value for key, value in selector.items())
+    """Equality-based label selection, as Pod.spec.nodeSelector does it (an item-set comparison, run in C: every
+    pass selects its pool's nodes from all of the cluster's)."""
+    return selector.items() <= labels.items()
 
 
 def _quantity_to_int(quantity: object) -> int:

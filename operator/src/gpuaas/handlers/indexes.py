@@ -6,6 +6,7 @@ thread and back for every watch event (thousands a second under churn), while th
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -215,10 +216,6 @@ async def usage_by_allocation(*, name: str, body: kopf.Body, spec: kopf.Spec, **
     return {str(spec.get("allocationUID", "")): GpuUsage.from_object(body)}
 
 
-def exclusive_holders(nodes: kopf.Index[str, NodeInfo]) -> dict[str, str]:
-    return {
-        info.name: info.labels[ALLOCATION_LABEL]
-        for store in nodes.values()
-        for info in store
-        if ALLOCATION_LABEL in info.labels
-    }
+def exclusive_holders(nodes: Iterable[NodeInfo]) -> dict[str, str]:
+    """node -> the allocation that holds it whole."""
+    return {info.name: info.labels[ALLOCATION_LABEL] for info in nodes if ALLOCATION_LABEL in info.labels}

@@ -122,6 +122,7 @@ def snapshot(
     uids = {a.uid for a in allocations}
     usage = {uid: {r.name: r for r in _all(indexes["usage_by_allocation"], uid)} for uid in uids}
     nodes: list[NodeInfo] = [info for store in indexes["nodes_by_name"].values() for info in store]
+    holders = exclusive_holders(nodes)
     spec = GpuPoolSpec.model_validate(dict(body.get("spec") or {}))
     if spec.dra is not None:  # a DRA node's GPUs are the devices its driver publishes, not an allocatable count
         published = indexes["devices_by_node"]
@@ -140,7 +141,7 @@ def snapshot(
         namespaces=labels,
         namespace_claims=claims,
         pods_by_namespace=pods,
-        exclusive_holders=exclusive_holders(indexes["nodes_by_name"]),
+        exclusive_holders=holders,
         tenant_bindings=bindings,
         terminating_namespaces=terminating,
         usage=usage,

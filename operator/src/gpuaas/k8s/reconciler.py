@@ -36,7 +36,7 @@ from gpuaas.domain.ledger import GrantState
 from gpuaas.domain.lifecycle import AllocationSample, allocation_status, rejected_status
 from gpuaas.domain.nodes import NodeInfo
 from gpuaas.domain.planner import Candidate, RecentApply, recent_apply
-from gpuaas.domain.pool import measure_capacity, pool_nodes, pool_status
+from gpuaas.domain.pool import members_capacity, pool_nodes, pool_status
 from gpuaas.domain.snapshot import AllocationView, ObjectKey, PoolSnapshot, observed_key
 from gpuaas.k8s.ledger import LedgerWriter
 from gpuaas.k8s.pool_ledger import PoolLedgerWriter
@@ -121,8 +121,8 @@ class PoolReconciler:
         clock_started = monotonic()
         failed = self._collect_finished()
         pool_spec = GpuPoolSpec.model_validate(dict(snap.spec))
-        capacity = measure_capacity(pool_spec, snap.nodes)
         members = pool_nodes(pool_spec, snap.nodes)
+        capacity = members_capacity(pool_spec, members)
         taints = planner.pool_taint_actions(self.pool, pool_spec, members)
         if taints:  # a new pool of 510 nodes is tainted in parallel, not one node after another
             list(self.executor.map(self.writer.perform, taints))
