@@ -11,12 +11,13 @@ from datetime import UTC, datetime, timedelta
 from kubernetes.client.exceptions import ApiException
 
 from gpuaas.api.allocation import ALLOCATION_PLURAL
-from gpuaas.api.pool import POOL_PLURAL
+from gpuaas.api.pool import POOL_LABEL, POOL_PLURAL
 from gpuaas.domain.actions import (
     Action,
     ApplyObject,
     CreateUsage,
     DeletePod,
+    PatchNode,
     PatchStatus,
     ReleasePod,
     RemoveAllocationFinalizer,
@@ -38,6 +39,7 @@ from tests.builders import (
     finished,
     gpu_node,
     gpu_pod,
+    pool_spec,
     usage_identity,
 )
 
@@ -284,6 +286,44 @@ def test_a_refused_apply_among_those_at_once_is_reported_and_the_others_still_co
     assert (quota["status"], quota["reason"], quota["message"]) == ("False", "ApplyFailed", "422 Refused")
     applied = run.applied[snap.allocations[0].uid]
     assert sorted(kind for kind, _, _ in applied) == ["Namespace", "ResourceQuota", "RoleBinding"]
+
+
+def test_a_pool_fences_its_nodes_without_waiting_and_sends_each_node_one_patch_per_version_it_sees() -> None:
+    writer = HeldWriter()  # the API server is busy: no patch ends until released
+    run = reconciler(writer)
+    nodes = [replace(gpu_node(f"node-{i}"), resource_version="1") for i in range(4)]
+    snap = replace(SnapshotBuilder(spec=pool_spec(taint=True)).build(), nodes=nodes)
+    result = run.run_pass(snap, NOW, wait_seconds=0)
+    assert result.pool.capacity_gpus == 32  # the pass ended and reported while the patches are held
+    assert status_patches(writer, POOL_PLURAL)
+
+    run.run_pass(snap, NOW + timedelta(seconds=1), wait_seconds=0)  # the index shows no change yet
+    writer.release.set()
+    wait([sent for _, sent in run.fencing.values()])
+    assert sorted(a.name for a in writer.of(PatchNode)) == [f"node-{i}" for i in range(4)]
+    run.run_pass(snap, NOW + timedelta(seconds=2), wait_seconds=0)  # done, but the index has not shown it
+    wait([sent for _, sent in run.fencing.values()])
+    assert len(writer.of(PatchNode)) == 4
+
+    # node-0 changed since (its patch was refused as stale), the others show their fence: only node-0 again.
+    fenced = [replace(n, taints=((POOL_LABEL, POOL, "NoSchedule"),), resource_version="2") for n in nodes[1:]]
+    changed = replace(snap, nodes=[replace(nodes[0], resource_version="2"), *fenced])
+    run.run_pass(changed, NOW + timedelta(seconds=3), wait_seconds=0)
+    wait([sent for _, sent in run.fencing.values()])
+    again = writer.of(PatchNode)[4:]
+    assert [(a.name, a.patch["metadata"]["resourceVersion"]) for a in again] == [("node-0", "2")]
+
+
+def test_a_fence_patch_that_failed_is_sent_again_by_the_next_pass() -> None:
+    writer = RecordingWriter(fail={PatchNode: 500})
+    run = reconciler(writer)
+    snap = replace(SnapshotBuilder(spec=pool_spec(taint=True)).build(), nodes=[gpu_node("node-0")])
+    run.run_pass(snap, NOW, wait_seconds=0)
+    wait([sent for _, sent in run.fencing.values()])
+    writer.fail.clear()
+    run.run_pass(snap, NOW + timedelta(seconds=1), wait_seconds=0)
+    wait([sent for _, sent in run.fencing.values()])
+    assert [a.name for a in writer.of(PatchNode)] == ["node-0"]
 
 
 def test_writes_that_fail_are_counted_and_handed_out_again_by_the_next_pass() -> None:

@@ -29,7 +29,7 @@ from gpuaas.api.allocation import GpuAllocationSpec, GpuAllocationStatus
 from gpuaas.api.pool import POOL_PLURAL, GpuPoolSpec, GpuPoolStatus
 from gpuaas.api.usage import GpuUsageSpec, GrantChange, UsageLedger, UsageTenant
 from gpuaas.domain import planner
-from gpuaas.domain.actions import Action, ApplyObject, PatchStatus
+from gpuaas.domain.actions import Action, ApplyObject, PatchNode, PatchStatus
 from gpuaas.domain.capacity import AdmissionDecision
 from gpuaas.domain.history import stamped_changes
 from gpuaas.domain.ledger import GrantState
@@ -104,6 +104,9 @@ class PoolReconciler:
     )
     # The pool's month records (program = usable granted + unallocated + down); made on the first pass.
     pool_ledger: PoolLedgerWriter | None = None
+    # node -> the version its fence patch was planned from, and the patch: while it runs, or until the index shows
+    # the node anew, a pass sends it no second one.
+    fencing: dict[str, tuple[str, Future[None]]] = field(default_factory=dict)
     # uid -> the writes a pass handed to a worker, until a later pass collects them.
     in_flight: dict[str, Future[AllocationSample | None]] = field(default_factory=dict)
     # uid -> its latest sample, which stands for it while its writes are in flight.
@@ -123,9 +126,7 @@ class PoolReconciler:
         pool_spec = GpuPoolSpec.model_validate(dict(snap.spec))
         members = pool_nodes(pool_spec, snap.nodes)
         capacity = members_capacity(pool_spec, members)
-        taints = planner.pool_taint_actions(self.pool, pool_spec, members)
-        if taints:  # a new pool of 510 nodes is tainted in parallel, not one node after another
-            list(self.executor.map(self.writer.perform, taints))
+        self._fence_nodes(planner.pool_taint_actions(self.pool, pool_spec, members), members)
 
         candidates: list[Candidate] = []
         for view in snap.allocations:
@@ -192,6 +193,23 @@ class PoolReconciler:
             failed=failed,
             deciding_seconds=deciding_seconds,
         )
+
+    def _fence_nodes(self, patches: list[PatchNode], members: list[NodeInfo]) -> None:
+        """Hand the workers the fence patches not already sent for the node as the index shows it; the pass does
+        not wait for them (a new pool's 255-510 nodes took a pass 8-11 s). Each patch carries the version it was
+        planned from, so a node that changed since is refused and planned again from its new version."""
+        if not patches and not self.fencing:
+            return
+        versions = {node.name: node.resource_version for node in members}
+        for name, (version, sent) in list(self.fencing.items()):
+            failed = sent.exception() if sent.done() and not sent.cancelled() else None
+            if failed is not None:
+                logger.warning("pool %s: fencing node %s failed (sent again): %s", self.pool, name, failed)
+            if failed is not None or versions.get(name) != version:
+                del self.fencing[name]
+        for patch in patches:
+            if patch.name not in self.fencing:
+                self.fencing[patch.name] = (versions[patch.name], self.executor.submit(self.writer.perform, patch))
 
     def _hand_out_changed(
         self,
