@@ -242,26 +242,56 @@ def stop_sampling(profiler: subprocess.Popen[bytes] | None) -> None:
 
 
 PASS_BOUNDS = ("1.0", "2.0", "5.0", "10.0", "30.0")
+SHOWN_BOUNDS = ("1.0", "5.0", "10.0", "30.0")
 
 
-def pass_histogram() -> dict[str, float]:
-    """The operator's pass-duration histogram, summed over its pools: count, sum, and passes within each bound."""
+def operator_metrics() -> list[str]:
     with urllib.request.urlopen("http://127.0.0.1:18180/metrics", timeout=30) as response:
-        lines = response.read().decode().splitlines()
+        return response.read().decode().splitlines()
 
-    def total(prefix: str, bound: str | None = None) -> float:
+
+def histogram(lines: list[str], name: str, bounds: tuple[str, ...], labels: str = "") -> dict[str, float]:
+    """A histogram of the operator's, summed over the series whose labels contain `labels`: count, sum, and the
+    observations within each bound."""
+
+    def total(suffix: str, bound: str | None = None) -> float:
         return sum(
             float(line.rsplit(" ", 1)[1])
             for line in lines
-            if line.startswith(prefix) and (bound is None or f'le="{bound}"' in line)
+            if line.startswith(name + suffix) and labels in line and (bound is None or f'le="{bound}"' in line)
         )
 
-    histogram = {
-        "count": total("gpuaas_reconcile_duration_seconds_count"),
-        "sum": total("gpuaas_reconcile_duration_seconds_sum"),
-    }
-    histogram.update({bound: total("gpuaas_reconcile_duration_seconds_bucket", bound) for bound in PASS_BOUNDS})
-    return histogram
+    found = {"count": total("_count"), "sum": total("_sum")}
+    found.update({bound: total("_bucket", bound) for bound in bounds})
+    return found
+
+
+def pass_histogram() -> dict[str, float]:
+    """The operator's pass-duration histogram, summed over its pools."""
+    return histogram(operator_metrics(), "gpuaas_reconcile_duration_seconds", PASS_BOUNDS)
+
+
+SHOWN_KINDS = ("Namespace", "ResourceQuota", "LimitRange", "RoleBinding")
+
+
+def shown_histograms() -> dict[str, dict[str, float]]:
+    """Per kind, how long after gpuaas's apply its index showed the object (resolution: the pass interval)."""
+    lines = operator_metrics()
+    name = "gpuaas_apply_shown_seconds"
+    return {kind: histogram(lines, name, SHOWN_BOUNDS, f'kind="{kind}"') for kind in SHOWN_KINDS}
+
+
+def shown_between(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, Any]:
+    shown: dict[str, Any] = {}
+    for kind in SHOWN_KINDS:
+        count = after[kind]["count"] - before[kind]["count"]
+        within = {b: after[kind][b] - before[kind][b] for b in SHOWN_BOUNDS}
+        shown[kind] = {
+            "shown": int(count),
+            "mean_seconds": round((after[kind]["sum"] - before[kind]["sum"]) / count, 2) if count else 0.0,
+            **{f"after_over_{b}s": int(count - within[b]) for b in SHOWN_BOUNDS},
+        }
+    return shown
 
 
 def passes_between(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
@@ -320,7 +350,7 @@ def main() -> None:
                 result["slowest_samples"] = [{"total": round(t, 3), "create_call": round(c, 3)} for t, c in slowest]
             if options.bulk:
                 profiler = sampled(operator.pid, options.profile_bulk, options.profile_rate)
-                passes_before = pass_histogram()
+                passes_before, shown_before = pass_histogram(), shown_histograms()
                 # The operator's start (a new pool's first pass taints its nodes) and the latency samples.
                 result["passes_before_bulk"] = passes_between({}, passes_before)
                 cpu_before, writes_before = cpu_seconds(operator.pid), api_writes(api)
@@ -330,6 +360,7 @@ def main() -> None:
                 stop_sampling(profiler)
                 result["bulk"].update(passes_between(passes_before, pass_histogram()))
                 result["bulk"]["operator_peak_rss_mib"] = status_kib(operator.pid, "VmHWM") // 1024
+                result["bulk"]["index_shown_after_apply"] = shown_between(shown_before, shown_histograms())
     finally:
         operator.terminate()
         operator.wait()

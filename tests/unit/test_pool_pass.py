@@ -326,6 +326,18 @@ def test_a_fence_patch_that_failed_is_sent_again_by_the_next_pass() -> None:
     assert [a.name for a in writer.of(PatchNode)] == ["node-0"]
 
 
+def test_a_pass_reports_how_long_after_their_write_the_index_showed_an_allocations_objects() -> None:
+    writer = RecordingWriter()
+    run = reconciler(writer)
+    snap = SnapshotBuilder().with_allocation(allocation("a", 8)).build()
+    assert run.run_pass(snap, NOW).shown_after == ()
+    shown = replace(snap, observed={observed_key(a.manifest): dict(a.manifest) for a in writer.of(ApplyObject)})
+    result = run.run_pass(shown, NOW + timedelta(seconds=3))
+    assert sorted(kind for kind, _ in result.shown_after) == ["LimitRange", "Namespace", "ResourceQuota", "RoleBinding"]
+    assert all(2.5 < seconds <= 3 for _, seconds in result.shown_after)
+    assert run.run_pass(shown, NOW + timedelta(seconds=4)).shown_after == ()  # each is reported once
+
+
 def test_writes_that_fail_are_counted_and_handed_out_again_by_the_next_pass() -> None:
     writer = HeldWriter(crash=True)
     writer.release.set()

@@ -47,6 +47,13 @@ reconcile_duration = Histogram(
     ("pool",),
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 5, 10, 30),
 )
+watch_lag = Histogram(
+    "gpuaas_apply_shown_seconds",
+    "From the end of an apply of a tenant object to the pass that found it in the operator's watch-fed index, by"
+    " kind: how stale the operator's view of its own writes is (resolution: the pass interval).",
+    ("kind",),
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+)
 ledger_writes = Counter("gpuaas_ledger_writes_total", "Writes of GpuUsage records (creates and ledger updates).")
 reconcile_errors = Counter(
     "gpuaas_reconcile_errors_total", "Reconcile passes that failed, and allocations whose writes failed.", ("pool",)

@@ -276,6 +276,8 @@ async def _one_pass(
         metrics.record_pool(name, GpuPoolSpec.model_validate(snap.spec), result.pool)
         metrics.record_terminating(name, result.terminating_namespaces)
         metrics.writes_in_flight.labels(name).set(result.in_flight)
+        for kind, seconds in result.shown_after:
+            metrics.watch_lag.labels(kind).observe(seconds)
         in_flight = result.in_flight
         if result.failed:
             metrics.reconcile_errors.labels(name).inc(result.failed)

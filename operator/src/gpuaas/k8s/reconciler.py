@@ -78,6 +78,8 @@ class PassResult:
     in_flight: int = 0  # allocations whose writes were still running when the pass ended
     failed: int = 0  # allocations whose writes ended in an error since the last pass (logged; retried)
     deciding_seconds: float = 0.0  # the pass's own work, before it waited for writes
+    # (kind, seconds): applies that the index showed since the last pass, and how long after their write it did
+    shown_after: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -117,6 +119,7 @@ class PoolReconciler:
     low_water: int = WORKERS
     _running: int = 0
     _running_lock: threading.Lock = field(default_factory=threading.Lock)
+    _shown_after: list[tuple[str, float]] = field(default_factory=list)  # PassResult.shown_after, from the workers
 
     def run_pass(self, snap: PoolSnapshot, now: datetime, wait_seconds: float | None = None) -> PassResult:
         """Decide for every allocation and hand out the writes; wait for them at most `wait_seconds` (None: until
@@ -184,6 +187,8 @@ class PoolReconciler:
         self._pool_ledger().book(pool_spec, breakdown, now)
         names = {view.uid: view.name for view in snap.allocations}
         terminating = {names[uid]: ns for uid, ns in self.waiting_namespaces.items() if uid in names}
+        with self._running_lock:
+            shown_after, self._shown_after = tuple(self._shown_after), []
         return PassResult(
             pool=new_pool,
             samples=samples,
@@ -192,6 +197,7 @@ class PoolReconciler:
             in_flight=len(self.in_flight),
             failed=failed,
             deciding_seconds=deciding_seconds,
+            shown_after=shown_after,
         )
 
     def _fence_nodes(self, patches: list[PatchNode], members: list[NodeInfo]) -> None:
@@ -354,7 +360,10 @@ class PoolReconciler:
         booked = self._book(view, spec, pool_spec, snap, c.grant, now, force=force)
         plan = planner.plan_tenant(view, spec, decision, snap, members, pool_spec, self.applied.get(view.uid, {}), now)
         for key in plan.shown:
-            self.applied[view.uid].pop(key, None)
+            shown = self.applied[view.uid].pop(key, None)
+            if shown is not None:
+                with self._running_lock:
+                    self._shown_after.append((key[0], max(0.0, (now - shown.at).total_seconds())))
         outcome = planner.tenant_outcome(
             spec.target_namespace, plan, decision, self._carry_out(view, plan, now, clock_started)
         )
