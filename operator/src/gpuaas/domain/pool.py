@@ -9,7 +9,7 @@ from datetime import datetime
 from gpuaas.api.common import Condition, set_condition
 from gpuaas.api.pool import GpuPoolSpec, GpuPoolStatus, PoolConditionReason, PoolConditionType
 from gpuaas.domain.downtime import PoolBreakdown
-from gpuaas.domain.nodes import NodeInfo
+from gpuaas.domain.nodes import NodeInfo, matches_selector
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,7 @@ class PoolCapacity:
 
 
 def pool_nodes(spec: GpuPoolSpec, nodes: Iterable[NodeInfo]) -> list[NodeInfo]:
-    selector = spec.node_selector.items()  # `matches_selector`, inlined: every pass runs it on every node
-    return [node for node in nodes if selector <= node.labels.items()]
+    return [node for node in nodes if matches_selector(node.labels, spec.node_selector)]
 
 
 def measure_capacity(spec: GpuPoolSpec, nodes: Iterable[NodeInfo]) -> PoolCapacity:

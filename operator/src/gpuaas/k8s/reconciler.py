@@ -120,6 +120,7 @@ class PoolReconciler:
     _running: int = 0
     _running_lock: threading.Lock = field(default_factory=threading.Lock)
     _shown_after: list[tuple[str, float]] = field(default_factory=list)  # PassResult.shown_after, from the workers
+    _shown_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def run_pass(self, snap: PoolSnapshot, now: datetime, wait_seconds: float | None = None) -> PassResult:
         """Decide for every allocation and hand out the writes; wait for them at most `wait_seconds` (None: until
@@ -187,7 +188,7 @@ class PoolReconciler:
         self._pool_ledger().book(pool_spec, breakdown, now)
         names = {view.uid: view.name for view in snap.allocations}
         terminating = {names[uid]: ns for uid, ns in self.waiting_namespaces.items() if uid in names}
-        with self._running_lock:
+        with self._shown_lock:
             shown_after, self._shown_after = tuple(self._shown_after), []
         return PassResult(
             pool=new_pool,
@@ -362,7 +363,7 @@ class PoolReconciler:
         for key in plan.shown:
             shown = self.applied[view.uid].pop(key, None)
             if shown is not None:
-                with self._running_lock:
+                with self._shown_lock:
                     self._shown_after.append((key[0], max(0.0, (now - shown.at).total_seconds())))
         outcome = planner.tenant_outcome(
             spec.target_namespace, plan, decision, self._carry_out(view, plan, now, clock_started)
