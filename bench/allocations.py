@@ -254,11 +254,13 @@ def histogram(lines: list[str], name: str, bounds: tuple[str, ...], labels: str 
     """A histogram of the operator's, summed over the series whose labels contain `labels`: count, sum, and the
     observations within each bound."""
 
+    mine = [line for line in lines if line.startswith(name) and labels in line]  # the rest, read once
+
     def total(suffix: str, bound: str | None = None) -> float:
         return sum(
             float(line.rsplit(" ", 1)[1])
-            for line in lines
-            if line.startswith(name + suffix) and labels in line and (bound is None or f'le="{bound}"' in line)
+            for line in mine
+            if line.startswith(name + suffix) and (bound is None or f'le="{bound}"' in line)
         )
 
     found = {"count": total("_count"), "sum": total("_sum")}
@@ -285,19 +287,25 @@ def shown_between(before: dict[str, dict[str, float]], after: dict[str, dict[str
     shown: dict[str, Any] = {}
     for kind in SHOWN_KINDS:
         count = after[kind]["count"] - before[kind]["count"]
-        within = {b: after[kind][b] - before[kind][b] for b in SHOWN_BOUNDS}
+        over = over_each_bound(before[kind], after[kind], SHOWN_BOUNDS)
         shown[kind] = {
             "shown": int(count),
             "mean_seconds": round((after[kind]["sum"] - before[kind]["sum"]) / count, 2) if count else 0.0,
-            **{f"after_over_{b}s": int(count - within[b]) for b in SHOWN_BOUNDS},
+            **{f"after_over_{b}s": n for b, n in over.items()},
         }
     return shown
+
+
+def over_each_bound(before: dict[str, float], after: dict[str, float], bounds: tuple[str, ...]) -> dict[str, int]:
+    """Between two readings of a histogram: bound -> the observations over it."""
+    count = after["count"] - before.get("count", 0.0)
+    return {b: int(count - (after[b] - before.get(b, 0.0))) for b in bounds}
 
 
 def passes_between(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
     """The passes that ended between two readings of the histogram: how many, how many over each bound, their time."""
     passes = after["count"] - before.get("count", 0.0)
-    longer = {f"over_{b}s": int(passes - (after[b] - before.get(b, 0.0))) for b in PASS_BOUNDS}
+    longer = {f"over_{b}s": n for b, n in over_each_bound(before, after, PASS_BOUNDS).items()}
     return {
         "passes": int(passes),
         "passes_over_2s": longer["over_2.0s"],
