@@ -273,6 +273,26 @@ def pass_histogram() -> dict[str, float]:
     return histogram(operator_metrics(), "gpuaas_reconcile_duration_seconds", PASS_BOUNDS)
 
 
+PASS_PARTS = ("snapshot", "deciding", "waiting", "ending")
+
+
+def part_histograms() -> dict[str, dict[str, float]]:
+    """Per part of a pass (snapshot, deciding, waiting for writes, ending), summed over the pools."""
+    lines = operator_metrics()
+    name = "gpuaas_reconcile_part_seconds"
+    return {part: histogram(lines, name, PASS_BOUNDS, f'part="{part}"') for part in PASS_PARTS}
+
+
+def parts_between(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Per part: its seconds over all passes, and how many passes it took longer than each bound."""
+    parts: dict[str, Any] = {}
+    for part in PASS_PARTS:
+        seconds = after[part]["sum"] - before[part].get("sum", 0.0)
+        over = over_each_bound(before[part], after[part], PASS_BOUNDS)
+        parts[part] = {"seconds_total": round(seconds, 1), **{f"over_{b}s": n for b, n in over.items()}}
+    return parts
+
+
 SHOWN_KINDS = ("Namespace", "ResourceQuota", "LimitRange", "RoleBinding")
 
 
@@ -358,7 +378,7 @@ def main() -> None:
                 result["slowest_samples"] = [{"total": round(t, 3), "create_call": round(c, 3)} for t, c in slowest]
             if options.bulk:
                 profiler = sampled(operator.pid, options.profile_bulk, options.profile_rate)
-                passes_before, shown_before = pass_histogram(), shown_histograms()
+                passes_before, shown_before, parts_before = pass_histogram(), shown_histograms(), part_histograms()
                 # The operator's start (a new pool's first pass taints its nodes) and the latency samples.
                 result["passes_before_bulk"] = passes_between({}, passes_before)
                 cpu_before, writes_before = cpu_seconds(operator.pid), api_writes(api)
@@ -367,6 +387,7 @@ def main() -> None:
                 result["bulk"]["operator_cpu_seconds"] = round(cpu_seconds(operator.pid) - cpu_before, 1)
                 stop_sampling(profiler)
                 result["bulk"].update(passes_between(passes_before, pass_histogram()))
+                result["bulk"]["pass_parts"] = parts_between(parts_before, part_histograms())
                 result["bulk"]["operator_peak_rss_mib"] = status_kib(operator.pid, "VmHWM") // 1024
                 result["bulk"]["index_shown_after_apply"] = shown_between(shown_before, shown_histograms())
     finally:

@@ -198,6 +198,7 @@ def test_writes_that_outlast_the_pass_stay_in_flight_and_their_grant_still_count
     result = run.run_pass(first, NOW, wait_seconds=0.05)
     assert (result.processed, result.in_flight, status_patches(writer, ALLOCATION_PLURAL)) == (1, 1, [])
     assert result.pool.granted_gpus == 24  # decided, though nothing is written yet
+    assert result.waiting_seconds >= 0.05  # the pass waited its whole bound for the held writes, and reports it
 
     # A later allocation asks for more than is left: a's grant counts while its writes are running, and a is
     # handed no second copy of them.

@@ -47,6 +47,14 @@ reconcile_duration = Histogram(
     ("pool",),
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 5, 10, 30),
 )
+reconcile_part = Histogram(
+    "gpuaas_reconcile_part_seconds",
+    "Each part of a pool reconcile pass: its snapshot of the indexes (on the event loop), deciding and handing out"
+    " writes, waiting (bounded) for them, and ending it (the pool's status and month records, the series).",
+    ("pool", "part"),
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+PASS_PARTS = ("snapshot", "deciding", "waiting", "ending")
 watch_lag = Histogram(
     "gpuaas_apply_shown_seconds",
     "From the end of an apply of a tenant object to the pass that found it in the operator's watch-fed index, by"
@@ -221,6 +229,9 @@ def forget_pool(name: str, spec: GpuPoolSpec) -> None:
     for metric in (reconcile_errors, reconcile_duration, writes_in_flight):
         with contextlib.suppress(KeyError):
             metric.remove(name)
+    for part in PASS_PARTS:
+        with contextlib.suppress(KeyError):
+            reconcile_part.remove(name, part)
     for gauge, _ in _POOL_GAUGES:
         with contextlib.suppress(KeyError):
             gauge.remove(name, spec.gpu_model, spec.provider)

@@ -251,6 +251,15 @@ async def _run_passes(
             await asyncio.to_thread(reconciler.stop)
 
 
+def _observe_parts(pool: str, snapshot_seconds: float, result: PassResult, pass_seconds: float) -> None:
+    parts = metrics.reconcile_part
+    parts.labels(pool, "snapshot").observe(snapshot_seconds)
+    parts.labels(pool, "deciding").observe(result.deciding_seconds)
+    parts.labels(pool, "waiting").observe(result.waiting_seconds)
+    # The pool's status and month records, its allocations' series, and the hand-offs to and from the thread.
+    parts.labels(pool, "ending").observe(max(0.0, pass_seconds - result.deciding_seconds - result.waiting_seconds))
+
+
 async def _one_pass(
     name: str,
     body: kopf.Body,
@@ -270,7 +279,10 @@ async def _one_pass(
     in_flight = 0
     try:
         with metrics.reconcile_duration.labels(name).time():
+            pass_started = monotonic()
             result = await asyncio.to_thread(_pass_and_samples, reconciler, snap, started)
+            pass_seconds = monotonic() - pass_started
+        _observe_parts(name, busy_seconds, result, pass_seconds)
         busy_seconds += result.deciding_seconds
         metrics.ledger_writes.inc(reconciler.ledger.writes_since_last_asked())
         metrics.record_pool(name, GpuPoolSpec.model_validate(snap.spec), result.pool)

@@ -78,6 +78,7 @@ class PassResult:
     in_flight: int = 0  # allocations whose writes were still running when the pass ended
     failed: int = 0  # allocations whose writes ended in an error since the last pass (logged; retried)
     deciding_seconds: float = 0.0  # the pass's own work, before it waited for writes
+    waiting_seconds: float = 0.0  # waiting for the writes it handed out (bounded by `wait_seconds`)
     # (kind, seconds): applies that the index showed since the last pass, and how long after their write it did
     shown_after: tuple[tuple[str, float], ...] = ()
 
@@ -163,6 +164,7 @@ class PoolReconciler:
         )
         deciding_seconds = monotonic() - clock_started
         wait(list(self.in_flight.values()), timeout=wait_seconds)
+        waiting_seconds = monotonic() - clock_started - deciding_seconds
         failed += self._collect_finished()
         samples = [self.last_samples[c.view.uid] for c in candidates if c.view.uid in self.last_samples]
 
@@ -198,6 +200,7 @@ class PoolReconciler:
             in_flight=len(self.in_flight),
             failed=failed,
             deciding_seconds=deciding_seconds,
+            waiting_seconds=waiting_seconds,
             shown_after=shown_after,
         )
 
