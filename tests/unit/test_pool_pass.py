@@ -351,18 +351,22 @@ def test_writes_that_fail_are_counted_and_handed_out_again_by_the_next_pass() ->
     assert [p.patch["phase"] for p in status_patches(writer, ALLOCATION_PLURAL)] == ["Active"]
 
 
-def test_stop_waits_for_the_writes_running() -> None:
+def test_stop_waits_for_the_writes_running_and_then_closes_the_pools_client() -> None:
     writer = HeldWriter()
     run = reconciler(writer)
+    writes_when_closed: list[int] = []
+    run.on_stop = lambda: writes_when_closed.append(len(status_patches(writer, ALLOCATION_PLURAL)))
     run.run_pass(SnapshotBuilder().with_allocation(allocation("a", 8)).build(), NOW, wait_seconds=0)
     stopping = threading.Thread(target=run.stop)
     stopping.start()
     stopping.join(timeout=0.2)
     assert stopping.is_alive()  # held by a's writes
+    assert writes_when_closed == []
     writer.release.set()
     stopping.join(timeout=10)
     assert not stopping.is_alive()
     assert [p.patch["phase"] for p in status_patches(writer, ALLOCATION_PLURAL)] == ["Active"]
+    assert writes_when_closed == [1]  # closed once, after a's status was written
 
 
 def test_the_pool_is_woken_when_its_workers_run_low_on_writes_and_when_the_last_end() -> None:

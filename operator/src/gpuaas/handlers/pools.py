@@ -31,9 +31,11 @@ from gpuaas.domain.snapshot import AllocationView, PodView, PoolSnapshot
 from gpuaas.domain.tenant import tenant_object_keys
 from gpuaas.handlers.indexes import MANAGED, exclusive_holders
 from gpuaas.k8s import webhooks
+from gpuaas.k8s.client import new_api_client
 from gpuaas.k8s.leadership import Leadership
 from gpuaas.k8s.ledger import LedgerWriter
-from gpuaas.k8s.reconciler import PassResult, PoolReconciler
+from gpuaas.k8s.reconciler import POOL_CONNECTIONS, PassResult, PoolReconciler
+from gpuaas.k8s.writer import cluster_writer
 from gpuaas.options import OperatorOptions, WebhookRegistration, webhook_cert_dir
 
 MIN_PASS_INTERVAL_SECONDS = 0.05
@@ -176,7 +178,10 @@ async def reconcile_pool(
 
 
 def _new_reconciler(name: str, options: OperatorOptions, drained: asyncio.Event) -> PoolReconciler:
-    ledger = LedgerWriter(time_zone=options.time_zone, flush_interval=timedelta(seconds=options.ledger_flush_seconds))
+    connections = new_api_client(pool_size=POOL_CONNECTIONS)
+    writer = cluster_writer(connections)
+    flush_interval = timedelta(seconds=options.ledger_flush_seconds)
+    ledger = LedgerWriter(time_zone=options.time_zone, flush_interval=flush_interval, writer=writer)
     loop = asyncio.get_running_loop()
 
     def wake_from_worker() -> None:
@@ -184,7 +189,9 @@ def _new_reconciler(name: str, options: OperatorOptions, drained: asyncio.Event)
         with contextlib.suppress(RuntimeError):  # the loop has closed: the operator is exiting
             loop.call_soon_threadsafe(drained.set)
 
-    return PoolReconciler(pool=name, ledger=ledger, on_work_done=wake_from_worker)
+    return PoolReconciler(
+        pool=name, ledger=ledger, writer=writer, on_work_done=wake_from_worker, on_stop=connections.close
+    )
 
 
 def _pass_and_samples(reconciler: PoolReconciler, snap: PoolSnapshot, now: datetime) -> PassResult:

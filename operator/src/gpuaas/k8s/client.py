@@ -10,11 +10,11 @@ from kubernetes import client, config
 FIELD_MANAGER = "gpuaas"
 
 
-def load_config(kubeconfig: str | None = None, pool_size: int = 128) -> None:
+def load_config(kubeconfig: str | None = None, pool_size: int = 32) -> None:
     """In-cluster config inside a pod, else the given kubeconfig or $KUBECONFIG. Installs one shared
     ApiClient: without a default, every `client.XxxApi()` makes its own connection pool, so every call
-    would pay a new TLS handshake. The pool holds every pool reconciler's writers and fan-out threads (five pools
-    of 16 + 4) with room for the ledger and the handlers: past it, a connection is made and dropped per call."""
+    would pay a new TLS handshake. Each pool's writes have a client of their own (reconciler.POOL_CONNECTIONS);
+    this one serves the handlers, the webhooks and the ledger's reads."""
     if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
         config.load_incluster_config()
         client.ApiClient.set_default(new_api_client(pool_size=pool_size))

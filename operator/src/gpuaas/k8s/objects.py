@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 APPLY = "application/apply-patch+yaml"
 
 
-def apply(manifest: Mapping[str, Any]) -> None:
+def apply(manifest: Mapping[str, Any], api: client.ApiClient | None = None) -> None:
     """Server-side apply a Namespace, ResourceQuota, LimitRange or RoleBinding, forcing ownership."""
     kind = manifest["kind"]
     name = manifest["metadata"]["name"]
@@ -30,7 +30,7 @@ def apply(manifest: Mapping[str, Any]) -> None:
         "_content_type": APPLY,
         "_preload_content": False,
     }
-    core = client.CoreV1Api()
+    core = client.CoreV1Api(api)
     response: Any  # raw responses: _preload_content=False
     if kind == "Namespace":
         response = core.patch_namespace(name, body, **options)
@@ -39,7 +39,7 @@ def apply(manifest: Mapping[str, Any]) -> None:
     elif kind == "LimitRange":
         response = core.patch_namespaced_limit_range(name, namespace, body, **options)
     elif kind == "RoleBinding":
-        response = client.RbacAuthorizationV1Api().patch_namespaced_role_binding(name, namespace, body, **options)
+        response = client.RbacAuthorizationV1Api(api).patch_namespaced_role_binding(name, namespace, body, **options)
     else:
         raise ValueError(f"gpuaas does not apply {kind}")
     discard(response)
@@ -56,50 +56,51 @@ def read_namespace_labels(name: str) -> dict[str, str] | None:
     return dict((namespace.metadata.labels if namespace.metadata else None) or {})
 
 
-def delete_namespace(name: str) -> None:
+def delete_namespace(name: str, api: client.ApiClient | None = None) -> None:
     try:
-        client.CoreV1Api().delete_namespace(name)
+        client.CoreV1Api(api).delete_namespace(name)
     except ApiException as error:
         if error.status not in (404, 409):  # 409: already being deleted
             raise
 
 
-def delete_role_binding(name: str, namespace: str) -> None:
+def delete_role_binding(name: str, namespace: str, api: client.ApiClient | None = None) -> None:
     try:
-        client.RbacAuthorizationV1Api().delete_namespaced_role_binding(name, namespace)
+        client.RbacAuthorizationV1Api(api).delete_namespaced_role_binding(name, namespace)
     except ApiException as error:
         if error.status != 404:
             raise
 
 
-def set_role_binding_subjects(binding: TenantBinding, subjects: list[Mapping[str, Any]]) -> None:
+def set_role_binding_subjects(
+    binding: TenantBinding, subjects: list[Mapping[str, Any]], api: client.ApiClient | None = None
+) -> None:
     """Rewrite a tenant RoleBinding's subjects; the resourceVersion makes a binding changed meanwhile fail (409) and
     wait for the next pass instead of losing that change. The API server lets the operator rewrite only bindings to
     roles it may bind (`admin`); any other such binding is deleted, as it names someone who must lose access."""
     body = {"metadata": {"resourceVersion": binding.resource_version}, "subjects": [dict(s) for s in subjects]}
-    api = client.RbacAuthorizationV1Api()
     try:
-        api.patch_namespaced_role_binding(binding.name, binding.namespace, body)
+        client.RbacAuthorizationV1Api(api).patch_namespaced_role_binding(binding.name, binding.namespace, body)
     except ApiException as error:
         if error.status == 403:
             logger.info("deleting RoleBinding %s/%s: it may not be rewritten", binding.namespace, binding.name)
-            delete_role_binding(binding.name, binding.namespace)
+            delete_role_binding(binding.name, binding.namespace, api)
         elif error.status not in (404, 409):
             raise
 
 
-def delete_pod(name: str, namespace: str, grace_period_seconds: int) -> None:
+def delete_pod(name: str, namespace: str, grace_period_seconds: int, api: client.ApiClient | None = None) -> None:
     try:
-        client.CoreV1Api().delete_namespaced_pod(name, namespace, grace_period_seconds=grace_period_seconds)
+        client.CoreV1Api(api).delete_namespaced_pod(name, namespace, grace_period_seconds=grace_period_seconds)
     except ApiException as error:
         if error.status != 404:
             raise
 
 
-def patch_node(name: str, patch: Mapping[str, Any]) -> None:
+def patch_node(name: str, patch: Mapping[str, Any], api: client.ApiClient | None = None) -> None:
     """Strategic-merge patch of a node's labels or taints."""
     try:
-        discard(client.CoreV1Api().patch_node(name, dict(patch), _preload_content=False))
+        discard(client.CoreV1Api(api).patch_node(name, dict(patch), _preload_content=False))
     except ApiException as error:
         if error.status != 409:
             raise
@@ -107,9 +108,9 @@ def patch_node(name: str, patch: Mapping[str, Any]) -> None:
         logger.info("node %s changed since it was read; its taints are written again at the next pass", name)
 
 
-def _patch_allocation(name: str, json_patch: list[dict[str, Any]]) -> None:
+def _patch_allocation(name: str, json_patch: list[dict[str, Any]], api: client.ApiClient | None = None) -> None:
     try:
-        response = client.CustomObjectsApi().patch_cluster_custom_object(
+        response = client.CustomObjectsApi(api).patch_cluster_custom_object(
             GROUP,
             VERSION,
             "gpuallocations",
@@ -125,39 +126,48 @@ def _patch_allocation(name: str, json_patch: list[dict[str, Any]]) -> None:
             raise
 
 
-def add_allocation_finalizer(name: str, finalizer: str, has_any: bool) -> None:
+def add_allocation_finalizer(name: str, finalizer: str, has_any: bool, api: client.ApiClient | None = None) -> None:
     """JSON patch add, so finalizers other controllers add concurrently are kept."""
     op = (
         {"op": "add", "path": "/metadata/finalizers/-", "value": finalizer}
         if has_any
         else {"op": "add", "path": "/metadata/finalizers", "value": [finalizer]}
     )
-    _patch_allocation(name, [op])
+    _patch_allocation(name, [op], api)
 
 
-def annotate_allocation(name: str, key: str, value: str) -> None:
-    client.CustomObjectsApi().patch_cluster_custom_object(
+def annotate_allocation(name: str, key: str, value: str, api: client.ApiClient | None = None) -> None:
+    client.CustomObjectsApi(api).patch_cluster_custom_object(
         GROUP, VERSION, "gpuallocations", name, {"metadata": {"annotations": {key: value}}}
     )
 
 
-def suspend_allocation(name: str) -> None:
-    client.CustomObjectsApi().patch_cluster_custom_object(
+def suspend_allocation(name: str, api: client.ApiClient | None = None) -> None:
+    client.CustomObjectsApi(api).patch_cluster_custom_object(
         GROUP, VERSION, "gpuallocations", name, {"spec": {"suspend": True}}
     )
 
 
-def remove_allocation_finalizer(name: str, finalizer: str, finalizers: list[str]) -> None:
+def remove_allocation_finalizer(
+    name: str, finalizer: str, finalizers: list[str], api: client.ApiClient | None = None
+) -> None:
     """Remove by index, guarded by a test op so a stale view never removes someone else's finalizer."""
     if finalizer not in finalizers:
         return
     index = finalizers.index(finalizer)
     path = f"/metadata/finalizers/{index}"
-    _patch_allocation(name, [{"op": "test", "path": path, "value": finalizer}, {"op": "remove", "path": path}])
+    _patch_allocation(name, [{"op": "test", "path": path, "value": finalizer}, {"op": "remove", "path": path}], api)
 
 
 def post_event(
-    kind: str, name: str, uid: str, reason: str, message: str, event_type: str = "Normal", now: datetime | None = None
+    kind: str,
+    name: str,
+    uid: str,
+    reason: str,
+    message: str,
+    event_type: str = "Normal",
+    now: datetime | None = None,
+    api: client.ApiClient | None = None,
 ) -> None:
     """An Event about a cluster-scoped gpuaas object (they live in the default namespace, as kubectl expects)."""
     moment = now or datetime.now(UTC)
@@ -177,7 +187,7 @@ def post_event(
         "reportingInstance": "gpuaas",
     }
     try:
-        response = client.CoreV1Api().create_namespaced_event(
+        response = client.CoreV1Api(api).create_namespaced_event(
             "default",
             event,  # type: ignore[arg-type]
             _preload_content=False,

@@ -48,6 +48,9 @@ WORKERS = 16  # a pool's writes at once
 # range and binding after its namespace): on a quiet cluster that is two round trips fewer to Ready. In a burst the
 # slots are taken and the workers write one after another, so the writes in flight stay near WORKERS per pool.
 FANOUT_WORKERS = 4
+# A pool's writer has a client of its own with this many connections: its workers, their fan-out threads and the
+# pass's own writes (the pool's status and month records) all at once, and no pool waits for another's connections.
+POOL_CONNECTIONS = WORKERS + FANOUT_WORKERS + 1
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class PoolReconciler:
     # Called from a worker when the writes in flight drop below `low_water` (and when the last end): the workers are
     # about to run out of work, so the pool's next pass should come now.
     on_work_done: Callable[[], None] = lambda: None
+    on_stop: Callable[[], None] = lambda: None  # after the last write ended (closes the pool's own client)
     low_water: int = WORKERS
     _running: int = 0
     _running_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -261,6 +265,7 @@ class PoolReconciler:
         """Drop the writes not started and wait for those running: after this, another replica may lead."""
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.fanout.shutdown(wait=True)
+        self.on_stop()
 
     def _hand_out(self, uid: str, work: Callable[..., AllocationSample | None], *args: Any) -> None:
         with self._running_lock:

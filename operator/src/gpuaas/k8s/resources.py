@@ -13,9 +13,11 @@ from gpuaas.api.pool import PoolConditionType
 from gpuaas.k8s.client import FIELD_MANAGER, discard
 
 
-def patch_cluster_status(plural: str, name: str, status: Mapping[str, Any]) -> None:
+def patch_cluster_status(
+    plural: str, name: str, status: Mapping[str, Any], api: client.ApiClient | None = None
+) -> None:
     """Merge-patch the status subresource of a cluster-scoped gpuaas object."""
-    response = client.CustomObjectsApi().patch_cluster_custom_object_status(
+    response = client.CustomObjectsApi(api).patch_cluster_custom_object_status(
         GROUP, VERSION, plural, name, {"status": dict(status)}, field_manager=FIELD_MANAGER, _preload_content=False
     )
     discard(response)

@@ -30,11 +30,11 @@ class UsageRecordExistsError(Exception):
     """The record to create exists already: the index has not shown it yet (another replica, or a lost response)."""
 
 
-def create_usage(record: GpuUsage) -> None:
+def create_usage(record: GpuUsage, api: client.ApiClient | None = None) -> None:
     """Create a month's record. If it exists, nothing is written: the booking was planned without the record's
     ledger, so writing it would drop what that ledger holds. The next pass books from the record itself."""
     try:
-        response = client.CustomObjectsApi().create_cluster_custom_object(
+        response = client.CustomObjectsApi(api).create_cluster_custom_object(
             GROUP, VERSION, USAGE_PLURAL, record.to_object(), _preload_content=False
         )
         discard(response)
@@ -47,9 +47,13 @@ def create_usage(record: GpuUsage) -> None:
 
 
 def write_usage_ledger(
-    name: str, ledger: UsageLedger, dropped_pods: Iterable[str] = (), labels: Mapping[str, str] | None = None
+    name: str,
+    ledger: UsageLedger,
+    dropped_pods: Iterable[str] = (),
+    labels: Mapping[str, str] | None = None,
+    api: client.ApiClient | None = None,
 ) -> None:
-    response = client.CustomObjectsApi().patch_cluster_custom_object(
+    response = client.CustomObjectsApi(api).patch_cluster_custom_object(
         GROUP, VERSION, USAGE_PLURAL, name, ledger_patch(ledger, dropped_pods, labels), _preload_content=False
     )
     discard(response)
@@ -66,24 +70,26 @@ def read_pool_usage(name: str) -> GpuPoolUsage | None:
     return GpuPoolUsage.from_object(cast(dict[str, Any], obj))
 
 
-def create_pool_usage(record: GpuPoolUsage) -> None:
-    response = client.CustomObjectsApi().create_cluster_custom_object(
+def create_pool_usage(record: GpuPoolUsage, api: client.ApiClient | None = None) -> None:
+    response = client.CustomObjectsApi(api).create_cluster_custom_object(
         GROUP, VERSION, POOL_USAGE_PLURAL, record.to_object(), _preload_content=False
     )
     discard(response)
 
 
-def write_pool_ledger(name: str, ledger: PoolLedger, labels: Mapping[str, str] | None = None) -> None:
-    response = client.CustomObjectsApi().patch_cluster_custom_object(
+def write_pool_ledger(
+    name: str, ledger: PoolLedger, labels: Mapping[str, str] | None = None, api: client.ApiClient | None = None
+) -> None:
+    response = client.CustomObjectsApi(api).patch_cluster_custom_object(
         GROUP, VERSION, POOL_USAGE_PLURAL, name, pool_ledger_patch(ledger, labels), _preload_content=False
     )
     discard(response)
 
 
-def release_pod(namespace: str, name: str) -> None:
+def release_pod(namespace: str, name: str, api: client.ApiClient | None = None) -> None:
     """Remove the usage finalizer; a test op makes a stale view fail instead of removing the wrong entry."""
     try:
-        current = client.CoreV1Api().read_namespaced_pod(name, namespace)
+        current = client.CoreV1Api(api).read_namespaced_pod(name, namespace)
     except ApiException as error:
         if error.status == 404:
             return
@@ -94,7 +100,7 @@ def release_pod(namespace: str, name: str) -> None:
     index = finalizers.index(USAGE_FINALIZER)
     path = f"/metadata/finalizers/{index}"
     try:
-        client.CoreV1Api().patch_namespaced_pod(
+        client.CoreV1Api(api).patch_namespaced_pod(
             name,
             namespace,
             [{"op": "test", "path": path, "value": USAGE_FINALIZER}, {"op": "remove", "path": path}],

@@ -11,6 +11,8 @@ import logging
 import os
 from typing import Protocol
 
+from kubernetes.client import ApiClient
+
 from gpuaas.domain.actions import (
     Action,
     AddAllocationFinalizer,
@@ -46,42 +48,49 @@ class ClusterWriter(Protocol):
 
 
 class KubernetesWriter:
+    """Writes through `api` (the shared client when None): each pool's writer has a client of its own, whose
+    connection pool holds that pool's writers at once."""
+
+    def __init__(self, api: ApiClient | None = None) -> None:
+        self.api = api
+
     def perform(self, action: Action) -> None:
+        api = self.api
         match action:
             case ApplyObject(manifest):
-                objects.apply(manifest)
+                objects.apply(manifest, api)
             case PatchNode(name, patch):
-                objects.patch_node(name, patch)
+                objects.patch_node(name, patch, api)
             case DeletePod(namespace, name, grace_seconds):
-                objects.delete_pod(name, namespace, grace_seconds)
+                objects.delete_pod(name, namespace, grace_seconds, api)
             case DeleteNamespace(name):
-                objects.delete_namespace(name)
+                objects.delete_namespace(name, api)
             case DeleteRoleBinding(namespace, name):
-                objects.delete_role_binding(name, namespace)
+                objects.delete_role_binding(name, namespace, api)
             case SetRoleBindingSubjects(binding, subjects):
-                objects.set_role_binding_subjects(binding, list(subjects))
+                objects.set_role_binding_subjects(binding, list(subjects), api)
             case PatchStatus(plural, name, patch):
-                patch_cluster_status(plural, name, patch)
+                patch_cluster_status(plural, name, patch, api)
             case AddAllocationFinalizer(allocation, finalizer, has_any):
-                objects.add_allocation_finalizer(allocation, finalizer, has_any)
+                objects.add_allocation_finalizer(allocation, finalizer, has_any, api)
             case RemoveAllocationFinalizer(allocation, finalizer, finalizers):
-                objects.remove_allocation_finalizer(allocation, finalizer, list(finalizers))
+                objects.remove_allocation_finalizer(allocation, finalizer, list(finalizers), api)
             case SuspendAllocation(allocation):
-                objects.suspend_allocation(allocation)
+                objects.suspend_allocation(allocation, api)
             case AnnotateAllocation(allocation, key, value):
-                objects.annotate_allocation(allocation, key, value)
+                objects.annotate_allocation(allocation, key, value, api)
             case PostEvent(kind, name, uid, reason, message, event_type):
-                objects.post_event(kind, name, uid, reason, message, event_type)
+                objects.post_event(kind, name, uid, reason, message, event_type, api=api)
             case CreateUsage(record):
-                usage.create_usage(record)
+                usage.create_usage(record, api)
             case WriteUsageLedger(name, ledger, dropped_pods, labels):
-                usage.write_usage_ledger(name, ledger, dropped_pods, labels)
+                usage.write_usage_ledger(name, ledger, dropped_pods, labels, api)
             case CreatePoolUsage(record):
-                usage.create_pool_usage(record)
+                usage.create_pool_usage(record, api)
             case WritePoolLedger(name, ledger, labels):
-                usage.write_pool_ledger(name, ledger, labels)
+                usage.write_pool_ledger(name, ledger, labels, api)
             case ReleasePod(namespace, name):
-                usage.release_pod(namespace, name)
+                usage.release_pod(namespace, name, api)
 
 
 class CrashAfterWriter:
@@ -96,10 +105,10 @@ class CrashAfterWriter:
             os._exit(137)
 
 
-def cluster_writer() -> ClusterWriter:
-    """The API server's writer; with GPUAAS_CRASH_AFTER set, one that crashes at that point."""
+def cluster_writer(api: ApiClient | None = None) -> ClusterWriter:
+    """The API server's writer, through `api`; with GPUAAS_CRASH_AFTER set, one that crashes at that point."""
     crash_after = os.environ.get(CRASH_AFTER_ENV, "")
     if not crash_after:
-        return KubernetesWriter()
+        return KubernetesWriter(api)
     kind, _, text = crash_after.partition(":")
-    return CrashAfterWriter(KubernetesWriter(), kind, text)
+    return CrashAfterWriter(KubernetesWriter(api), kind, text)
