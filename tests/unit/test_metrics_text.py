@@ -47,3 +47,18 @@ def test_replaced_pools_drop_deleted_allocations() -> None:
     assert " 4000" in text
     series.drop("nhn-b200-a")
     assert "allocation=" not in series.exposition().decode()
+
+
+def test_a_pass_that_hands_back_the_same_samples_keeps_their_lines_and_a_new_sample_is_rendered_anew() -> None:
+    series = AllocationSeries()
+    steady, changing = sample("steady", "x"), sample("changing", "y")
+    series.replace("nhn-b200-a", [steady, changing])
+    first = series.exposition()
+    series.replace("nhn-b200-a", [steady, changing])
+    assert series.exposition() == first
+    series.replace("nhn-b200-a", [steady, sample("changing", "y", phase="Expired", used=4000)])
+    families = {f.name: f for f in text_string_to_metric_families(series.exposition().decode())}
+    used = {s.labels["allocation"]: s.value for s in families["gpuaas_allocation_used_gpu_seconds"].samples}
+    assert used == {"steady": 3600, "changing": 4000}
+    phases = {s.labels["allocation"]: s.labels["phase"] for s in families["gpuaas_allocation_phase"].samples}
+    assert phases == {"steady": "Active", "changing": "Expired"}
