@@ -43,11 +43,16 @@ from gpuaas.k8s.pool_ledger import PoolLedgerWriter
 from gpuaas.k8s.writer import ClusterWriter, cluster_writer
 
 logger = logging.getLogger(__name__)
-WORKERS = 16  # a pool's writes at once
+# A pool's writes at once. The API server's cores are the limit, not this: with 16 a pool (80 threads in the
+# program's five) no more writes went through, but every thread woken by a response took its turn at the interpreter
+# lock before the event loop and the passes; at 10,000 allocations the indexes showed the operator's own applies
+# 22-46 s after them on average, against 7-9 s with 8 (docs/benchmarks.md, fourteenth session).
+WORKERS = 8
 # Extra threads a pool's workers may borrow to run one allocation's independent writes at once (its quota, limit
-# range and binding after its namespace): on a quiet cluster that is two round trips fewer to Ready. In a burst the
-# slots are taken and the workers write one after another, so the writes in flight stay near WORKERS per pool.
-FANOUT_WORKERS = 4
+# range and binding after its namespace: one on the worker, two borrowed): on a quiet cluster that is two round trips
+# fewer to Ready. In a burst the slots are taken and the workers write one after another, so the writes in flight
+# stay near WORKERS per pool.
+FANOUT_WORKERS = 2
 # A pool's writer has a client of its own with this many connections: its workers, their fan-out threads and the
 # pass's own writes (the pool's status and month records) all at once, and no pool waits for another's connections.
 POOL_CONNECTIONS = WORKERS + FANOUT_WORKERS + 1
