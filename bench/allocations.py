@@ -33,6 +33,7 @@ from ssa_baseline import baseline_objects, write_all
 
 from gpuaas.domain.scenarios import SCENARIOS
 from gpuaas.k8s.client import new_api_client
+from gpuaas.metrics import PASS_PARTS
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = "gpuaas-bench"
@@ -273,14 +274,17 @@ def pass_histogram() -> dict[str, float]:
     return histogram(operator_metrics(), "gpuaas_reconcile_duration_seconds", PASS_BOUNDS)
 
 
-PASS_PARTS = ("snapshot", "deciding", "waiting", "ending")
+def histograms_by(
+    name: str, label: str, values: tuple[str, ...], bounds: tuple[str, ...]
+) -> dict[str, dict[str, float]]:
+    """One reading of the operator's histogram `name` per value of `label`, each summed over its other labels."""
+    lines = operator_metrics()
+    return {value: histogram(lines, name, bounds, f'{label}="{value}"') for value in values}
 
 
 def part_histograms() -> dict[str, dict[str, float]]:
     """Per part of a pass (snapshot, deciding, waiting for writes, ending), summed over the pools."""
-    lines = operator_metrics()
-    name = "gpuaas_reconcile_part_seconds"
-    return {part: histogram(lines, name, PASS_BOUNDS, f'part="{part}"') for part in PASS_PARTS}
+    return histograms_by("gpuaas_reconcile_part_seconds", "part", PASS_PARTS, PASS_BOUNDS)
 
 
 def parts_between(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -298,9 +302,7 @@ SHOWN_KINDS = ("Namespace", "ResourceQuota", "LimitRange", "RoleBinding")
 
 def shown_histograms() -> dict[str, dict[str, float]]:
     """Per kind, how long after gpuaas's apply its index showed the object (resolution: the pass interval)."""
-    lines = operator_metrics()
-    name = "gpuaas_apply_shown_seconds"
-    return {kind: histogram(lines, name, SHOWN_BOUNDS, f'kind="{kind}"') for kind in SHOWN_KINDS}
+    return histograms_by("gpuaas_apply_shown_seconds", "kind", SHOWN_KINDS, SHOWN_BOUNDS)
 
 
 def shown_between(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, Any]:
