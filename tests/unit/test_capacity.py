@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpuaas.domain.capacity import AdmissionResult, AllocationDemand, admit
+from gpuaas.domain.planner import AdmissionMemo
 
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -263,3 +264,37 @@ def test_without_windows_or_grants_the_head_is_admitted_first(capacity: int, siz
         else:
             assert used + allocation.gpus > capacity
     assert used <= capacity
+
+
+_windows = st.tuples(st.integers(-3, 3), st.integers(1, 4)).map(lambda w: (w[0], w[0] + w[1]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    windows=st.lists(st.tuples(_windows, st.integers(1, 40), st.integers(0, 40)), min_size=1, max_size=6),
+    capacities=st.lists(st.sampled_from([32, 48, 64]), min_size=1, max_size=3),
+    steps=st.lists(st.integers(0, 36), min_size=1, max_size=12),
+)
+def test_the_admission_memo_decides_as_admission_would_at_every_instant(
+    windows: list[tuple[tuple[int, int], int, int]], capacities: list[int], steps: list[int]
+) -> None:
+    """Instants step by hours across windows that start and end on whole days, so some passes cross a bound and
+    most do not; the demands are the same objects pass after pass, as a pool's kept candidates are."""
+    demands = tuple(
+        demand(f"a{i}", gpus, created=i, start=start, end=end, granted=min(granted, gpus))
+        for i, ((start, end), gpus, granted) in enumerate(windows)
+    )
+    memo = AdmissionMemo()
+    now = NOW - 3 * DAY
+    for hours in steps:
+        now += timedelta(hours=hours)
+        for capacity in capacities:
+            assert memo.admit(capacity, demands, now) == admit(capacity, demands, now)
+
+
+def test_the_admission_memo_decides_again_when_a_demand_changes() -> None:
+    memo = AdmissionMemo()
+    first = memo.admit(64, (demand("a", 32), demand("b", 32)), NOW)
+    assert memo.admit(64, (demand("a", 32), demand("b", 32)), NOW + timedelta(minutes=1)) is first  # equal: kept
+    grown = memo.admit(64, (demand("a", 48), demand("b", 32)), NOW + timedelta(minutes=2))
+    assert (grown.decisions["a"].granted_gpus, grown.decisions["b"].phase) == (48, "Queued")

@@ -177,8 +177,8 @@ def test_a_grant_that_changes_between_flushes_is_booked_under_each_state_for_its
 
 @dataclass
 class HeldWriter(RecordingWriter):
-    """Holds the writes of the pass's workers until `release` is set, as a loaded API server would (the pool's own,
-    made by the pass, go through); `crash` makes allocation status writes raise."""
+    """Holds the writes made off the pass's own thread (its workers', the pool's status) until `release` is set, as
+    a loaded API server would; `crash` makes allocation status writes raise."""
 
     release: threading.Event = field(default_factory=threading.Event)
     crash: bool = False
@@ -296,7 +296,6 @@ def test_a_pool_fences_its_nodes_without_waiting_and_sends_each_node_one_patch_p
     snap = replace(SnapshotBuilder(spec=pool_spec(taint=True)).build(), nodes=nodes)
     result = run.run_pass(snap, NOW, wait_seconds=0)
     assert result.pool.capacity_gpus == 32  # the pass ended and reported while the patches are held
-    assert status_patches(writer, POOL_PLURAL)
 
     run.run_pass(snap, NOW + timedelta(seconds=1), wait_seconds=0)  # the index shows no change yet
     writer.release.set()
@@ -313,6 +312,34 @@ def test_a_pool_fences_its_nodes_without_waiting_and_sends_each_node_one_patch_p
     wait([sent for _, sent in run.fencing.values()])
     again = writer.of(PatchNode)[4:]
     assert [(a.name, a.patch["metadata"]["resourceVersion"]) for a in again] == [("node-0", "2")]
+
+
+def test_a_pass_does_not_wait_for_the_pools_status_write_and_only_the_newest_status_is_sent_after_it() -> None:
+    writer = HeldWriter()  # the API server is busy
+    run = reconciler(writer)
+    builder = SnapshotBuilder()
+    for gpus, name in ((8, "a"), (16, "b"), (8, "c")):
+        result = run.run_pass(builder.with_allocation(allocation(name, gpus)).build(), NOW, wait_seconds=0.05)
+        assert result.waiting_seconds < 1  # bounded, though no write ends
+    assert status_patches(writer, POOL_PLURAL) == []
+    writer.release.set()
+    run.stop()
+    # The first status was being written when the next two were decided: the third replaced the second.
+    assert [p.patch["grantedGPUs"] for p in status_patches(writer, POOL_PLURAL)] == [8, 32]
+
+
+def test_a_pool_status_write_that_failed_is_counted_and_sent_again_by_the_next_pass() -> None:
+    writer = RecordingWriter(fail={PatchStatus: 500})
+    run = reconciler(writer)
+    snap = SnapshotBuilder().build()
+    assert run.run_pass(snap, NOW).failed == 1
+    assert run.run_pass(snap, NOW + timedelta(seconds=1)).failed == 1  # the same status: sent again
+    writer.fail.clear()
+    assert run.run_pass(snap, NOW + timedelta(seconds=2)).failed == 0
+    (pool,) = status_patches(writer, POOL_PLURAL)
+    assert pool.patch["capacityGPUs"] == 32
+    run.run_pass(snap, NOW + timedelta(seconds=3))
+    assert len(status_patches(writer, POOL_PLURAL)) == 1  # written: nothing to send
 
 
 def test_a_fence_patch_that_failed_is_sent_again_by_the_next_pass() -> None:

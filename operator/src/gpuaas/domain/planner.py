@@ -14,7 +14,7 @@ Where a step's input is the outcome of an earlier write (an apply that failed), 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -279,16 +279,53 @@ class PoolAdmission:
     held_beyond_grants: int  # GPUs that stopping pods still hold beyond their allocations' grants
 
 
+@dataclass(frozen=True)
+class _Admitted:
+    demands: tuple[AllocationDemand, ...]
+    since: datetime
+    until: datetime | None  # the next instant a window starts or ends: decisions may change there
+    result: AdmissionResult
+
+    def holds(self, demands: tuple[AllocationDemand, ...], now: datetime) -> bool:
+        in_time = self.since <= now and (self.until is None or now < self.until)
+        return in_time and self.demands == demands  # kept candidates are the same objects: equal at a glance
+
+
+@dataclass
+class AdmissionMemo:
+    """A pool's latest admissions, for its next pass: while the demands and the capacity are the same and no window
+    has started or ended, admitting again would decide the same (`admit` reads the clock only against window
+    bounds). Most passes of a pool in use change no demand: their pods come and go."""
+
+    # by capacity, at most two (the pool's, and less the GPUs held beyond grants), the latest used last
+    kept: dict[int, _Admitted] = field(default_factory=dict)
+
+    def admit(self, capacity_gpus: int, demands: tuple[AllocationDemand, ...], now: datetime) -> AdmissionResult:
+        entry = self.kept.pop(capacity_gpus, None)
+        if entry is None or not entry.holds(demands, now):
+            until = min((t for d in demands for t in (d.start, d.end) if t > now), default=None)
+            entry = _Admitted(demands, now, until, admit(capacity_gpus, demands, now))
+            while len(self.kept) >= 2:
+                del self.kept[next(iter(self.kept))]
+        self.kept[capacity_gpus] = entry
+        return entry.result
+
+
 def admit_pool(
-    capacity_gpus: int, candidates: list[Candidate], held: Mapping[str, list[HeldPod]], now: datetime
+    capacity_gpus: int,
+    candidates: list[Candidate],
+    held: Mapping[str, list[HeldPod]],
+    now: datetime,
+    memo: AdmissionMemo | None = None,
 ) -> PoolAdmission:
     """GPUs that pods still hold beyond their grant (a suspended, shrunk or released grant whose pods are still
     stopping) are not offered to anyone until those pods are gone."""
-    demands = [c.demand for c in candidates]
-    result = admit(capacity_gpus, demands, now)
+    demands = tuple(c.demand for c in candidates)
+    memo = memo if memo is not None else AdmissionMemo()
+    result = memo.admit(capacity_gpus, demands, now)
     beyond = held_beyond_grants({name: d.granted_gpus for name, d in result.decisions.items()}, held, now)
     if beyond:
-        result = admit(capacity_gpus - beyond, demands, now)
+        result = memo.admit(capacity_gpus - beyond, demands, now)
     return PoolAdmission(result, beyond)
 
 

@@ -26,10 +26,10 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from gpuaas.api.allocation import GpuAllocationSpec, GpuAllocationStatus
-from gpuaas.api.pool import POOL_PLURAL, GpuPoolSpec, GpuPoolStatus
+from gpuaas.api.pool import GpuPoolSpec, GpuPoolStatus
 from gpuaas.api.usage import GpuUsageSpec, GrantChange, UsageLedger, UsageTenant
 from gpuaas.domain import planner
-from gpuaas.domain.actions import Action, ApplyObject, PatchNode, PatchStatus
+from gpuaas.domain.actions import Action, ApplyObject, PatchNode
 from gpuaas.domain.capacity import AdmissionDecision
 from gpuaas.domain.history import stamped_changes
 from gpuaas.domain.ledger import GrantState
@@ -40,6 +40,7 @@ from gpuaas.domain.pool import members_capacity, pool_nodes, pool_status
 from gpuaas.domain.snapshot import AllocationView, ObjectKey, PoolSnapshot, observed_key
 from gpuaas.k8s.ledger import LedgerWriter
 from gpuaas.k8s.pool_ledger import PoolLedgerWriter
+from gpuaas.k8s.pool_status import PoolStatusWriter
 from gpuaas.k8s.writer import ClusterWriter, cluster_writer
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,9 @@ class PassResult:
     # allocation -> its namespace, for deleted allocations whose namespace is still being deleted
     terminating_namespaces: dict[str, str] = field(default_factory=dict)
     in_flight: int = 0  # allocations whose writes were still running when the pass ended
-    failed: int = 0  # allocations whose writes ended in an error since the last pass (logged; retried)
+    # allocations whose writes ended in an error since the last pass, and the pool's failed status writes (logged;
+    # retried)
+    failed: int = 0
     deciding_seconds: float = 0.0  # the pass's own work, before it waited for writes
     waiting_seconds: float = 0.0  # waiting for the writes it handed out (bounded by `wait_seconds`)
     # (kind, seconds): applies that the index showed since the last pass, and how long after their write it did
@@ -102,11 +105,12 @@ class PoolReconciler:
     written: dict[str, dict[str, Any]] = field(default_factory=dict)
     # uid -> tenant objects applied moments ago, so applies the watch has not shown yet are not repeated.
     applied: dict[str, dict[ObjectKey, RecentApply]] = field(default_factory=dict)
-    pool_written: dict[str, Any] | None = None
+    pool_status: PoolStatusWriter = field(init=False)
     # uid -> namespace: deleted allocations whose namespace is still terminating (reported as a metric).
     waiting_namespaces: dict[str, str] = field(default_factory=dict)
     cache: dict[str, _Cached] = field(default_factory=dict)
     intakes: dict[str, _Intake] = field(default_factory=dict)
+    admissions: planner.AdmissionMemo = field(default_factory=planner.AdmissionMemo)
     specs: dict[str, tuple[int | None, GpuAllocationSpec]] = field(default_factory=dict)
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=WORKERS))
     fanout: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=FANOUT_WORKERS))
@@ -131,6 +135,9 @@ class PoolReconciler:
     _running_lock: threading.Lock = field(default_factory=threading.Lock)
     _shown_after: list[tuple[str, float]] = field(default_factory=list)  # PassResult.shown_after, from the workers
     _shown_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.pool_status = PoolStatusWriter(self.pool, self.writer)
 
     def run_pass(self, snap: PoolSnapshot, now: datetime, wait_seconds: float | None = None) -> PassResult:
         """Decide for every allocation and hand out the writes; wait for them at most `wait_seconds` (None: until
@@ -161,7 +168,8 @@ class PoolReconciler:
                 candidates.append(found)
         self._forget_all_but({view.uid for view in snap.allocations} | set(self.in_flight))
 
-        admission = planner.admit_pool(capacity.program_gpus, candidates, planner.held_by_allocation(snap), now)
+        held = planner.held_by_allocation(snap)
+        admission = planner.admit_pool(capacity.program_gpus, candidates, held, now, self.admissions)
         decisions = admission.result.decisions
         for c in candidates:
             self.granted[c.view.uid] = decisions[c.view.name].granted_gpus
@@ -177,10 +185,11 @@ class PoolReconciler:
         failed += self._collect_finished()
         samples = [self.last_samples[c.view.uid] for c in candidates if c.view.uid in self.last_samples]
 
-        written_pool = GpuPoolStatus.model_validate(self.pool_written or dict(snap.status))
+        latest_pool = self.pool_status.latest
+        previous_pool = GpuPoolStatus.model_validate(latest_pool or dict(snap.status))
         new_pool = pool_status(
             pool_spec,
-            written_pool,
+            previous_pool,
             capacity,
             snap.generation,
             now,
@@ -190,12 +199,13 @@ class PoolReconciler:
             queued=admission.result.summary.queued,
             breakdown=breakdown,
         )
-        if new_pool != written_pool or self.pool_written is None:
-            wire = new_pool.to_wire()
-            self.writer.perform(
-                PatchStatus(POOL_PLURAL, self.pool, planner.status_merge_patch(self.pool_written or {}, wire))
-            )
-            self.pool_written = wire
+        if new_pool != previous_pool or latest_pool is None:
+            # The pass waits for it only what is left of its bound: on a quiet cluster it is written by then.
+            sent = self.pool_status.send(new_pool.to_wire())
+            status_wait_started = monotonic()
+            wait([sent], timeout=None if wait_seconds is None else max(0.0, wait_seconds - waiting_seconds))
+            waiting_seconds += monotonic() - status_wait_started
+        failed += self.pool_status.failures_since_last_asked()
         self._pool_ledger().book(pool_spec, breakdown, now)
         names = {view.uid: view.name for view in snap.allocations}
         terminating = {names[uid]: ns for uid, ns in self.waiting_namespaces.items() if uid in names}
@@ -270,6 +280,7 @@ class PoolReconciler:
         """Drop the writes not started and wait for those running: after this, another replica may lead."""
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.fanout.shutdown(wait=True)
+        self.pool_status.stop()
         self.on_stop()
 
     def _hand_out(self, uid: str, work: Callable[..., AllocationSample | None], *args: Any) -> None:
