@@ -79,19 +79,28 @@ def _previous_month(year: int, month: int) -> tuple[int, int]:
     return (year - 1, 12) if month == 1 else (year, month - 1)
 
 
+@lru_cache(maxsize=1024)
 def _month_start(year: int, month: int, zone: ZoneInfo) -> int:
     return to_epoch(datetime(year, month, 1, tzinfo=zone))
 
 
+# zone -> (start, end, (year, month)) of the month last looked up: nearly every booking falls in the current one.
+# A lookup replaces the whole tuple, so threads that book at once read one month's bounds or another's, never a mix.
+_last_month: dict[ZoneInfo, tuple[int, int, tuple[int, int]]] = {}
+
+
 def _month_of_epoch(seconds: int, zone: ZoneInfo) -> tuple[int, int]:
+    last = _last_month.get(zone)
+    if last is not None and last[0] <= seconds < last[1]:
+        return last[2]
     local = from_epoch(seconds).astimezone(zone)
     year, month = local.year, local.month
     # Guard zones whose month starts fall into a DST gap: the bounds, not the wall clock, decide.
     if seconds < _month_start(year, month, zone):
-        return _previous_month(year, month)
-    following = _next_month(year, month)
-    if seconds >= _month_start(*following, zone):
-        return following
+        year, month = _previous_month(year, month)
+    elif seconds >= _month_start(*_next_month(year, month), zone):
+        year, month = _next_month(year, month)
+    _last_month[zone] = (_month_start(year, month, zone), _month_start(*_next_month(year, month), zone), (year, month))
     return year, month
 
 
@@ -122,14 +131,23 @@ def _months_spanning(start: int, end: int, zone: ZoneInfo) -> list[tuple[str, in
     return spans
 
 
+@lru_cache(maxsize=1024)
 def _day_start(day: date, zone: ZoneInfo) -> int:
     return to_epoch(datetime(day.year, day.month, day.day, tzinfo=zone))
+
+
+# zone -> the last day `_days_spanning` found ("DD", start, end): most bookings fall within today. Replaced whole,
+# like `_last_month`.
+_last_day: dict[ZoneInfo, tuple[str, int, int]] = {}
 
 
 def _days_spanning(start: int, end: int, zone: ZoneInfo) -> list[tuple[str, int, int]]:
     """(day of the month "DD", day_start, day_end) for every local day overlapping [start, end)."""
     if end <= start:
         return []
+    last = _last_day.get(zone)
+    if last is not None and last[1] <= start and end <= last[2]:
+        return [last]
     day = from_epoch(start).astimezone(zone).date()
     day_start = _day_start(day, zone)
     if day_start > start:  # a midnight in a DST gap: the bounds, not the wall clock, decide
@@ -141,6 +159,7 @@ def _days_spanning(start: int, end: int, zone: ZoneInfo) -> list[tuple[str, int,
         day_end = _day_start(following, zone)
         spans.append((f"{day.day:02d}", day_start, day_end))
         day, day_start = following, day_end
+    _last_day[zone] = spans[-1]
     return spans
 
 
