@@ -54,9 +54,9 @@ WORKERS = 8
 # fewer to Ready. In a burst the slots are taken and the workers write one after another, so the writes in flight
 # stay near WORKERS per pool.
 FANOUT_WORKERS = 2
-# A pool's writer has a client of its own with this many connections: its workers, their fan-out threads and the
-# pass's own writes (the pool's status and month records) all at once, and no pool waits for another's connections.
-POOL_CONNECTIONS = WORKERS + FANOUT_WORKERS + 1
+# A pool's writer has a client of its own with this many connections: its workers, their fan-out threads, the pass's
+# own writes (the pool's month records) and the pool's status thread all at once, and no pool waits for another's.
+POOL_CONNECTIONS = WORKERS + FANOUT_WORKERS + 2
 
 
 @dataclass(frozen=True)
