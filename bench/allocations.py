@@ -251,6 +251,21 @@ def operator_metrics() -> list[str]:
         return response.read().decode().splitlines()
 
 
+def metric_value(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def gc_pauses(text: str) -> dict[str, float]:
+    """The collector's full collections since the operator started, and its longest pause of any generation."""
+    return {
+        "full_collections": metric_value(text, 'gpuaas_gc_pauses_total{generation="2"}'),
+        "full_collection_seconds": round(metric_value(text, 'gpuaas_gc_pause_seconds_total{generation="2"}'), 3),
+        "longest_pause_seconds": round(
+            max(metric_value(text, f'gpuaas_gc_pause_max_seconds{{generation="{g}"}}') for g in range(3)), 3
+        ),
+    }
+
+
 def histogram(lines: list[str], name: str, bounds: tuple[str, ...], labels: str = "") -> dict[str, float]:
     """A histogram of the operator's, summed over the series whose labels contain `labels`: count, sum, and the
     observations within each bound."""
@@ -392,6 +407,8 @@ def main() -> None:
                 result["bulk"]["pass_parts"] = parts_between(parts_before, part_histograms())
                 result["bulk"]["operator_peak_rss_mib"] = status_kib(operator.pid, "VmHWM") // 1024
                 result["bulk"]["index_shown_after_apply"] = shown_between(shown_before, shown_histograms())
+                # Every thread waits for a collection: a full one over the grown heap stretches the passes it meets.
+                result["bulk"]["gc_pauses_since_start"] = gc_pauses("\n".join(operator_metrics()))
     finally:
         operator.terminate()
         operator.wait()

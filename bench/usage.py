@@ -34,8 +34,10 @@ from allocations import (
     cpu_seconds,
     decided,
     fresh_cluster,
+    gc_pauses,
     gpuaas,
     manifest,
+    metric_value,
     sampled,
     start_operator,
     status_kib,
@@ -50,10 +52,6 @@ METRICS = "http://127.0.0.1:18180/metrics"
 
 def rss_mib(pid: int) -> float:
     return status_kib(pid, "VmRSS") / 1024
-
-
-def metric_value(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 def scrape() -> tuple[float, str]:
@@ -241,15 +239,7 @@ def main() -> None:
             elapsed = time.monotonic() - churn_started
             text = scrape()[1]
             writes1 = metric_value(text, "gpuaas_ledger_writes_total")
-            result["gc_pauses"] = {
-                "full_collections": metric_value(text, 'gpuaas_gc_pauses_total{generation="2"}'),
-                "full_collection_seconds": round(
-                    metric_value(text, 'gpuaas_gc_pause_seconds_total{generation="2"}'), 3
-                ),
-                "longest_pause_seconds": round(
-                    max(metric_value(text, f'gpuaas_gc_pause_max_seconds{{generation="{g}"}}') for g in range(3)), 3
-                ),
-            }
+            result["gc_pauses"] = gc_pauses(text)
             cpu = (cpu_seconds(operator.pid) - cpu0) / elapsed
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
