@@ -312,6 +312,8 @@ def test_a_pool_fences_its_nodes_without_waiting_and_sends_each_node_one_patch_p
     wait([sent for _, sent in run.fencing.values()])
     again = writer.of(PatchNode)[4:]
     assert [(a.name, a.patch["metadata"]["resourceVersion"]) for a in again] == [("node-0", "2")]
+    run.stop()
+    assert status_patches(writer, POOL_PLURAL)  # the pool's status too, once its own held write went through
 
 
 def test_a_pass_does_not_wait_for_the_pools_status_write_and_only_the_newest_status_is_sent_after_it() -> None:

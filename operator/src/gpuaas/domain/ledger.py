@@ -84,15 +84,15 @@ def _month_start(year: int, month: int, zone: ZoneInfo) -> int:
     return to_epoch(datetime(year, month, 1, tzinfo=zone))
 
 
-# zone -> (start, end, (year, month)) of the month last looked up: nearly every booking falls in the current one.
+# zone -> ((year, month), start, end) of the month last looked up: nearly every booking falls in the current one.
 # A lookup replaces the whole tuple, so threads that book at once read one month's bounds or another's, never a mix.
-_last_month: dict[ZoneInfo, tuple[int, int, tuple[int, int]]] = {}
+_last_month: dict[ZoneInfo, tuple[tuple[int, int], int, int]] = {}
 
 
 def _month_of_epoch(seconds: int, zone: ZoneInfo) -> tuple[int, int]:
     last = _last_month.get(zone)
-    if last is not None and last[0] <= seconds < last[1]:
-        return last[2]
+    if last is not None and last[1] <= seconds < last[2]:
+        return last[0]
     local = from_epoch(seconds).astimezone(zone)
     year, month = local.year, local.month
     # Guard zones whose month starts fall into a DST gap: the bounds, not the wall clock, decide.
@@ -100,7 +100,7 @@ def _month_of_epoch(seconds: int, zone: ZoneInfo) -> tuple[int, int]:
         year, month = _previous_month(year, month)
     elif seconds >= _month_start(*_next_month(year, month), zone):
         year, month = _next_month(year, month)
-    _last_month[zone] = (_month_start(year, month, zone), _month_start(*_next_month(year, month), zone), (year, month))
+    _last_month[zone] = ((year, month), _month_start(year, month, zone), _month_start(*_next_month(year, month), zone))
     return year, month
 
 
