@@ -228,12 +228,14 @@ def cpu_seconds(pid: int) -> float:
     return total / CLOCK_TICKS
 
 
-def sampled(pid: int, out: str | None, rate: int) -> subprocess.Popen[bytes] | None:
-    """py-spy sampling the operator without pausing it, into `out` as collapsed stacks; None without `out`."""
+def sampled(pid: int, out: str | None, rate: int, gil_only: bool = False) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling the operator without pausing it, into `out` as collapsed stacks; None without `out`. With
+    `gil_only`, only the thread holding the interpreter lock is sampled: what the other threads waited for."""
     if out is None:
         return None
     command = ["py-spy", "record", "--pid", str(pid), "--output", out, "--format", "raw", "--nonblocking"]
-    return subprocess.Popen([*command, "--rate", str(rate)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command += ["--rate", str(rate), *(["--gil"] if gil_only else [])]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def stop_sampling(profiler: subprocess.Popen[bytes] | None) -> None:
@@ -366,6 +368,7 @@ def main() -> None:
     parser.add_argument("--profile", help="py-spy's collapsed stacks of the operator during the latency samples.")
     parser.add_argument("--profile-bulk", help="py-spy's collapsed stacks of the operator during the bulk.")
     parser.add_argument("--profile-rate", type=int, default=50, help="py-spy's samples a second.")
+    parser.add_argument("--profile-gil", action="store_true", help="Sample only the thread holding the GIL.")
     options = parser.parse_args()
     result: dict[str, Any] = {"scenario": "program", "nodes": 1307}
 
@@ -394,7 +397,7 @@ def main() -> None:
                 slowest = sorted(samples, reverse=True)[: max(1, len(samples) // 50)]
                 result["slowest_samples"] = [{"total": round(t, 3), "create_call": round(c, 3)} for t, c in slowest]
             if options.bulk:
-                profiler = sampled(operator.pid, options.profile_bulk, options.profile_rate)
+                profiler = sampled(operator.pid, options.profile_bulk, options.profile_rate, options.profile_gil)
                 passes_before, shown_before, parts_before = pass_histogram(), shown_histograms(), part_histograms()
                 # The operator's start (a new pool's first pass taints its nodes) and the latency samples.
                 result["passes_before_bulk"] = passes_between({}, passes_before)
