@@ -34,7 +34,7 @@ from gpuaas.k8s import webhooks
 from gpuaas.k8s.client import new_api_client
 from gpuaas.k8s.leadership import Leadership
 from gpuaas.k8s.ledger import LedgerWriter
-from gpuaas.k8s.reconciler import POOL_CONNECTIONS, PassResult, PoolReconciler
+from gpuaas.k8s.reconciler import POOL_CONNECTIONS, DecidedPass, PassResult, PoolReconciler
 from gpuaas.k8s.writer import cluster_writer
 from gpuaas.options import OperatorOptions, WebhookRegistration, webhook_cert_dir
 
@@ -194,10 +194,11 @@ def _new_reconciler(name: str, options: OperatorOptions, drained: asyncio.Event)
     )
 
 
-def _pass_and_samples(reconciler: PoolReconciler, snap: PoolSnapshot, now: datetime) -> PassResult:
-    """One pass, and its allocations' series rendered for /metrics on the same worker thread, not the event loop."""
-    result = reconciler.run_pass(snap, now, PASS_WAIT_SECONDS)
-    metrics.record_allocations(snap.pool, result.samples)
+def _end_and_samples(reconciler: PoolReconciler, decided: DecidedPass) -> PassResult:
+    """The pass's end, and its allocations' series rendered for /metrics on the same worker thread, not the event
+    loop."""
+    result = reconciler.end_pass(decided, PASS_WAIT_SECONDS)
+    metrics.record_allocations(decided.snap.pool, result.samples)
     return result
 
 
@@ -241,7 +242,7 @@ async def _run_passes(
                 # Fresh state on every takeover: while another replica led, the ledger records moved on.
                 reconciler = _new_reconciler(name, memo.options, drained)
             started = datetime.now(UTC)
-            interval, in_flight = await _one_pass(name, body, memo, logger, indexes, reconciler, started)
+            interval, in_flight = await _one_pass(name, body, memo, logger, indexes, reconciler)
             # While the workers have a backlog, more passes would only lengthen it (and take the event loop from
             # the webhooks): the next pass comes when it runs low, whatever else happens meanwhile. Writes that
             # ended within the pass wake nothing: the pass has taken them in.
@@ -258,12 +259,15 @@ async def _run_passes(
             await asyncio.to_thread(reconciler.stop)
 
 
-def _observe_parts(pool: str, snapshot_seconds: float, result: PassResult, pass_seconds: float) -> None:
+def _observe_parts(
+    pool: str, turn_seconds: float, snapshot_seconds: float, result: PassResult, pass_seconds: float
+) -> None:
     parts = metrics.reconcile_part
+    parts.labels(pool, "turn").observe(turn_seconds)
     parts.labels(pool, "snapshot").observe(snapshot_seconds)
     parts.labels(pool, "deciding").observe(result.deciding_seconds)
     parts.labels(pool, "waiting").observe(result.waiting_seconds)
-    # The pool's status and month records, its allocations' series, and the hand-offs to and from the thread.
+    # The pool's status and month records, its allocations' series, and the hand-offs to and from the threads.
     parts.labels(pool, "ending").observe(max(0.0, pass_seconds - result.deciding_seconds - result.waiting_seconds))
 
 
@@ -274,22 +278,30 @@ async def _one_pass(
     logger: kopf.Logger,
     indexes: dict[str, Any],
     reconciler: PoolReconciler,
-    started: datetime,
 ) -> tuple[float, int]:
     """One pass; returns the least time until the next one starts, and the allocations it left in flight."""
     leadership: Leadership = memo.leadership
     departed: DepartedPods = memo.departed_pods
-    departed.forget_expired(started)
-    snapshot_started = monotonic()
-    snap = snapshot(name, body, indexes, departed)
-    busy_seconds = monotonic() - snapshot_started  # on the event loop
-    in_flight = 0
+    turns: asyncio.Lock = memo.pass_turns
+    in_flight, busy_seconds = 0, 0.0
     try:
-        with metrics.reconcile_duration.labels(name).time():
+        turn_asked = monotonic()
+        # One pool decides at a time, from a snapshot taken in its turn: five pools deciding at once in five
+        # threads each got a fifth of the interpreter lock, and each decided from a snapshot older by the others'
+        # work. The writes are waited for after the turn.
+        async with turns:
+            turn_seconds = monotonic() - turn_asked
+            now = datetime.now(UTC)
+            departed.forget_expired(now)
+            snapshot_started = monotonic()
+            snap = snapshot(name, body, indexes, departed)
+            busy_seconds = monotonic() - snapshot_started  # on the event loop
             pass_started = monotonic()
-            result = await asyncio.to_thread(_pass_and_samples, reconciler, snap, started)
-            pass_seconds = monotonic() - pass_started
-        _observe_parts(name, busy_seconds, result, pass_seconds)
+            decided = await asyncio.to_thread(reconciler.decide, snap, now)
+        result = await asyncio.to_thread(_end_and_samples, reconciler, decided)
+        pass_seconds = monotonic() - pass_started
+        metrics.reconcile_duration.labels(name).observe(pass_seconds)
+        _observe_parts(name, turn_seconds, busy_seconds, result, pass_seconds)
         busy_seconds += result.deciding_seconds
         metrics.ledger_writes.inc(reconciler.ledger.writes_since_last_asked())
         metrics.record_pool(name, GpuPoolSpec.model_validate(snap.spec), result.pool)
@@ -302,12 +314,12 @@ async def _one_pass(
             metrics.reconcile_errors.labels(name).inc(result.failed)
         if memo.options.webhook_url:
             await _register_once(memo)
-        leadership.note_pass(started)
+        leadership.note_pass(now)
     except Exception:
         metrics.reconcile_errors.labels(name).inc()
         logger.exception(f"pool {name}: reconcile pass failed; retrying")
     # Coalesce bursts of events (a bulk apply, the objects a pass applied) into one pass per interval (never rarer
-    # than the resync). Waiting for writes does not count as busy: the pass holds nothing then.
+    # than the resync). Waiting for writes or for the turn does not count as busy: the pass holds nothing then.
     resync: float = memo.options.pool_resync_seconds
     heavy = busy_seconds >= HEAVY_PASS_SECONDS
     return min(max(MIN_PASS_INTERVAL_SECONDS, PASS_DUTY_FACTOR * busy_seconds if heavy else 0.0), resync), in_flight

@@ -111,6 +111,7 @@ def run_operator(options: OperatorOptions) -> None:
             leadership=elect(options, pool_wakeups),
             webhook_registration=WebhookRegistration(),
             departed_pods=DepartedPods(),
+            pass_turns=asyncio.Lock(),  # one pool decides at a time (handlers.pools)
             allocation_generations={},
             quota_specs={},
         ),

@@ -31,12 +31,13 @@ from gpuaas.api.usage import GpuUsageSpec, GrantChange, UsageLedger, UsageTenant
 from gpuaas.domain import planner
 from gpuaas.domain.actions import Action, ApplyObject, PatchNode
 from gpuaas.domain.capacity import AdmissionDecision
+from gpuaas.domain.downtime import PoolBreakdown
 from gpuaas.domain.history import stamped_changes
 from gpuaas.domain.ledger import GrantState
 from gpuaas.domain.lifecycle import AllocationSample, allocation_status, rejected_status
 from gpuaas.domain.nodes import NodeInfo
 from gpuaas.domain.planner import Candidate, RecentApply, recent_apply
-from gpuaas.domain.pool import members_capacity, pool_nodes, pool_status
+from gpuaas.domain.pool import PoolCapacity, members_capacity, pool_nodes, pool_status
 from gpuaas.domain.snapshot import AllocationView, ObjectKey, PoolSnapshot, observed_key
 from gpuaas.k8s.ledger import LedgerWriter
 from gpuaas.k8s.pool_ledger import PoolLedgerWriter
@@ -94,6 +95,22 @@ class PassResult:
     shown_after: tuple[tuple[str, float], ...] = ()
 
 
+@dataclass(frozen=True)
+class DecidedPass:
+    """A pass between its deciding (`PoolReconciler.decide`) and its end (`PoolReconciler.end_pass`)."""
+
+    snap: PoolSnapshot
+    now: datetime
+    pool_spec: GpuPoolSpec
+    capacity: PoolCapacity
+    admission: planner.PoolAdmission
+    breakdown: PoolBreakdown
+    candidates: list[Candidate]
+    handed_out: int
+    failed: int
+    deciding_seconds: float
+
+
 @dataclass
 class PoolReconciler:
     pool: str
@@ -142,6 +159,11 @@ class PoolReconciler:
     def run_pass(self, snap: PoolSnapshot, now: datetime, wait_seconds: float | None = None) -> PassResult:
         """Decide for every allocation and hand out the writes; wait for them at most `wait_seconds` (None: until
         all are done)."""
+        return self.end_pass(self.decide(snap, now), wait_seconds)
+
+    def decide(self, snap: PoolSnapshot, now: datetime) -> DecidedPass:
+        """A pass's own work: admit, hand the workers what changed. The operator lets one pool decide at a time
+        (handlers.pools), so this part is what it spends from the pool's turn."""
         clock_started = monotonic()
         failed = self._collect_finished()
         pool_spec = GpuPoolSpec.model_validate(dict(snap.spec))
@@ -179,25 +201,41 @@ class PoolReconciler:
         handed_out = self._hand_out_changed(
             candidates, decisions, breakdown.down_by_allocation, snap, members, pool_spec, now, clock_started
         )
-        deciding_seconds = monotonic() - clock_started
+        return DecidedPass(
+            snap,
+            now,
+            pool_spec,
+            capacity,
+            admission,
+            breakdown,
+            candidates,
+            len(handed_out),
+            failed,
+            deciding_seconds=monotonic() - clock_started,
+        )
+
+    def end_pass(self, decided: DecidedPass, wait_seconds: float | None = None) -> PassResult:
+        """Wait for the writes handed out at most `wait_seconds` (None: until all are done), then report the pool."""
+        snap, now = decided.snap, decided.now
+        waiting_started = monotonic()
         wait(list(self.in_flight.values()), timeout=wait_seconds)
-        waiting_seconds = monotonic() - clock_started - deciding_seconds
-        failed += self._collect_finished()
-        samples = [self.last_samples[c.view.uid] for c in candidates if c.view.uid in self.last_samples]
+        waiting_seconds = monotonic() - waiting_started
+        failed = decided.failed + self._collect_finished()
+        samples = [self.last_samples[c.view.uid] for c in decided.candidates if c.view.uid in self.last_samples]
 
         latest_pool = self.pool_status.latest
         previous_pool = GpuPoolStatus.model_validate(latest_pool or dict(snap.status))
         new_pool = pool_status(
-            pool_spec,
+            decided.pool_spec,
             previous_pool,
-            capacity,
+            decided.capacity,
             snap.generation,
             now,
-            granted_gpus=admission.result.summary.granted_gpus,
-            held_beyond_grants=admission.held_beyond_grants,
+            granted_gpus=decided.admission.result.summary.granted_gpus,
+            held_beyond_grants=decided.admission.held_beyond_grants,
             in_use_gpus=sum(sample.in_use_gpus for sample in samples),
-            queued=admission.result.summary.queued,
-            breakdown=breakdown,
+            queued=decided.admission.result.summary.queued,
+            breakdown=decided.breakdown,
         )
         if new_pool != previous_pool or latest_pool is None:
             # The pass waits for it only what is left of its bound: on a quiet cluster it is written by then.
@@ -206,7 +244,7 @@ class PoolReconciler:
             wait([sent], timeout=None if wait_seconds is None else max(0.0, wait_seconds - waiting_seconds))
             waiting_seconds += monotonic() - status_wait_started
         failed += self.pool_status.failures_since_last_asked()
-        self._pool_ledger().book(pool_spec, breakdown, now)
+        self._pool_ledger().book(decided.pool_spec, decided.breakdown, now)
         names = {view.uid: view.name for view in snap.allocations}
         terminating = {names[uid]: ns for uid, ns in self.waiting_namespaces.items() if uid in names}
         with self._shown_lock:
@@ -214,11 +252,11 @@ class PoolReconciler:
         return PassResult(
             pool=new_pool,
             samples=samples,
-            processed=len(handed_out),
+            processed=decided.handed_out,
             terminating_namespaces=terminating,
             in_flight=len(self.in_flight),
             failed=failed,
-            deciding_seconds=deciding_seconds,
+            deciding_seconds=decided.deciding_seconds,
             waiting_seconds=waiting_seconds,
             shown_after=shown_after,
         )
