@@ -213,6 +213,18 @@ def test_new_admissions_never_push_any_instant_over_capacity(
 
 @settings(max_examples=300, deadline=None)
 @given(capacity=st.integers(0, 160), allocations=demands)
+def test_the_summary_counts_the_grants_now_and_at_their_peak(
+    capacity: int, allocations: list[AllocationDemand]
+) -> None:
+    result = admit(capacity, allocations, NOW)
+    instants = {NOW} | {a.start for a in allocations if a.start > NOW}
+    peak = max(load_at(result, allocations, instant) for instant in instants)
+    assert result.summary.granted_gpus == load_at(result, allocations, NOW)
+    assert result.summary.overcommitted_gpus == max(peak - capacity, 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(capacity=st.integers(0, 160), allocations=demands)
 def test_grants_are_never_taken_away_from_live_allocations(capacity: int, allocations: list[AllocationDemand]) -> None:
     result = admit(capacity, allocations, NOW)
     for a in allocations:

@@ -243,8 +243,11 @@ def _summary(
     capacity: int, grants: dict[str, _Grant], decisions: dict[str, AdmissionDecision], now: datetime
 ) -> PoolSummary:
     granted_now = sum(g.gpus for g in grants.values() if g.start <= now < g.end)
-    horizon = max((g.end for g in grants.values()), default=now)
-    peak = _peak(grants.values(), now, horizon) if horizon > now else 0
+    if any(g.gpus > 0 and g.start > now for g in grants.values()):
+        horizon = max(g.end for g in grants.values())
+        peak = _peak(grants.values(), now, horizon)
+    else:
+        peak = granted_now  # no grant starts later: from now on the load only falls
     phases = [d.phase for d in decisions.values()]
     return PoolSummary(
         capacity_gpus=capacity,

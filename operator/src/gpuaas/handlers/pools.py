@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from time import monotonic
@@ -30,11 +31,12 @@ from gpuaas.domain.nodes import NodeInfo
 from gpuaas.domain.snapshot import AllocationView, PodView, PoolSnapshot
 from gpuaas.domain.tenant import tenant_object_keys
 from gpuaas.handlers.indexes import MANAGED, exclusive_holders
+from gpuaas.handlers.turns import DecidingTurns
 from gpuaas.k8s import webhooks
 from gpuaas.k8s.client import new_api_client
 from gpuaas.k8s.leadership import Leadership
 from gpuaas.k8s.ledger import LedgerWriter
-from gpuaas.k8s.reconciler import POOL_CONNECTIONS, DecidedPass, PassResult, PoolReconciler
+from gpuaas.k8s.reconciler import POOL_CONNECTIONS, PassResult, PoolReconciler
 from gpuaas.k8s.writer import cluster_writer
 from gpuaas.options import OperatorOptions, WebhookRegistration, webhook_cert_dir
 
@@ -194,11 +196,15 @@ def _new_reconciler(name: str, options: OperatorOptions, drained: asyncio.Event)
     )
 
 
-def _end_and_samples(reconciler: PoolReconciler, decided: DecidedPass) -> PassResult:
-    """The pass's end, and its allocations' series rendered for /metrics on the same worker thread, not the event
-    loop."""
+def _pass_and_samples(
+    reconciler: PoolReconciler, snap: PoolSnapshot, now: datetime, give_up_turn: Callable[[], None]
+) -> PassResult:
+    """One pass, the turn given up once it has decided, and its allocations' series rendered for /metrics on the
+    same worker thread, not the event loop."""
+    decided = reconciler.decide(snap, now)
+    give_up_turn()
     result = reconciler.end_pass(decided, PASS_WAIT_SECONDS)
-    metrics.record_allocations(decided.snap.pool, result.samples)
+    metrics.record_allocations(snap.pool, result.samples)
     return result
 
 
@@ -282,14 +288,11 @@ async def _one_pass(
     """One pass; returns the least time until the next one starts, and the allocations it left in flight."""
     leadership: Leadership = memo.leadership
     departed: DepartedPods = memo.departed_pods
-    turns: asyncio.Lock = memo.pass_turns
+    turns: DecidingTurns = memo.deciding_turns
     in_flight, busy_seconds = 0, 0.0
     try:
         turn_asked = monotonic()
-        # One pool decides at a time, from a snapshot taken in its turn: five pools deciding at once in five
-        # threads each got a fifth of the interpreter lock, and each decided from a snapshot older by the others'
-        # work. The writes are waited for after the turn.
-        async with turns:
+        async with turns.turn() as give_up_turn:
             turn_seconds = monotonic() - turn_asked
             now = datetime.now(UTC)
             departed.forget_expired(now)
@@ -297,8 +300,7 @@ async def _one_pass(
             snap = snapshot(name, body, indexes, departed)
             busy_seconds = monotonic() - snapshot_started  # on the event loop
             pass_started = monotonic()
-            decided = await asyncio.to_thread(reconciler.decide, snap, now)
-        result = await asyncio.to_thread(_end_and_samples, reconciler, decided)
+            result = await asyncio.to_thread(_pass_and_samples, reconciler, snap, now, give_up_turn)
         pass_seconds = monotonic() - pass_started
         metrics.reconcile_duration.labels(name).observe(pass_seconds)
         _observe_parts(name, turn_seconds, busy_seconds, result, pass_seconds)

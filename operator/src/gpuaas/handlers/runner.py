@@ -15,6 +15,7 @@ import kopf
 from gpuaas import metrics
 from gpuaas.domain.departed import DepartedPods
 from gpuaas.domain.leadership import LeaseTiming
+from gpuaas.handlers.turns import DecidingTurns
 from gpuaas.k8s.client import load_config
 from gpuaas.k8s.leadership import Leadership, LeaseElector, SoleReplica, own_identity
 from gpuaas.k8s.metrics_access import review_or_unavailable
@@ -111,7 +112,7 @@ def run_operator(options: OperatorOptions) -> None:
             leadership=elect(options, pool_wakeups),
             webhook_registration=WebhookRegistration(),
             departed_pods=DepartedPods(),
-            pass_turns=asyncio.Lock(),  # one pool decides at a time (handlers.pools)
+            deciding_turns=DecidingTurns(),
             allocation_generations={},
             quota_specs={},
         ),
