@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
@@ -182,9 +182,11 @@ class HeldWriter(RecordingWriter):
 
     release: threading.Event = field(default_factory=threading.Event)
     crash: bool = False
+    holding: threading.Event = field(default_factory=threading.Event)  # set once a write is held
 
     def perform(self, action: Action) -> None:
         if threading.current_thread() is not threading.main_thread():
+            self.holding.set()
             assert self.release.wait(timeout=30)
         if self.crash and isinstance(action, PatchStatus) and action.plural == ALLOCATION_PLURAL:
             raise RuntimeError("injected")
@@ -328,6 +330,32 @@ def test_a_pass_does_not_wait_for_the_pools_status_write_and_only_the_newest_sta
     run.stop()
     # The first status was being written when the next two were decided: the third replaced the second.
     assert [p.patch["grantedGPUs"] for p in status_patches(writer, POOL_PLURAL)] == [8, 32]
+
+
+def test_pools_sharing_the_turn_decide_one_at_a_time_and_no_pool_holds_it_while_it_waits_for_writes() -> None:
+    turn = threading.Lock()
+    held = HeldWriter()
+    first, second = reconciler(held), reconciler(RecordingWriter())
+    first.deciding_turn = second.deciding_turn = turn
+    snap = SnapshotBuilder().with_allocation(allocation("a", 8)).build()
+    with ThreadPoolExecutor(max_workers=1) as other_thread:
+        with turn:  # another pool is deciding
+            waiting = other_thread.submit(second.run_pass, snap, NOW)
+            time.sleep(0.2)
+            assert not waiting.done()
+        assert waiting.result(timeout=10).turn_seconds >= 0.2
+
+        def second_pass_while_the_first_waits() -> float:
+            assert held.holding.wait(timeout=10)  # the first pass has decided and waits for its writes
+            result = second.run_pass(snap, NOW + timedelta(seconds=1))
+            held.release.set()
+            return result.turn_seconds
+
+        meanwhile = other_thread.submit(second_pass_while_the_first_waits)
+        result = first.run_pass(snap, NOW)  # waits until its writes end: they end after the second pass
+        assert meanwhile.result(timeout=10) < 1
+        assert result.pool.granted_gpus == 8
+        assert result.in_flight == 0
 
 
 def test_a_pool_status_write_that_failed_is_counted_and_sent_again_by_the_next_pass() -> None:

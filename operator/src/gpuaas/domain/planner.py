@@ -266,11 +266,12 @@ def intake(
 
 def held_by_allocation(snap: PoolSnapshot) -> dict[str, list[HeldPod]]:
     """The GPU pods of each allocation's namespace (when the namespace is still the allocation's own)."""
-    return {
-        view.name: [pod.held for pod in snap.pods_of(view.target_namespace)]
-        for view in snap.allocations
-        if snap.namespace_is_of(view.target_namespace, view.name)
-    }
+    held: dict[str, list[HeldPod]] = {}
+    for view in snap.allocations:
+        pods = snap.pods_of(view.target_namespace)
+        if pods and snap.namespace_is_of(view.target_namespace, view.name):  # no pods hold nothing
+            held[view.name] = [pod.held for pod in pods]
+    return held
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ class AllocationView:
     history_stamps: Mapping[str, str] = field(default_factory=dict)
     deletion_timestamp: datetime | None = None
 
-    @property
+    @cached_property  # the index hands out the same view while the allocation is unchanged: once per change
     def target_namespace(self) -> str:
         """The namespace the (possibly invalid) spec names: spec.namespace, else the tenant's name."""
         return str(self.spec.get("namespace") or (self.spec.get("tenant") or {}).get("name", ""))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+import threading
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from time import monotonic
@@ -31,7 +31,6 @@ from gpuaas.domain.nodes import NodeInfo
 from gpuaas.domain.snapshot import AllocationView, PodView, PoolSnapshot
 from gpuaas.domain.tenant import tenant_object_keys
 from gpuaas.handlers.indexes import MANAGED, exclusive_holders
-from gpuaas.handlers.turns import DecidingTurns
 from gpuaas.k8s import webhooks
 from gpuaas.k8s.client import new_api_client
 from gpuaas.k8s.leadership import Leadership
@@ -179,7 +178,9 @@ async def reconcile_pool(
                 await leadership.release()
 
 
-def _new_reconciler(name: str, options: OperatorOptions, drained: asyncio.Event) -> PoolReconciler:
+def _new_reconciler(
+    name: str, options: OperatorOptions, drained: asyncio.Event, deciding_turn: threading.Lock
+) -> PoolReconciler:
     connections = new_api_client(pool_size=POOL_CONNECTIONS)
     writer = cluster_writer(connections)
     flush_interval = timedelta(seconds=options.ledger_flush_seconds)
@@ -192,18 +193,18 @@ def _new_reconciler(name: str, options: OperatorOptions, drained: asyncio.Event)
             loop.call_soon_threadsafe(drained.set)
 
     return PoolReconciler(
-        pool=name, ledger=ledger, writer=writer, on_work_done=wake_from_worker, on_stop=connections.close
+        pool=name,
+        ledger=ledger,
+        writer=writer,
+        deciding_turn=deciding_turn,
+        on_work_done=wake_from_worker,
+        on_stop=connections.close,
     )
 
 
-def _pass_and_samples(
-    reconciler: PoolReconciler, snap: PoolSnapshot, now: datetime, give_up_turn: Callable[[], None]
-) -> PassResult:
-    """One pass, the turn given up once it has decided, and its allocations' series rendered for /metrics on the
-    same worker thread, not the event loop."""
-    decided = reconciler.decide(snap, now)
-    give_up_turn()
-    result = reconciler.end_pass(decided, PASS_WAIT_SECONDS)
+def _pass_and_samples(reconciler: PoolReconciler, snap: PoolSnapshot, now: datetime) -> PassResult:
+    """One pass, and its allocations' series rendered for /metrics on the same worker thread, not the event loop."""
+    result = reconciler.run_pass(snap, now, PASS_WAIT_SECONDS)
     metrics.record_allocations(snap.pool, result.samples)
     return result
 
@@ -246,9 +247,9 @@ async def _run_passes(
                 continue
             if reconciler is None:
                 # Fresh state on every takeover: while another replica led, the ledger records moved on.
-                reconciler = _new_reconciler(name, memo.options, drained)
+                reconciler = _new_reconciler(name, memo.options, drained, memo.deciding_turn)
             started = datetime.now(UTC)
-            interval, in_flight = await _one_pass(name, body, memo, logger, indexes, reconciler)
+            interval, in_flight = await _one_pass(name, body, memo, logger, indexes, reconciler, started)
             # While the workers have a backlog, more passes would only lengthen it (and take the event loop from
             # the webhooks): the next pass comes when it runs low, whatever else happens meanwhile. Writes that
             # ended within the pass wake nothing: the pass has taken them in.
@@ -265,11 +266,9 @@ async def _run_passes(
             await asyncio.to_thread(reconciler.stop)
 
 
-def _observe_parts(
-    pool: str, turn_seconds: float, snapshot_seconds: float, result: PassResult, pass_seconds: float
-) -> None:
+def _observe_parts(pool: str, snapshot_seconds: float, result: PassResult, pass_seconds: float) -> None:
     parts = metrics.reconcile_part
-    parts.labels(pool, "turn").observe(turn_seconds)
+    parts.labels(pool, "turn").observe(result.turn_seconds)
     parts.labels(pool, "snapshot").observe(snapshot_seconds)
     parts.labels(pool, "deciding").observe(result.deciding_seconds)
     parts.labels(pool, "waiting").observe(result.waiting_seconds)
@@ -284,26 +283,23 @@ async def _one_pass(
     logger: kopf.Logger,
     indexes: dict[str, Any],
     reconciler: PoolReconciler,
+    started: datetime,
 ) -> tuple[float, int]:
     """One pass; returns the least time until the next one starts, and the allocations it left in flight."""
     leadership: Leadership = memo.leadership
     departed: DepartedPods = memo.departed_pods
-    turns: DecidingTurns = memo.deciding_turns
-    in_flight, busy_seconds = 0, 0.0
+    departed.forget_expired(started)
+    snapshot_started = monotonic()
+    snap = snapshot(name, body, indexes, departed)
+    busy_seconds = monotonic() - snapshot_started  # on the event loop
+    in_flight = 0
     try:
-        turn_asked = monotonic()
-        async with turns.turn() as give_up_turn:
-            turn_seconds = monotonic() - turn_asked
-            now = datetime.now(UTC)
-            departed.forget_expired(now)
-            snapshot_started = monotonic()
-            snap = snapshot(name, body, indexes, departed)
-            busy_seconds = monotonic() - snapshot_started  # on the event loop
-            pass_started = monotonic()
-            result = await asyncio.to_thread(_pass_and_samples, reconciler, snap, now, give_up_turn)
-        pass_seconds = monotonic() - pass_started
+        pass_started = monotonic()
+        result = await asyncio.to_thread(_pass_and_samples, reconciler, snap, started)
+        # The pass's duration leaves out its wait for the turn (a part of its own, below).
+        pass_seconds = monotonic() - pass_started - result.turn_seconds
         metrics.reconcile_duration.labels(name).observe(pass_seconds)
-        _observe_parts(name, turn_seconds, busy_seconds, result, pass_seconds)
+        _observe_parts(name, busy_seconds, result, pass_seconds)
         busy_seconds += result.deciding_seconds
         metrics.ledger_writes.inc(reconciler.ledger.writes_since_last_asked())
         metrics.record_pool(name, GpuPoolSpec.model_validate(snap.spec), result.pool)
@@ -316,7 +312,7 @@ async def _one_pass(
             metrics.reconcile_errors.labels(name).inc(result.failed)
         if memo.options.webhook_url:
             await _register_once(memo)
-        leadership.note_pass(now)
+        leadership.note_pass(started)
     except Exception:
         metrics.reconcile_errors.labels(name).inc()
         logger.exception(f"pool {name}: reconcile pass failed; retrying")

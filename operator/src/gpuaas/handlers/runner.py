@@ -15,7 +15,6 @@ import kopf
 from gpuaas import metrics
 from gpuaas.domain.departed import DepartedPods
 from gpuaas.domain.leadership import LeaseTiming
-from gpuaas.handlers.turns import DecidingTurns
 from gpuaas.k8s.client import load_config
 from gpuaas.k8s.leadership import Leadership, LeaseElector, SoleReplica, own_identity
 from gpuaas.k8s.metrics_access import review_or_unavailable
@@ -112,7 +111,7 @@ def run_operator(options: OperatorOptions) -> None:
             leadership=elect(options, pool_wakeups),
             webhook_registration=WebhookRegistration(),
             departed_pods=DepartedPods(),
-            deciding_turns=DecidingTurns(),
+            deciding_turn=threading.Lock(),  # one pool decides at a time (k8s.reconciler)
             allocation_generations={},
             quota_specs={},
         ),

@@ -89,6 +89,7 @@ class PassResult:
     # allocations whose writes ended in an error since the last pass, and the pool's failed status writes (logged;
     # retried)
     failed: int = 0
+    turn_seconds: float = 0.0  # waiting for the pool's turn to decide (`PoolReconciler.deciding_turn`)
     deciding_seconds: float = 0.0  # the pass's own work, before it waited for writes
     waiting_seconds: float = 0.0  # waiting for the writes it handed out (bounded by `wait_seconds`)
     # (kind, seconds): applies that the index showed since the last pass, and how long after their write it did
@@ -123,6 +124,10 @@ class PoolReconciler:
     # uid -> tenant objects applied moments ago, so applies the watch has not shown yet are not repeated.
     applied: dict[str, dict[ObjectKey, RecentApply]] = field(default_factory=dict)
     pool_status: PoolStatusWriter = field(init=False)
+    # Held while the pass decides. The operator gives every pool the same lock: five pools deciding at once in five
+    # threads each got a fifth of the interpreter lock, so each pass took five times its own work (at 10,000
+    # allocations, dozens of passes over 2 s). Waiting for it holds nothing: the thread sleeps outside the GIL.
+    deciding_turn: threading.Lock = field(default_factory=threading.Lock)
     # uid -> namespace: deleted allocations whose namespace is still terminating (reported as a metric).
     waiting_namespaces: dict[str, str] = field(default_factory=dict)
     cache: dict[str, _Cached] = field(default_factory=dict)
@@ -157,13 +162,16 @@ class PoolReconciler:
         self.pool_status = PoolStatusWriter(self.pool, self.writer)
 
     def run_pass(self, snap: PoolSnapshot, now: datetime, wait_seconds: float | None = None) -> PassResult:
-        """Decide for every allocation and hand out the writes; wait for them at most `wait_seconds` (None: until
-        all are done)."""
-        return self.end_pass(self.decide(snap, now), wait_seconds)
+        """Decide for every allocation in the pool's turn and hand out the writes; wait for them at most
+        `wait_seconds` (None: until all are done)."""
+        turn_asked = monotonic()
+        with self.deciding_turn:
+            turn_seconds = monotonic() - turn_asked
+            decided = self.decide(snap, now)
+        return replace(self.end_pass(decided, wait_seconds), turn_seconds=turn_seconds)
 
     def decide(self, snap: PoolSnapshot, now: datetime) -> DecidedPass:
-        """A pass's own work: admit, hand the workers what changed. The operator lets one pool decide at a time
-        (handlers.pools), so this part is what it spends from the pool's turn."""
+        """A pass's own work, in the pool's turn: admit, hand the workers what changed."""
         clock_started = monotonic()
         failed = self._collect_finished()
         pool_spec = GpuPoolSpec.model_validate(dict(snap.spec))
