@@ -29,7 +29,7 @@ from gpuaas.domain.planner import APPLY_SETTLE, METRICS_REFRESH
 from gpuaas.domain.snapshot import observed_key
 from gpuaas.k8s.ledger import LedgerWriter
 from gpuaas.k8s.pool_ledger import PoolLedgerWriter
-from gpuaas.k8s.reconciler import PoolReconciler
+from gpuaas.k8s.reconciler import REFRESH_BACKLOG, PoolReconciler
 from tests.builders import (
     NOW,
     POOL,
@@ -495,6 +495,29 @@ def test_a_running_pods_time_is_written_ten_flushes_apart_and_a_pod_that_starts_
     (news,) = writer.of(WriteUsageLedger)
     assert news.ledger.pods.keys() == {"uid-p", "uid-q"}
     assert news.ledger.used_gpu_seconds == 8 * (3600 + 12 * 60) + 2 * 55
+
+
+def test_usage_refreshes_queue_behind_new_work_and_at_most_a_backlog_of_them_at_once() -> None:
+    writer = RecordingWriter()
+    run = reconciler(writer)
+    builder = SnapshotBuilder(nodes=[gpu_node(f"node-{i}") for i in range(8)])  # room for every one
+    for index in range(REFRESH_BACKLOG + 8):
+        builder.with_allocation(allocation(f"a{index}", 1), gpu_pod(f"p{index}", f"a{index}"))
+    snap = builder.build()
+    run.run_pass(snap, NOW)
+    settled = replace(snap, observed={observed_key(a.manifest): a.manifest for a in writer.of(ApplyObject)})
+    run.run_pass(settled, NOW + timedelta(seconds=1))
+    due = NOW + timedelta(seconds=1) + METRICS_REFRESH
+    newcomer = allocation("new", 1)
+    with_newcomer = replace(builder.with_allocation(newcomer).build(), observed=settled.observed)
+    writer.actions.clear()
+    result = run.run_pass(with_newcomer, due)
+    assert result.processed == REFRESH_BACKLOG + 1  # the new allocation, and a backlog of refreshes
+    assert [p.name for p in status_patches(writer, ALLOCATION_PLURAL)] == ["new"]  # decided
+    assert len(result.samples) == REFRESH_BACKLOG + 9  # those not refreshed keep their last sample
+    shown = {**settled.observed, **{observed_key(a.manifest): a.manifest for a in writer.of(ApplyObject)}}
+    rest = run.run_pass(replace(with_newcomer, observed=shown), due + timedelta(seconds=1))
+    assert rest.processed == 1 + 8  # the newcomer, which sees its objects now, and the remaining refreshes
 
 
 def test_an_unchanged_allocations_usage_counters_move_every_refresh_and_nothing_is_written() -> None:

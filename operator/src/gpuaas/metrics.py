@@ -43,7 +43,8 @@ pool_credited_gpus = Gauge(
 
 reconcile_duration = Histogram(
     "gpuaas_reconcile_duration_seconds",
-    "Duration of one pool reconcile pass (admission, tenant objects, status).",
+    "Duration of one pool reconcile pass (admission, tenant objects, status), from its turn to decide (one pool"
+    ' decides at a time; the wait for the turn is gpuaas_reconcile_part_seconds{part="turn"}).',
     ("pool",),
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 5, 10, 30),
 )

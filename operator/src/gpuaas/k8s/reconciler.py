@@ -58,6 +58,11 @@ FANOUT_WORKERS = 2
 # A pool's writer has a client of its own with this many connections: its workers, their fan-out threads, the pass's
 # own writes (the pool's month records) and the pool's status thread all at once, and no pool waits for another's.
 POOL_CONNECTIONS = WORKERS + FANOUT_WORKERS + 2
+# The most usage refreshes (`planner.METRICS_REFRESH`) a pool's workers have queued or running. Every allocation's
+# counters are due every 15 s: at 10,000 allocations, more refreshes than the interpreter could do, handed out with
+# no bound, queued before the writes of allocations still waiting for their first decision (1,600-1,800 in flight
+# per pool). Past the bound a refresh waits for a later pass, and the counters are older.
+REFRESH_BACKLOG = 4 * WORKERS
 
 
 @dataclass(frozen=True)
@@ -154,6 +159,7 @@ class PoolReconciler:
     on_stop: Callable[[], None] = lambda: None  # after the last write ended (closes the pool's own client)
     low_water: int = WORKERS
     _running: int = 0
+    _refreshing: int = 0  # usage refreshes handed out and not ended (at most REFRESH_BACKLOG)
     _running_lock: threading.Lock = field(default_factory=threading.Lock)
     _shown_after: list[tuple[str, float]] = field(default_factory=list)  # PassResult.shown_after, from the workers
     _shown_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -297,8 +303,10 @@ class PoolReconciler:
         now: datetime,
         clock_started: float,
     ) -> list[str]:
-        """Hand a worker each allocation whose inputs changed or whose time came; the uids handed work."""
+        """Hand a worker each allocation whose inputs changed or whose time came, then as many due usage refreshes
+        as leave the workers' queue short; the uids handed work."""
         handed_out: list[str] = []
+        refreshes: list[tuple[Candidate, _Cached]] = []
         for c in candidates:
             uid = c.view.uid
             if uid in self.in_flight:
@@ -310,16 +318,23 @@ class PoolReconciler:
             cached = self.cache.get(uid)
             if cached is not None and cached.fingerprint == fingerprint and now < cached.recheck_at:
                 # Nothing it depends on changed, and nothing is due but, now and then, its usage counters.
-                if now < cached.refresh_at:
-                    self.last_samples[uid] = cached.sample
-                else:
-                    self._hand_out(uid, self._refresh_usage, c, cached, snap, pool_spec, now)
-                    handed_out.append(uid)
+                self.last_samples[uid] = cached.sample
+                if now >= cached.refresh_at:
+                    refreshes.append((c, cached))
                 continue
             decision, down_gpus = decisions[c.view.name], down.get(c.view.name, 0)
             args = (c, decision, down_gpus, fingerprint, snap, members, pool_spec, now, clock_started)
             self._hand_out(uid, self._process, *args)
             handed_out.append(uid)
+        # Refreshes only move counters: they queue behind no decision's writes, and at most REFRESH_BACKLOG of them
+        # wait at once, the longest due first; the rest keep their last sample until a later pass.
+        refreshes.sort(key=lambda due: due[1].refresh_at)
+        with self._running_lock:
+            room = max(0, REFRESH_BACKLOG - self._refreshing)
+            self._refreshing += min(room, len(refreshes))
+        for c, cached in refreshes[:room]:
+            self._hand_out(c.view.uid, self._refresh_counted, c, cached, snap, pool_spec, now)
+            handed_out.append(c.view.uid)
         return handed_out
 
     def stop(self) -> None:
@@ -454,6 +469,15 @@ class PoolReconciler:
             due = planner.recheck_at(spec, status, pods, self.ledger.next_due(view.uid, now), now)
             self.cache[view.uid] = _Cached(fingerprint, due, sample, now + planner.METRICS_REFRESH)
         return sample
+
+    def _refresh_counted(
+        self, c: Candidate, cached: _Cached, snap: PoolSnapshot, pool_spec: GpuPoolSpec, now: datetime
+    ) -> AllocationSample:
+        try:
+            return self._refresh_usage(c, cached, snap, pool_spec, now)
+        finally:
+            with self._running_lock:
+                self._refreshing -= 1
 
     def _refresh_usage(
         self, c: Candidate, cached: _Cached, snap: PoolSnapshot, pool_spec: GpuPoolSpec, now: datetime
