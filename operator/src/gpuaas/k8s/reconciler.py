@@ -60,7 +60,7 @@ FANOUT_WORKERS = 2
 POOL_CONNECTIONS = WORKERS + FANOUT_WORKERS + 2
 # The most usage refreshes (`planner.METRICS_REFRESH`) a pool's workers have queued or running. Every allocation's
 # counters are due every 15 s: at 10,000 allocations, more refreshes than the interpreter could do, handed out with
-# no bound, queued before the writes of allocations still waiting for their first decision (1,600-1,800 in flight
+# no bound, queued before the writes of allocations still waiting for their first decision (800-1,900 in flight
 # per pool). Past the bound a refresh waits for a later pass, and the counters are older.
 REFRESH_BACKLOG = 4 * WORKERS
 
