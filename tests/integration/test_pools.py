@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.pool import POOL_PLURAL, GpuPoolSpec
@@ -131,7 +132,7 @@ def test_a_taint_list_read_before_another_controllers_taint_does_not_drop_that_t
 
     def plan_and_write() -> set[tuple[str, str | None, str]]:
         for action in planner.pool_taint_actions(B200.name, spec, [read_node()]):
-            KubernetesWriter().perform(action)  # a conflict is logged, not raised: the operator's next pass retries
+            KubernetesWriter().perform(action)
         return keys()
 
     try:
@@ -139,7 +140,10 @@ def test_a_taint_list_read_before_another_controllers_taint_does_not_drop_that_t
         stale_plan = planner.pool_taint_actions(B200.name, spec, [read_node()])
         core.patch_node("taint-race", {"spec": {"taints": [unreachable]}})
         for action in stale_plan:
-            KubernetesWriter().perform(action)
+            # Raised, not swallowed: a planner that took it for done would report a fence no node carries.
+            with pytest.raises(ApiException) as refused:
+                KubernetesWriter().perform(action)
+            assert refused.value.status == 409
         fenced = ("gpuaas.io/pool", B200.name, "NoSchedule")
         assert (unreachable["key"], None, "NoExecute") in keys()
         assert fenced not in keys()  # refused as stale

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 from kubernetes.client.exceptions import ApiException
 
-from gpuaas.api.allocation import ALLOCATION_PLURAL
+from gpuaas.api.allocation import ALLOCATION_LABEL, ALLOCATION_PLURAL
 from gpuaas.api.pool import POOL_LABEL, POOL_PLURAL
 from gpuaas.domain.actions import (
     Action,
@@ -382,6 +382,67 @@ def test_a_fence_patch_that_failed_is_sent_again_by_the_next_pass() -> None:
     run.run_pass(snap, NOW + timedelta(seconds=1), wait_seconds=0)
     wait([sent for _, sent in run.fencing.values()])
     assert [a.name for a in writer.of(PatchNode)] == ["node-0"]
+
+
+def test_an_exclusive_grant_whose_node_patch_is_refused_as_stale_names_no_nodes_until_a_pass_writes_them() -> None:
+    """A node patch carries the version it was planned from; a refusal (the node changed since) is a write that did
+    not happen: the status must not say the tenant is fenced to nodes that carry no label or taint for it."""
+    writer = RecordingWriter(fail={PatchNode: 409})
+    run = reconciler(writer)
+    snap = SnapshotBuilder().with_allocation(allocation("x", 16, exclusiveNodes=True)).build()
+    assert run.run_pass(snap, NOW).failed == 0  # reported in the status, not a crashed write
+    (refused,) = status_patches(writer, ALLOCATION_PLURAL)
+    conditions = {c["type"]: c for c in refused.patch["conditions"]}
+    assert refused.patch.get("nodes", []) == []
+    assert (conditions["Fenced"]["status"], conditions["Ready"]["status"]) == ("False", "False")
+    assert conditions["QuotaApplied"]["message"] == "409 Injected"
+
+    writer.fail.clear()
+    run.run_pass(snap, NOW + timedelta(seconds=1))
+    labelled = [a.name for a in writer.of(PatchNode) if a.patch.get("metadata", {}).get("labels")]
+    assert len(labelled) == 2
+    written = status_patches(writer, ALLOCATION_PLURAL)[-1].patch
+    assert sorted(written["nodes"]) == sorted(labelled)
+
+
+def test_a_node_patch_written_is_not_sent_again_from_the_version_it_was_planned_from() -> None:
+    """Until the index shows the patched node, a pass plans the same patch from the old version: sending it again
+    would be refused as stale, and the grant would read as unfenced though its nodes are labelled."""
+    nodes = [replace(gpu_node(f"node-{i}"), resource_version="1") for i in range(4)]
+    snap = SnapshotBuilder(nodes=nodes).with_allocation(allocation("x", 16, exclusiveNodes=True)).build()
+    writer = RecordingWriter()
+    run = reconciler(writer)
+    run.run_pass(snap, NOW)
+    first = writer.of(PatchNode)
+    assert [a.patch["metadata"]["resourceVersion"] for a in first] == ["1", "1"]
+
+    run.run_pass(snap, NOW + timedelta(seconds=1))  # the index has not shown the patches yet
+    assert writer.of(PatchNode) == first
+    (status,) = status_patches(writer, ALLOCATION_PLURAL)  # nothing changed: no second status write
+    assert sorted(status.patch["nodes"]) == sorted(a.name for a in first)
+
+    # Someone took the label and taint off one node since: the index shows it at a new version, and it is patched again.
+    stripped = replace(snap, nodes=[replace(nodes[0], resource_version="3"), *nodes[1:]])
+    run.run_pass(stripped, NOW + timedelta(seconds=2))
+    again = writer.of(PatchNode)[len(first) :]
+    assert [(a.name, a.patch["metadata"]["resourceVersion"]) for a in again] == [("node-0", "3")]
+
+
+def test_a_release_whose_node_unlabel_is_refused_keeps_its_finalizer_for_the_next_pass() -> None:
+    """Removing the finalizer with the nodes still labelled and tainted for the allocation would leave them reserved
+    for a grant that no longer exists."""
+    held = [gpu_node(f"node-{i}", labels={ALLOCATION_LABEL: "gone"}) for i in range(2)]
+    view = allocation("gone", 16, deleting=True, exclusiveNodes=True, deletionPolicy="Retain")
+    snap = SnapshotBuilder(nodes=[*held, gpu_node("node-2"), gpu_node("node-3")]).with_allocation(view).build()
+    writer = RecordingWriter(fail={PatchNode: 409})
+    run = reconciler(writer)
+    assert run.run_pass(snap, NOW).failed == 1
+    assert writer.of(RemoveAllocationFinalizer) == []
+
+    writer.fail.clear()
+    assert run.run_pass(snap, NOW + timedelta(seconds=1)).failed == 0
+    assert sorted(a.name for a in writer.of(PatchNode)) == ["node-0", "node-1"]
+    assert [a.allocation for a in writer.of(RemoveAllocationFinalizer)] == ["gone"]
 
 
 def test_a_pass_reports_how_long_after_their_write_the_index_showed_an_allocations_objects() -> None:

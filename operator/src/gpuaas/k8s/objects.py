@@ -98,14 +98,10 @@ def delete_pod(name: str, namespace: str, grace_period_seconds: int, api: client
 
 
 def patch_node(name: str, patch: Mapping[str, Any], api: client.ApiClient | None = None) -> None:
-    """Strategic-merge patch of a node's labels or taints."""
-    try:
-        discard(client.CoreV1Api(api).patch_node(name, dict(patch), _preload_content=False))
-    except ApiException as error:
-        if error.status != 409:
-            raise
-        # A taint list read at an older version (planner.node_patch): the next pass rewrites it from the fresh node.
-        logger.info("node %s changed since it was read; its taints are written again at the next pass", name)
+    """Strategic-merge patch of a node's labels or taints. A taint list read at an older version
+    (planner.node_patch) is refused with 409 and raised like any refusal: the write did not happen, and whoever
+    planned it must not report it as done (a pass plans it again from the fresh node)."""
+    discard(client.CoreV1Api(api).patch_node(name, dict(patch), _preload_content=False))
 
 
 def _patch_allocation(name: str, json_patch: list[dict[str, Any]], api: client.ApiClient | None = None) -> None:

@@ -149,6 +149,10 @@ class PoolReconciler:
     # node -> the version its fence patch was planned from, and the patch: while it runs, or until the index shows
     # the node anew, a pass sends it no second one.
     fencing: dict[str, tuple[str, Future[None]]] = field(default_factory=dict)
+    # node -> the last patch a worker wrote to it that carried the version it was planned from. While the index still
+    # shows that version, a pass plans the same patch from it again: the node already has it, and the API server
+    # would refuse it as stale.
+    nodes_patched: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     # uid -> the writes a pass handed to a worker, until a later pass collects them.
     in_flight: dict[str, Future[AllocationSample | None]] = field(default_factory=dict)
     # uid -> its latest sample, which stands for it while its writes are in flight.
@@ -285,7 +289,8 @@ class PoolReconciler:
         for name, (version, sent) in list(self.fencing.items()):
             failed = sent.exception() if sent.done() and not sent.cancelled() else None
             if failed is not None:
-                logger.warning("pool %s: fencing node %s failed (sent again): %s", self.pool, name, failed)
+                level = logging.INFO if _changed_since_read(failed) else logging.WARNING
+                logger.log(level, "pool %s: fencing node %s failed (sent again): %s", self.pool, name, failed)
             if failed is not None or versions.get(name) != version:
                 del self.fencing[name]
         for patch in patches:
@@ -368,7 +373,10 @@ class PoolReconciler:
             error = future.exception()
             if error is not None:
                 failed += 1
-                logger.error("pool %s: writes of allocation %s failed", self.pool, uid, exc_info=error)
+                if _changed_since_read(error):  # expected now and then: planned again from the fresh object
+                    logger.info("pool %s: a write of allocation %s was refused as stale: %s", self.pool, uid, error)
+                else:
+                    logger.error("pool %s: writes of allocation %s failed", self.pool, uid, exc_info=error)
                 continue
             sample = future.result()
             if sample is not None:
@@ -392,8 +400,22 @@ class PoolReconciler:
             self.ledger.forget(uid)
 
     def _perform_all(self, actions: Iterable[Action]) -> None:
-        for action in actions:
+        for action in self._not_written(actions):
             self.writer.perform(action)
+            self._remember_node_patch(action)
+
+    def _not_written(self, actions: Iterable[Action]) -> list[Action]:
+        """`actions` less the node patches this reconciler already wrote from the version they were planned from."""
+        return [
+            action
+            for action in actions
+            if not (isinstance(action, PatchNode) and self.nodes_patched.get(action.name) == action.patch)
+        ]
+
+    def _remember_node_patch(self, action: Action) -> None:
+        # Only a patch with a version: one without (labels only) is planned again only if the node lost them since.
+        if isinstance(action, PatchNode) and action.patch.get("metadata", {}).get("resourceVersion"):
+            self.nodes_patched[action.name] = action.patch
 
     def _reads(self, c: Candidate, snap: PoolSnapshot) -> tuple[object, ...]:
         kept = self.intakes.get(c.view.uid)
@@ -494,9 +516,11 @@ class PoolReconciler:
     ) -> str | None:
         """Perform the tenant plan stage by stage; a failed write ends it after its stage (the next pass retries from
         fresh state)."""
-        for stage in planner.write_stages(plan.actions):
+        for stage in planner.write_stages(self._not_written(plan.actions)):
             outcomes = self._perform_at_once(stage)
             for action, (error, ended) in zip(stage, outcomes, strict=True):
+                if error is None:
+                    self._remember_node_patch(action)
                 if error is None and isinstance(action, ApplyObject):
                     # When the apply ended, on the pass's clock: in a burst a worker writes seconds after its pass
                     # began, and the watch's settling time counts from the write, not from the pass.
@@ -607,6 +631,11 @@ class PoolReconciler:
             self.waiting_namespaces.pop(view.uid, None)
             self.written.pop(view.uid, None)
         return None  # a released allocation has no series
+
+
+def _changed_since_read(error: BaseException) -> bool:
+    """A write sent with the version it was planned from, refused because the object changed since."""
+    return isinstance(error, ApiException) and error.status == 409
 
 
 def _records(view: AllocationView, snap: PoolSnapshot, booked: dict[str, UsageLedger]) -> dict[str, UsageLedger]:
