@@ -300,7 +300,7 @@ def histograms_by(
 
 
 def part_histograms() -> dict[str, dict[str, float]]:
-    """Per part of a pass (snapshot, deciding, waiting for writes, ending), summed over the pools."""
+    """Per part of a pass (turn, snapshot, deciding, waiting for writes, ending, hand-offs), summed over the pools."""
     return histograms_by("gpuaas_reconcile_part_seconds", "part", PASS_PARTS, PASS_BOUNDS)
 
 

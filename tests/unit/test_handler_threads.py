@@ -7,8 +7,11 @@ from __future__ import annotations
 import inspect
 
 import kopf
+from prometheus_client import REGISTRY
 
+from gpuaas.api.pool import GpuPoolStatus
 from gpuaas.handlers import allocations, fence, indexes, operator_settings, pools, replica  # noqa: F401
+from gpuaas.k8s.reconciler import PassResult
 
 
 def _handlers() -> list[tuple[str, str, bool]]:
@@ -33,3 +36,23 @@ def test_every_watch_and_admission_handler_is_a_coroutine_but_the_few_that_block
     # The check can fail: indexes and the pod fence are among the handlers it saw.
     seen = {handler for _, handler, _ in handlers}
     assert {"gpu_pods_by_namespace", "nodes_by_name", "validate-pods", "mutate-allocations"} <= seen
+
+
+def test_a_pass_is_split_into_its_parts_and_the_hand_offs_to_and_from_its_thread_are_one_of_them() -> None:
+    result = PassResult(pool=GpuPoolStatus(), samples=[], turn_seconds=3.0, deciding_seconds=0.5, waiting_seconds=0.25)
+    # The thread began the pass at 10 and was done at 14.0: 3 s waiting for the turn, 0.25 s ending.
+    done = pools._ThreadPass(result, started=10.0, ended=14.0)
+    pools._observe_parts("parts-pool", 0.125, done, handoff_seconds=1.5)
+
+    def observed(part: str) -> float | None:
+        return REGISTRY.get_sample_value("gpuaas_reconcile_part_seconds_sum", {"pool": "parts-pool", "part": part})
+
+    parts = {part: observed(part) for part in ("turn", "snapshot", "deciding", "waiting", "ending", "handoff")}
+    assert parts == {
+        "turn": 3.0,
+        "snapshot": 0.125,
+        "deciding": 0.5,
+        "waiting": 0.25,
+        "ending": 0.25,
+        "handoff": 1.5,
+    }

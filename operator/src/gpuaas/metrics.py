@@ -52,11 +52,12 @@ reconcile_part = Histogram(
     "gpuaas_reconcile_part_seconds",
     "Each part of a pool reconcile pass: waiting for its turn (one pool decides at a time; not part of the pass's"
     " duration), its snapshot of the indexes (on the event loop), deciding and handing out writes, waiting (bounded)"
-    " for them, and ending it (the pool's status and month records, the series).",
+    " for them, ending it (the pool's status and month records, the series), and the hand-offs between the event"
+    " loop and the pass's thread (how long a busy event loop took to start the thread and to take its result back).",
     ("pool", "part"),
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )
-PASS_PARTS = ("turn", "snapshot", "deciding", "waiting", "ending")
+PASS_PARTS = ("turn", "snapshot", "deciding", "waiting", "ending", "handoff")
 watch_lag = Histogram(
     "gpuaas_apply_shown_seconds",
     "From the end of an apply of a tenant object to the pass that found it in the operator's watch-fed index, by"

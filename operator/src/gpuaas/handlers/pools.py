@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import threading
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from time import monotonic
 from typing import Any
@@ -202,11 +202,19 @@ def _new_reconciler(
     )
 
 
-def _pass_and_samples(reconciler: PoolReconciler, snap: PoolSnapshot, now: datetime) -> PassResult:
+@dataclass(frozen=True)
+class _ThreadPass:
+    result: PassResult
+    started: float  # monotonic, when the thread began the pass
+    ended: float  # and when it was done with it
+
+
+def _pass_and_samples(reconciler: PoolReconciler, snap: PoolSnapshot, now: datetime) -> _ThreadPass:
     """One pass, and its allocations' series rendered for /metrics on the same worker thread, not the event loop."""
+    started = monotonic()
     result = reconciler.run_pass(snap, now, PASS_WAIT_SECONDS)
     metrics.record_allocations(snap.pool, result.samples)
-    return result
+    return _ThreadPass(result, started, monotonic())
 
 
 async def _sleep(woken_by: list[asyncio.Event], stopped: kopf.DaemonStopped, seconds: float) -> None:
@@ -266,14 +274,16 @@ async def _run_passes(
             await asyncio.to_thread(reconciler.stop)
 
 
-def _observe_parts(pool: str, snapshot_seconds: float, result: PassResult, pass_seconds: float) -> None:
-    parts = metrics.reconcile_part
+def _observe_parts(pool: str, snapshot_seconds: float, done: _ThreadPass, handoff_seconds: float) -> None:
+    result, parts = done.result, metrics.reconcile_part
     parts.labels(pool, "turn").observe(result.turn_seconds)
     parts.labels(pool, "snapshot").observe(snapshot_seconds)
     parts.labels(pool, "deciding").observe(result.deciding_seconds)
     parts.labels(pool, "waiting").observe(result.waiting_seconds)
-    # The pool's status and month records, its allocations' series, and the hand-offs to and from the threads.
-    parts.labels(pool, "ending").observe(max(0.0, pass_seconds - result.deciding_seconds - result.waiting_seconds))
+    # The pool's status and month records and its allocations' series, in the thread.
+    in_thread = done.ended - done.started - result.turn_seconds
+    parts.labels(pool, "ending").observe(max(0.0, in_thread - result.deciding_seconds - result.waiting_seconds))
+    parts.labels(pool, "handoff").observe(handoff_seconds)
 
 
 async def _one_pass(
@@ -295,11 +305,12 @@ async def _one_pass(
     in_flight = 0
     try:
         pass_started = monotonic()
-        result = await asyncio.to_thread(_pass_and_samples, reconciler, snap, started)
+        done = await asyncio.to_thread(_pass_and_samples, reconciler, snap, started)
+        returned = monotonic()
+        result = done.result
         # The pass's duration leaves out its wait for the turn (a part of its own, below).
-        pass_seconds = monotonic() - pass_started - result.turn_seconds
-        metrics.reconcile_duration.labels(name).observe(pass_seconds)
-        _observe_parts(name, busy_seconds, result, pass_seconds)
+        metrics.reconcile_duration.labels(name).observe(returned - pass_started - result.turn_seconds)
+        _observe_parts(name, busy_seconds, done, (done.started - pass_started) + (returned - done.ended))
         busy_seconds += result.deciding_seconds
         metrics.ledger_writes.inc(reconciler.ledger.writes_since_last_asked())
         metrics.record_pool(name, GpuPoolSpec.model_validate(snap.spec), result.pool)
