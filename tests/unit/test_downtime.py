@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
+import threading
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 from hypothesis import given
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from gpuaas.api.allocation import ALLOCATION_LABEL
 from gpuaas.api.pool import GpuPoolSpec
 from gpuaas.api.usage import PoolLedger
-from gpuaas.domain.actions import CreatePoolUsage, PatchStatus, WritePoolLedger, WriteUsageLedger
+from gpuaas.domain.actions import Action, CreatePoolUsage, PatchStatus, WritePoolLedger, WriteUsageLedger
 from gpuaas.domain.busy import MAX_POINTS, busy_seconds, range_chunks
 from gpuaas.domain.downtime import GrantInForce, PoolBreakdown, book_pool, pool_breakdown, share_shortfall
 from gpuaas.domain.ledger import GrantState, book_up_to
@@ -167,20 +168,57 @@ def test_the_pool_record_is_written_when_the_hardware_changes_at_most_once_a_sec
     ledger = PoolLedgerWriter(POOL, "UTC", timedelta(seconds=60), writer, read_record=lambda name: None)
     spec = GpuPoolSpec.model_validate(pool_spec())
     healthy = PoolBreakdown(program_gpus=32, healthy_gpus=32, granted_gpus=16)
-    ledger.book(spec, healthy, NOW)
-    ledger.book(spec, replace(healthy, granted_gpus=24), NOW + timedelta(seconds=5))  # a grant: waits
-    assert writer.actions == []
+    assert ledger.book(spec, healthy, NOW) is None
+    assert ledger.book(spec, replace(healthy, granted_gpus=24), NOW + timedelta(seconds=5)) is None  # a grant: waits
     node_down = PoolBreakdown(program_gpus=32, healthy_gpus=24, granted_gpus=24)
-    ledger.book(spec, node_down, NOW + timedelta(seconds=7))  # the hardware: written at once, up to the change
+    handed = ledger.book(spec, node_down, NOW + timedelta(seconds=7))  # the hardware: written at once, up to it
+    assert handed is not None
+    handed.result()
     (created,) = writer.of(CreatePoolUsage)
     assert created.record.ledger.booked_until == NOW + timedelta(seconds=7)
     assert created.record.ledger.granted_gpu_seconds == 16 * 5 + 24 * 2
-    ledger.book(spec, healthy, NOW + timedelta(seconds=7.5))  # back within the second: waits
-    assert writer.of(WritePoolLedger) == []
-    ledger.book(spec, node_down, NOW + timedelta(seconds=9))
+    assert ledger.book(spec, healthy, NOW + timedelta(seconds=7.5)) is None  # back within the second: waits
+    handed = ledger.book(spec, node_down, NOW + timedelta(seconds=9))
+    assert handed is not None
+    handed.result()
     (written,) = writer.of(WritePoolLedger)
     assert written.ledger.booked_until == NOW + timedelta(seconds=9)
     # Boundaries are whole seconds, like the allocations' records: the half second down floors away.
     assert written.ledger.down_gpu_seconds == 0
     assert written.ledger.program_gpu_seconds == 32 * 9
     assert written.ledger.identity_gap == 0
+
+
+@dataclass
+class _GatedWriter(RecordingWriter):
+    """Holds each write until `release` is set, as a busy API server would."""
+
+    release: threading.Event = field(default_factory=threading.Event)
+
+    def perform(self, action: Action) -> None:
+        assert self.release.wait(timeout=30)
+        super().perform(action)
+
+
+def test_the_pool_record_is_written_off_the_pass_and_what_is_booked_meanwhile_is_written_by_the_next_flush() -> None:
+    writer = _GatedWriter()
+    ledger = PoolLedgerWriter(POOL, "UTC", timedelta(seconds=60), writer, read_record=lambda name: None)
+    spec = GpuPoolSpec.model_validate(pool_spec())
+    healthy = PoolBreakdown(program_gpus=32, healthy_gpus=32, granted_gpus=16)
+    ledger.book(spec, healthy, NOW)
+    first = ledger.book(spec, healthy, NOW + timedelta(seconds=60))
+    assert first is not None
+    assert not first.done()  # the write is held; booking went on without it
+    # Booked while the first write runs: no second write at once, and nothing of it is lost.
+    assert ledger.book(spec, healthy, NOW + timedelta(seconds=90)) is None
+    writer.release.set()
+    first.result()
+    (created,) = writer.of(CreatePoolUsage)
+    assert created.record.ledger.booked_until == NOW + timedelta(seconds=60)
+    second = ledger.book(spec, healthy, NOW + timedelta(seconds=120))
+    assert second is not None
+    second.result()
+    (written,) = writer.of(WritePoolLedger)
+    assert written.ledger.booked_until == NOW + timedelta(seconds=120)
+    assert written.ledger.granted_gpu_seconds == 16 * 120
+    ledger.stop()

@@ -4,12 +4,17 @@ ledger's flush interval.
 
 Like the allocations' records, they are the watermark: a replica that starts, or takes over, reads this month's
 record (or last month's) and books on from its bookedUntil, with the breakdown it sees first.
+
+The writes run on a thread of the pool's own, one at a time, like its status (pool_status.py): under a burst the
+API server took a second or more to answer, and the pass waited for it.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -51,6 +56,13 @@ class PoolLedgerWriter:
     since: datetime | None = None
     held: PoolBreakdown | None = None
     last_write: datetime | None = None
+    # Guards the fields above between the pass that books and the thread that writes.
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _writing: Future[None] | None = None
+    _failed: int = 0  # writes failed (not refused) since `failures_since_last_asked`
+    _thread: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="pool-ledger")
+    )
 
     def _load(self, now: datetime) -> datetime:
         """This month's record, else last month's; returns where booking carries on from (now, if neither exists)."""
@@ -65,59 +77,87 @@ class PoolLedgerWriter:
                 return min(now, record.ledger.booked_until or now)
         return now
 
-    def book(self, spec: GpuPoolSpec, breakdown: PoolBreakdown, now: datetime) -> None:
-        """Book up to now what held since the previous pass; `breakdown` holds from now on."""
-        if self.since is None or self.held is None:  # after a restart, the gap is booked with what holds now
-            since, held = self._load(now), breakdown
-        else:
-            since, held = self.since, self.held
-        changed = book_pool({m: r.ledger for m, r in self.records.items()}, since, now, held, self.time_zone)
-        for month, ledger in changed.items():
-            record = self.records.get(month) or GpuPoolUsage(
-                name=pool_usage_name(self.pool, month),
-                spec=GpuPoolUsageSpec(
-                    pool=self.pool,
-                    gpu_model=spec.gpu_model,
-                    provider=spec.provider,
-                    month=month,
-                    time_zone=self.time_zone,
-                ),
+    def book(self, spec: GpuPoolSpec, breakdown: PoolBreakdown, now: datetime) -> Future[None] | None:
+        """Book up to now what held since the previous pass; `breakdown` holds from now on. Returns the write it
+        handed to the pool's ledger thread, if one came due (none while one runs: the next pass hands it out)."""
+        with self._lock:
+            if self.since is None or self.held is None:  # after a restart, the gap is booked with what holds now
+                since, held = self._load(now), breakdown
+            else:
+                since, held = self.since, self.held
+            changed = book_pool({m: r.ledger for m, r in self.records.items()}, since, now, held, self.time_zone)
+            for month, ledger in changed.items():
+                record = self.records.get(month) or GpuPoolUsage(
+                    name=pool_usage_name(self.pool, month),
+                    spec=GpuPoolUsageSpec(
+                        pool=self.pool,
+                        gpu_model=spec.gpu_model,
+                        provider=spec.provider,
+                        month=month,
+                        time_zone=self.time_zone,
+                    ),
+                )
+                self.records[month] = record.model_copy(update={"ledger": ledger})
+                self.unwritten.add(month)
+            self.since, self.held = now, breakdown
+            # A change of the hardware (a node down or back, GPUs credited) is written at once, so the record's
+            # bookedUntil marks it, but at most once a second: a pool of 510 nodes coming up changes it at every
+            # pass. Grants come and go far more often and wait for the flush interval.
+            last = self.last_write
+            due = last is None or now - last >= self.flush_interval
+            hardware_changed = _health(breakdown) != _health(held) and (
+                last is None or now - last >= HEALTH_WRITE_INTERVAL
             )
-            self.records[month] = record.model_copy(update={"ledger": ledger})
-            self.unwritten.add(month)
-        self.since, self.held = now, breakdown
-        # A change of the hardware (a node down or back, GPUs credited) is written at once, so the record's
-        # bookedUntil marks it, but at most once a second: a pool of 510 nodes coming up changes it at every pass.
-        # Grants come and go far more often and wait for the flush interval.
-        last = self.last_write
-        due = last is None or now - last >= self.flush_interval
-        hardware_changed = _health(breakdown) != _health(held) and (last is None or now - last >= HEALTH_WRITE_INTERVAL)
-        if self.unwritten and (due or hardware_changed):
-            self.flush(now)
+            if not self.unwritten or not (due or hardware_changed) or self._writing is not None:
+                return None
+            # What to write is taken now: a pass that books meanwhile changes the records, not this write.
+            writes = [(month, self.records[month], month in self.stored) for month in sorted(self.unwritten)]
+            self._writing = self._thread.submit(self._write, writes, now)
+            return self._writing
 
-    def flush(self, now: datetime) -> None:
+    def failures_since_last_asked(self) -> int:
+        with self._lock:
+            failed, self._failed = self._failed, 0
+            return failed
+
+    def stop(self) -> None:
+        """After the write running, if any: another replica reads the record from here on."""
+        self._thread.shutdown(wait=True)
+
+    def _write(self, writes: list[tuple[str, GpuPoolUsage, bool]], now: datetime) -> None:
         try:
-            for month in sorted(self.unwritten):
-                record = self.records[month]
-                if month in self.stored:
+            for month, record, stored in writes:
+                if stored:
                     self.writer.perform(WritePoolLedger(record.name, record.ledger, pool_usage_labels(record.spec)))
                 else:
                     self.writer.perform(CreatePoolUsage(record))
+                with self._lock:
                     self.stored.add(month)
-                self.unwritten.discard(month)
+                    if self.records.get(month) is record:  # else booked on since: written by a later flush
+                        self.unwritten.discard(month)
         except ApiException as error:
             # Someone else wrote the record (a replica that led before): book on from what it holds.
             logger.warning(
                 "pool %s: month record write failed (%s %s); reading it again", self.pool, error.status, error.reason
             )
-            self.records.clear()
-            self.stored.clear()
-            self.unwritten.clear()
-            self.since = None
+            with self._lock:
+                self.records.clear()
+                self.stored.clear()
+                self.unwritten.clear()
+                self.since = None
+                self._writing = None
             return
-        self.last_write = now
-        # Older months are complete once written; keep only the current one in memory.
-        current = month_of(now, self.time_zone)
-        for month in [m for m in self.records if m < current]:
-            del self.records[month]
-            self.stored.discard(month)
+        except Exception as error:  # the connection, not the API server: the next due flush writes it again
+            logger.warning("pool %s: month record write failed (written again at the next flush): %s", self.pool, error)
+            with self._lock:
+                self._writing = None
+                self._failed += 1
+            return
+        with self._lock:
+            self.last_write = now
+            self._writing = None
+            # Older months are complete once written; keep only the current one in memory.
+            current = month_of(now, self.time_zone)
+            for month in [m for m in self.records if m < current and m not in self.unwritten]:
+                del self.records[month]
+                self.stored.discard(month)

@@ -56,8 +56,9 @@ WORKERS = 8
 # stay near WORKERS per pool.
 FANOUT_WORKERS = 2
 # A pool's writer has a client of its own with this many connections: its workers, their fan-out threads, the pass's
-# own writes (the pool's month records) and the pool's status thread all at once, and no pool waits for another's.
-POOL_CONNECTIONS = WORKERS + FANOUT_WORKERS + 2
+# own writes (intake), the pool's status thread and its month-record thread all at once, and no pool waits for
+# another's.
+POOL_CONNECTIONS = WORKERS + FANOUT_WORKERS + 3
 # The most usage refreshes (`planner.METRICS_REFRESH`) a pool's workers have queued or running. Every allocation's
 # counters are due every 15 s: at 10,000 allocations, more refreshes than the interpreter could do, handed out with
 # no bound, queued before the writes of allocations still waiting for their first decision (800-1,900 in flight
@@ -255,14 +256,19 @@ class PoolReconciler:
             queued=decided.admission.result.summary.queued,
             breakdown=decided.breakdown,
         )
+        sent: list[Future[None]] = []
         if new_pool != previous_pool or latest_pool is None:
-            # The pass waits for it only what is left of its bound: on a quiet cluster it is written by then.
-            sent = self.pool_status.send(new_pool.to_wire())
-            status_wait_started = monotonic()
-            wait([sent], timeout=None if wait_seconds is None else max(0.0, wait_seconds - waiting_seconds))
-            waiting_seconds += monotonic() - status_wait_started
-        failed += self.pool_status.failures_since_last_asked()
-        self._pool_ledger().book(decided.pool_spec, decided.breakdown, now)
+            sent.append(self.pool_status.send(new_pool.to_wire()))
+        pool_ledger = self._pool_ledger()
+        record_written = pool_ledger.book(decided.pool_spec, decided.breakdown, now)
+        if record_written is not None:
+            sent.append(record_written)
+        if sent:
+            # The pass waits for them only what is left of its bound: on a quiet cluster they are written by then.
+            pool_wait_started = monotonic()
+            wait(sent, timeout=None if wait_seconds is None else max(0.0, wait_seconds - waiting_seconds))
+            waiting_seconds += monotonic() - pool_wait_started
+        failed += self.pool_status.failures_since_last_asked() + pool_ledger.failures_since_last_asked()
         names = {view.uid: view.name for view in snap.allocations}
         terminating = {names[uid]: ns for uid, ns in self.waiting_namespaces.items() if uid in names}
         with self._shown_lock:
@@ -347,6 +353,8 @@ class PoolReconciler:
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.fanout.shutdown(wait=True)
         self.pool_status.stop()
+        if self.pool_ledger is not None:
+            self.pool_ledger.stop()
         self.on_stop()
 
     def _hand_out(self, uid: str, work: Callable[..., AllocationSample | None], *args: Any) -> None:
