@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -26,6 +26,7 @@ from gpuaas.domain.actions import CreatePoolUsage, WritePoolLedger
 from gpuaas.domain.downtime import PoolBreakdown, book_pool
 from gpuaas.domain.ledger import month_bounds, month_of
 from gpuaas.k8s import usage
+from gpuaas.k8s.write_thread import WriteThread
 from gpuaas.k8s.writer import ClusterWriter
 
 logger = logging.getLogger(__name__)
@@ -59,10 +60,7 @@ class PoolLedgerWriter:
     # Guards the fields above between the pass that books and the thread that writes.
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _writing: Future[None] | None = None
-    _failed: int = 0  # writes failed (not refused) since `failures_since_last_asked`
-    _thread: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="pool-ledger")
-    )
+    _thread: WriteThread = field(default_factory=lambda: WriteThread("pool-ledger"))
 
     def _load(self, now: datetime) -> datetime:
         """This month's record, else last month's; returns where booking carries on from (now, if neither exists)."""
@@ -116,13 +114,12 @@ class PoolLedgerWriter:
             return self._writing
 
     def failures_since_last_asked(self) -> int:
-        with self._lock:
-            failed, self._failed = self._failed, 0
-            return failed
+        """Writes that failed (not refused) since the last call."""
+        return self._thread.failures_since_last_asked()
 
     def stop(self) -> None:
         """After the write running, if any: another replica reads the record from here on."""
-        self._thread.shutdown(wait=True)
+        self._thread.stop()
 
     def _write(self, writes: list[tuple[str, GpuPoolUsage, bool]], now: datetime) -> None:
         try:
@@ -151,7 +148,7 @@ class PoolLedgerWriter:
             logger.warning("pool %s: month record write failed (written again at the next flush): %s", self.pool, error)
             with self._lock:
                 self._writing = None
-                self._failed += 1
+            self._thread.count_failure()
             return
         with self._lock:
             self.last_write = now

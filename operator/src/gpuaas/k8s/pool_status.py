@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 from gpuaas.api.pool import POOL_PLURAL
 from gpuaas.domain.actions import PatchStatus
 from gpuaas.domain.planner import status_merge_patch
+from gpuaas.k8s.write_thread import WriteThread
 from gpuaas.k8s.writer import ClusterWriter
 
 logger = logging.getLogger(__name__)
@@ -29,8 +30,7 @@ class PoolStatusWriter:
         self._wanted: dict[str, Any] | None = None  # the newest status a pass decided
         self._written: dict[str, Any] | None = None  # the last the API server took
         self._sending: Future[None] | None = None
-        self._failed = 0  # writes failed since `failures_since_last_asked`
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pool-status-{pool}")
+        self._thread = WriteThread(f"pool-status-{pool}")
 
     @property
     def latest(self) -> dict[str, Any] | None:
@@ -50,13 +50,11 @@ class PoolStatusWriter:
             return self._sending
 
     def failures_since_last_asked(self) -> int:
-        with self._lock:
-            failed, self._failed = self._failed, 0
-            return failed
+        return self._thread.failures_since_last_asked()
 
     def stop(self) -> None:
         """After the write running and the newest decided, if any: the status is the last pass's."""
-        self._thread.shutdown(wait=True)
+        self._thread.stop()
 
     def _write_newest(self) -> None:
         while True:
@@ -72,7 +70,7 @@ class PoolStatusWriter:
                 with self._lock:
                     self._wanted = None  # also one decided meanwhile: the next pass decides and sends anew
                     self._sending = None
-                    self._failed += 1
+                self._thread.count_failure()
                 return
             with self._lock:
                 self._written = wanted
