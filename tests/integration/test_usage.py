@@ -15,6 +15,7 @@ from kubernetes import client, watch
 
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.usage import GpuUsage, GpuUsageSpec, UsageLedger
+from gpuaas.domain.fence import USAGE_FINALIZER
 from gpuaas.domain.ledger import month_of
 from gpuaas.domain.scenarios import SCENARIOS
 from gpuaas.k8s import usage
@@ -464,3 +465,31 @@ def test_a_pod_gone_without_its_finalizer_is_booked_from_its_last_state(
         log = operator.log_path.read_text()
         assert f"pod {name}/bypassed went without gpuaas releasing it" in log
         assert f"pod {name}/kept went without" not in log  # released by gpuaas: its watermark holds its whole interval
+
+
+def test_a_release_removes_only_the_usage_finalizer_of_the_pod_it_saw(cluster: LocalCluster) -> None:
+    """The release writes from the pass's view, with no read: a view whose finalizers moved, or whose pod was
+    replaced by one of the same name, removes nothing (the next pass releases from the newer view)."""
+    load_config(str(cluster.kubeconfig))
+    core = client.CoreV1Api(cluster.api)
+    namespace = unique("release")
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+    other = "example.com/keep"
+    pod = client.V1Pod(
+        metadata=client.V1ObjectMeta(name="p", finalizers=[other, USAGE_FINALIZER]),
+        spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="busybox")]),
+    )
+    uid = core.create_namespaced_pod(namespace, pod).metadata.uid
+    try:
+        usage.release_pod(namespace, "p", "not-" + uid, 1)  # a new pod of the same name
+        usage.release_pod(namespace, "p", uid, 0)  # the finalizers moved since the view
+        assert core.read_namespaced_pod("p", namespace).metadata.finalizers == [other, USAGE_FINALIZER]
+        usage.release_pod(namespace, "p", uid, 1)
+        assert core.read_namespaced_pod("p", namespace).metadata.finalizers == [other]
+        usage.release_pod(namespace, "p", uid, 1)  # released already: nothing to do, and no error
+        assert core.read_namespaced_pod("p", namespace).metadata.finalizers == [other]
+    finally:
+        core.patch_namespaced_pod(
+            "p", namespace, [{"op": "remove", "path": "/metadata/finalizers"}], _content_type=usage.JSON_PATCH
+        )
+        core.delete_namespace(namespace)

@@ -31,12 +31,14 @@ from gpuaas.api.usage import (
     usage_labels,
     usage_name,
 )
+from gpuaas.domain.fence import USAGE_FINALIZER
 from gpuaas.domain.ledger import (
     Booking,
     GrantState,
     PodInterval,
     book_up_to,
     from_epoch,
+    ledger_pod,
     month_bounds,
     month_of,
     months_touched,
@@ -775,3 +777,11 @@ def test_a_pod_whose_finish_never_comes_is_billed_to_its_deadline_and_counted_on
     reported = pod("Failed", statuses=terminated("2026-10-01T05:00:25Z"), deletionTimestamp=DEADLINE)
     records, _, _ = used_and_released(reported, REQUESTED + timedelta(seconds=60))
     assert sum(r.pods_billed_to_deadline for r in records.values()) == 0
+
+
+def test_the_ledger_view_of_a_pod_says_where_its_usage_finalizer_is() -> None:
+    """The release removes that entry with no read: it must be the usage finalizer's own place in the list."""
+    meta = {"name": "p", "namespace": "t", "uid": "u", "finalizers": ["example.com/keep", USAGE_FINALIZER]}
+    held = ledger_pod(meta, None, "Running")
+    assert (held.has_finalizer, held.usage_finalizer_index) == (True, 1)
+    assert not ledger_pod({**meta, "finalizers": ["example.com/keep"]}, None, "Running").has_finalizer

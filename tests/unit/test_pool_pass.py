@@ -116,6 +116,7 @@ def test_the_ledger_writes_records_before_it_releases_a_finished_pod_and_a_repla
     grant = GrantState(8, NOW - timedelta(hours=2))
     booked = ledger.book(usage_identity(), "t", {}, [pod], grant, NOW)
     assert [type(a) for a in writer.actions] == [CreateUsage, ReleasePod]  # a new record is created booked
+    assert writer.of(ReleasePod) == [ReleasePod("t", "p", pod.uid, pod.usage_finalizer_index)]
     assert booked["2026-11"].used_gpu_seconds == 8 * 30 * 60
     assert ledger.writes == 1
     assert (ledger.writes_since_last_asked(), ledger.writes_since_last_asked()) == (1, 0)  # for the metric

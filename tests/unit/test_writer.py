@@ -71,7 +71,7 @@ def every_kind_of_write() -> list[Action]:
         WriteUsageLedger("a-2026-11", UsageLedger()),
         CreatePoolUsage(GpuPoolUsage(name="p-2026-11", spec=pool_usage)),
         WritePoolLedger("p-2026-11", PoolLedger()),
-        ReleasePod("ns", "pod"),
+        ReleasePod("ns", "pod", "uid-pod", 0),
     ]
 
 

@@ -139,10 +139,13 @@ class WritePoolLedger:
 
 @dataclass(frozen=True)
 class ReleasePod:
-    """Remove a pod's usage finalizer, once its whole interval is booked."""
+    """Remove a pod's usage finalizer, once its whole interval is booked: the entry at `finalizer_index` of the pod
+    with `uid`, or nothing if either has changed since the pass's view (a later pass sees the change)."""
 
     namespace: str
     name: str
+    uid: str
+    finalizer_index: int
 
 
 Action = (

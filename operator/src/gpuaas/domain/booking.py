@@ -294,5 +294,5 @@ def plan_booking(
         )
     for pod in pods:
         if pod.has_finalizer and pod.finished and (pod.uid in released or pod.interval is None):
-            actions.append(ReleasePod(pod.namespace, pod.name))
+            actions.append(ReleasePod(pod.namespace, pod.name, pod.uid, pod.usage_finalizer_index))
     return BookingPlan(booked=booked, actions=actions, written=written, departures=departures)

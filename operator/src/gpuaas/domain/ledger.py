@@ -590,17 +590,23 @@ class LedgerPod:
     departed: bool = False
     # (claim uid, devices) of the ResourceClaims it shares with other pods, recorded at its admission.
     shared_claims: tuple[tuple[str, int], ...] = ()
+    # Where the usage finalizer sits in the pod's finalizers as last seen: the release removes that entry (after
+    # testing that it is still there, on the same pod) with no read of the pod first.
+    usage_finalizer_index: int = 0
 
 
 def ledger_pod(meta: Mapping[str, Any], interval: PodInterval | None, phase: str | None) -> LedgerPod:
+    finalizers = list(meta.get("finalizers") or [])
+    has_finalizer = USAGE_FINALIZER in finalizers
     return LedgerPod(
         name=str(meta.get("name")),
         namespace=str(meta.get("namespace")),
         uid=str(meta.get("uid")),
         interval=interval,
-        has_finalizer=USAGE_FINALIZER in (meta.get("finalizers") or []),
+        has_finalizer=has_finalizer,
         finished=bool(meta.get("deletionTimestamp")) or phase in TERMINAL_PHASES,
         shared_claims=tuple(sorted(recorded_shared_claims(meta).items())),
+        usage_finalizer_index=finalizers.index(USAGE_FINALIZER) if has_finalizer else 0,
     )
 
 

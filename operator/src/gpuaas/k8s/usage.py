@@ -86,29 +86,25 @@ def write_pool_ledger(
     discard(response)
 
 
-def release_pod(namespace: str, name: str, api: client.ApiClient | None = None) -> None:
-    """Remove the usage finalizer; a test op makes a stale view fail instead of removing the wrong entry."""
+def release_pod(namespace: str, name: str, uid: str, finalizer_index: int, api: client.ApiClient | None = None) -> None:
+    """Remove the usage finalizer at the index the pass saw, with no read first. The test ops make a stale view
+    (the finalizers moved, or a new pod took the name) fail instead of removing another entry or another pod's."""
+    path = f"/metadata/finalizers/{finalizer_index}"
+    patch = [
+        {"op": "test", "path": "/metadata/uid", "value": uid},
+        {"op": "test", "path": path, "value": USAGE_FINALIZER},
+        {"op": "remove", "path": path},
+    ]
     try:
-        current = client.CoreV1Api(api).read_namespaced_pod(name, namespace)
-    except ApiException as error:
-        if error.status == 404:
-            return
-        raise
-    finalizers = list((current.metadata.finalizers if current.metadata else None) or [])
-    if USAGE_FINALIZER not in finalizers:
-        return
-    index = finalizers.index(USAGE_FINALIZER)
-    path = f"/metadata/finalizers/{index}"
-    try:
-        client.CoreV1Api(api).patch_namespaced_pod(
-            name,
-            namespace,
-            [{"op": "test", "path": path, "value": USAGE_FINALIZER}, {"op": "remove", "path": path}],
-            _content_type=JSON_PATCH,
+        response = client.CoreV1Api(api).patch_namespaced_pod(
+            name, namespace, patch, _content_type=JSON_PATCH, _preload_content=False
         )
     except ApiException as error:
+        # Gone, or no longer as the pass saw it: the next pass releases from the newer view, if it is still held.
         if error.status not in (404, 409, 422):
             raise
+        return
+    discard(response)
 
 
 def live_pod_uids(namespace: str) -> set[str]:

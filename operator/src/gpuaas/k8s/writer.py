@@ -89,8 +89,8 @@ class KubernetesWriter:
                 usage.create_pool_usage(record, api)
             case WritePoolLedger(name, ledger, labels):
                 usage.write_pool_ledger(name, ledger, labels, api)
-            case ReleasePod(namespace, name):
-                usage.release_pod(namespace, name, api)
+            case ReleasePod(namespace, name, uid, finalizer_index):
+                usage.release_pod(namespace, name, uid, finalizer_index, api)
 
 
 class CrashAfterWriter:
