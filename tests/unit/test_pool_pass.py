@@ -29,7 +29,7 @@ from gpuaas.domain.planner import APPLY_SETTLE, METRICS_REFRESH
 from gpuaas.domain.snapshot import observed_key
 from gpuaas.k8s.ledger import LedgerWriter
 from gpuaas.k8s.pool_ledger import PoolLedgerWriter
-from gpuaas.k8s.reconciler import REFRESH_BACKLOG, PoolReconciler
+from gpuaas.k8s.reconciler import REFRESH_BACKLOG, WORKERS, PoolReconciler
 from tests.builders import (
     NOW,
     POOL,
@@ -218,6 +218,27 @@ def test_writes_that_outlast_the_pass_stay_in_flight_and_their_grant_still_count
     namespaces = [a.manifest["metadata"]["name"] for a in writer.of(ApplyObject) if a.manifest["kind"] == "Namespace"]
     assert sorted(namespaces) == ["a", "b"]  # a's applied once, though three passes saw it
     assert {s.allocation: s.phase for s in result.samples} == {"a": "Active", "b": "Queued"}
+
+
+def test_under_a_backlog_a_pass_does_not_wait_for_writes_queued_behind_the_running_ones() -> None:
+    writer = HeldWriter()
+    run = reconciler(writer)
+    builder = SnapshotBuilder()
+    for i in range(WORKERS + 1):
+        builder.with_allocation(allocation(f"a{i}", 1))
+    try:
+        result = run.run_pass(builder.build(), NOW, wait_seconds=30)
+        assert result.in_flight == WORKERS + 1
+        assert result.waiting_seconds < 15  # not the bound: the held writes end only after the pass returned
+    finally:
+        writer.release.set()
+    wait(list(run.in_flight.values()))
+    # One fewer in flight than workers: the pass waits for them again (here, until they are written).
+    fewer = SnapshotBuilder().with_allocation(allocation("b", 1)).build()
+    writer.release.clear()
+    threading.Timer(0.2, writer.release.set).start()
+    result = run.run_pass(fewer, NOW + timedelta(seconds=1), wait_seconds=30)
+    assert result.in_flight == 0
 
 
 def test_an_apply_settles_from_when_it_was_written_not_from_when_its_pass_began() -> None:

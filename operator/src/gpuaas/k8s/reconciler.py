@@ -234,8 +234,12 @@ class PoolReconciler:
         )
 
     def end_pass(self, decided: DecidedPass, wait_seconds: float | None = None) -> PassResult:
-        """Wait for the writes handed out at most `wait_seconds` (None: until all are done), then report the pool."""
+        """Wait for the writes handed out at most `wait_seconds` (None: until all are done), then report the pool.
+        Under a backlog (more in flight than workers) a bounded pass waits for nothing: the writes queued behind the
+        running ones would not end within the bound, and the workers wake the pool when they run low."""
         snap, now = decided.snap, decided.now
+        if wait_seconds is not None and len(self.in_flight) > WORKERS:
+            wait_seconds = 0.0
         waiting_started = monotonic()
         wait(list(self.in_flight.values()), timeout=wait_seconds)
         waiting_seconds = monotonic() - waiting_started
