@@ -91,7 +91,7 @@ def test_a_failed_apply_is_reported_in_the_status_and_ends_that_allocations_writ
     reconciler(writer).run_pass(snap, NOW)
     (patch,) = status_patches(writer, ALLOCATION_PLURAL)
     quota = next(c for c in patch.patch["conditions"] if c["type"] == "QuotaApplied")
-    assert (quota["status"], quota["reason"], quota["message"]) == ("False", "ApplyFailed", "500 Injected")
+    assert (quota["status"], quota["reason"], quota["message"]) == ("False", "ApplyFailed", "Namespace a: 500 Injected")
     assert writer.of(DeletePod) == []  # the pod stop came after the failed apply: the next pass retries
 
 
@@ -308,7 +308,11 @@ def test_a_refused_apply_among_those_at_once_is_reported_and_the_others_still_co
     run.run_pass(snap, NOW)
     (patch,) = status_patches(writer, ALLOCATION_PLURAL)
     quota = next(c for c in patch.patch["conditions"] if c["type"] == "QuotaApplied")
-    assert (quota["status"], quota["reason"], quota["message"]) == ("False", "ApplyFailed", "422 Refused")
+    assert (quota["status"], quota["reason"], quota["message"]) == (
+        "False",
+        "ApplyFailed",
+        "LimitRange gpuaas-limits: 422 Refused",
+    )
     applied = run.applied[snap.allocations[0].uid]
     assert sorted(kind for kind, _, _ in applied) == ["Namespace", "ResourceQuota", "RoleBinding"]
 
@@ -417,7 +421,9 @@ def test_an_exclusive_grant_whose_node_patch_is_refused_as_stale_names_no_nodes_
     conditions = {c["type"]: c for c in refused.patch["conditions"]}
     assert refused.patch.get("nodes", []) == []
     assert (conditions["Fenced"]["status"], conditions["Ready"]["status"]) == ("False", "False")
-    assert conditions["QuotaApplied"]["message"] == "409 Injected"
+    assert conditions["QuotaApplied"]["message"] == (
+        "Node node-0 changed since it was read (409 Injected); written again from its new version"
+    )
 
     writer.fail.clear()
     run.run_pass(snap, NOW + timedelta(seconds=1))

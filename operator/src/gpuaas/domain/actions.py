@@ -167,3 +167,22 @@ Action = (
     | WritePoolLedger
     | ReleasePod
 )
+
+
+def written_object(action: Action) -> str:
+    """What a write changes, as a person would name it in a status message: `ResourceQuota gpu-quota`, `Node n1`."""
+    match action:
+        case ApplyObject(manifest):
+            return f"{manifest.get('kind', 'object')} {manifest.get('metadata', {}).get('name', '')}"
+        case PatchNode(name, _):
+            return f"Node {name}"
+        case DeletePod(namespace, name, _) | ReleasePod(namespace, name, _, _):
+            return f"Pod {namespace}/{name}"
+        case DeleteRoleBinding(namespace, name):
+            return f"RoleBinding {namespace}/{name}"
+        case SetRoleBindingSubjects(binding, _):
+            return f"RoleBinding {binding.namespace}/{binding.name}"
+        case DeleteNamespace(name):
+            return f"Namespace {name}"
+        case _:
+            return type(action).__name__

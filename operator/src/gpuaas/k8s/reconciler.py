@@ -29,7 +29,7 @@ from gpuaas.api.allocation import GpuAllocationSpec, GpuAllocationStatus
 from gpuaas.api.pool import GpuPoolSpec, GpuPoolStatus
 from gpuaas.api.usage import GpuUsageSpec, GrantChange, UsageLedger, UsageTenant
 from gpuaas.domain import planner
-from gpuaas.domain.actions import Action, ApplyObject, PatchNode
+from gpuaas.domain.actions import Action, ApplyObject, PatchNode, written_object
 from gpuaas.domain.capacity import AdmissionDecision
 from gpuaas.domain.downtime import PoolBreakdown
 from gpuaas.domain.history import stamped_changes
@@ -540,10 +540,19 @@ class PoolReconciler:
                     recent = self.applied.setdefault(view.uid, {})
                     key = observed_key(action.manifest)
                     recent[key] = recent_apply(recent.get(key), action.manifest, applied_at)
-            failed = next((error for error, _ in outcomes if error is not None), None)
-            if failed is not None:
-                logger.warning("allocation %s: apply failed: %s %s", view.name, failed.status, failed.reason)
-                return f"{failed.status} {failed.reason}"
+            refused = next(
+                ((a, error) for a, (error, _) in zip(stage, outcomes, strict=True) if error is not None), None
+            )
+            if refused is not None:
+                action, error = refused
+                message = refusal_message(action, error)
+                logger.log(
+                    logging.INFO if _changed_since_read(error) else logging.WARNING,
+                    "allocation %s: %s",
+                    view.name,
+                    message,
+                )
+                return message
         return None
 
     def _perform_at_once(self, actions: Sequence[Action]) -> list[tuple[ApiException | None, float]]:
@@ -643,6 +652,17 @@ class PoolReconciler:
             self.waiting_namespaces.pop(view.uid, None)
             self.written.pop(view.uid, None)
         return None  # a released allocation has no series
+
+
+def refusal_message(action: Action, error: ApiException) -> str:
+    """The QuotaApplied message of a refused write: which object, the API server's answer, and for a stale write
+    that it is not a fault (the object changed under the pass; the next pass plans from its new version)."""
+    if _changed_since_read(error):
+        return (
+            f"{written_object(action)} changed since it was read ({error.status} {error.reason}); "
+            "written again from its new version"
+        )
+    return f"{written_object(action)}: {error.status} {error.reason}"
 
 
 def _changed_since_read(error: BaseException) -> bool:
