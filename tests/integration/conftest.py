@@ -142,13 +142,17 @@ class OperatorProcess:
                 time.sleep(0.2)
         raise TimeoutError(f"operator not healthy within {timeout}s; see {self.log_path}")
 
-    def passes(self, pool: str) -> int:
-        """The pool's reconcile passes so far, from the operator's /metrics."""
+    def series(self, name: str) -> float:
+        """One series' value on the operator's /metrics (`name` with its labels, as exposed), 0 if absent."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
             text = response.read().decode()
-        prefix = f'gpuaas_reconcile_duration_seconds_count{{pool="{pool}"}} '
-        return next((int(float(line.removeprefix(prefix))) for line in text.splitlines() if line.startswith(prefix)), 0)
+        prefix = f"{name} "
+        return next((float(line.removeprefix(prefix)) for line in text.splitlines() if line.startswith(prefix)), 0.0)
+
+    def passes(self, pool: str) -> int:
+        """The pool's reconcile passes so far."""
+        return int(self.series(f'gpuaas_reconcile_duration_seconds_count{{pool="{pool}"}}'))
 
     def wait_passes(self, pool: str, count: int = 3) -> None:
         """Until the pool has run `count` more passes: what a later pass could change, it has changed by then."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +13,14 @@ from kubernetes.client.exceptions import ApiException
 
 from gpuaas.api.common import GROUP, VERSION
 from gpuaas.api.pool import POOL_PLURAL, GpuPoolSpec
+from gpuaas.api.usage import POOL_USAGE_PLURAL, GpuPoolUsage, PoolLedger
 from gpuaas.domain import planner
+from gpuaas.domain.ledger import month_of
 from gpuaas.domain.nodes import node_info_from_manifest
 from gpuaas.domain.scenarios import SCENARIOS, node_manifest, node_name, pool_manifest
 from gpuaas.k8s.client import load_config
 from gpuaas.k8s.writer import KubernetesWriter
-from tests.integration.allocations import pool_status
+from tests.integration.allocations import pool_status, unique
 from tests.integration.conftest import LocalCluster, OperatorProcess
 from tests.waiting import wait_for
 
@@ -183,3 +187,90 @@ def test_a_pool_that_starts_to_taint_patches_a_node_that_changed_only_in_its_ver
     finally:
         custom.delete_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, "version-probe")
         core.delete_node("version-probe")
+
+
+def refuse_pool_writes(cluster: LocalCluster, name: str) -> None:
+    """A ValidatingAdmissionPolicy refusing every write of pool statuses and pool month records, as an API server
+    under a broken admission chain would; in force once a dry run of such a write is refused."""
+    rule = {
+        "apiGroups": [GROUP],
+        "apiVersions": ["*"],
+        "operations": ["CREATE", "UPDATE"],
+        "resources": [f"{POOL_PLURAL}/status", POOL_USAGE_PLURAL],
+    }
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [rule]},
+            "validations": [{"expression": "false", "message": "refused by the test"}],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {"policyName": name, "validationActions": ["Deny"]},
+    }
+    cluster.kubectl(
+        "apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": [policy, binding]})
+    )
+    probe = json.dumps({"status": {"queued": 1 + int(pool_status(cluster, B200.name).get("queued", 0))}})
+
+    def refused() -> bool:
+        tried = cluster.kubectl(
+            "patch", "gp", B200.name, "--subresource=status", "--type=merge", "-p", probe, "--dry-run=server",
+            check=False,
+        )  # fmt: skip
+        return "refused by the test" in tried.stderr
+
+    wait_for(refused, message="the policy in force")
+
+
+def test_pool_writes_the_api_server_refuses_are_counted_and_written_later_and_the_record_stays_exact(
+    cluster: LocalCluster, operator: OperatorProcess
+) -> None:
+    """The pool's status and month record are written off the pass, on threads of the pool's own: a refusal there
+    is counted as a reconcile error, sent again, and loses no second of the record."""
+    wait_for_capacity(cluster, B200.name, B200.gpus)
+    records = client.CustomObjectsApi(cluster.api)
+    month = month_of(datetime.now(UTC), "UTC")  # the test operator's time zone
+
+    def record() -> PoolLedger:
+        found = records.get_cluster_custom_object(GROUP, VERSION, POOL_USAGE_PLURAL, f"{B200.name}-{month}")
+        return GpuPoolUsage.from_object(found).ledger
+
+    before = wait_for(lambda: (r := record()).booked_until is not None and r, message="the pool's record")
+    started = before.booked_until
+    assert started is not None
+    errors = f'gpuaas_reconcile_errors_total{{pool="{B200.name}"}}'
+    counted = operator.series(errors)
+    name = unique("refuse")
+    core = client.CoreV1Api(cluster.api)
+    node = node_name(B200, 1)
+    refuse_pool_writes(cluster, name)
+    try:
+        core.patch_node(node, {"spec": {"unschedulable": True}})  # a new status and a record write due at once
+        wait_for(lambda: operator.series(errors) >= counted + 2, message="refused writes counted")
+        assert pool_status(cluster, B200.name)["capacityGPUs"] == B200.gpus  # nothing written meanwhile
+    finally:
+        cluster.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", name)
+    try:
+        wait_for_capacity(cluster, B200.name, B200.gpus - 8)
+        after = wait_for(
+            lambda: (r := record()).booked_until is not None and r.booked_until > started + timedelta(seconds=2) and r,
+            message="the record written again",
+        )
+    finally:
+        core.patch_node(node, {"spec": {"unschedulable": False}})
+    ended = after.booked_until
+    assert ended is not None
+    booked = int((ended - started).total_seconds())
+    # Every second between the two writes booked once, the refused stretch included, and the parts add up; the
+    # cordoned node's GPUs are booked down (the pool's nominal GPUs stay its program).
+    assert after.program_gpu_seconds - before.program_gpu_seconds == B200.gpus * booked
+    assert after.down_gpu_seconds > before.down_gpu_seconds
+    assert after.identity_gap == 0
+    wait_for_capacity(cluster, B200.name, B200.gpus)
