@@ -7,12 +7,13 @@ import threading
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gpuaas.api.allocation import ALLOCATION_LABEL
 from gpuaas.api.pool import GpuPoolSpec
-from gpuaas.api.usage import PoolLedger
+from gpuaas.api.usage import GpuPoolUsage, GpuPoolUsageSpec, PoolLedger
 from gpuaas.domain.actions import Action, CreatePoolUsage, PatchStatus, WritePoolLedger, WriteUsageLedger
 from gpuaas.domain.busy import MAX_POINTS, busy_seconds, range_chunks
 from gpuaas.domain.downtime import GrantInForce, PoolBreakdown, book_pool, pool_breakdown, share_shortfall
@@ -187,6 +188,70 @@ def test_the_pool_record_is_written_when_the_hardware_changes_at_most_once_a_sec
     assert written.ledger.down_gpu_seconds == 0
     assert written.ledger.program_gpu_seconds == 32 * 9
     assert written.ledger.identity_gap == 0
+
+
+@pytest.mark.parametrize("refusal", [403, 404, 422, 500])
+def test_a_refused_pool_record_write_keeps_what_memory_booked_and_the_next_pass_writes_it_whole(refusal: int) -> None:
+    """Memory holds the only account of the split since the last write: a refusal (an admission policy, the record
+    deleted) must not drop it for a re-read that would book the whole gap with the breakdown of its end."""
+    writer = RecordingWriter()
+    ledger = PoolLedgerWriter(POOL, "UTC", timedelta(seconds=60), writer, read_record=lambda name: None)
+    spec = GpuPoolSpec.model_validate(pool_spec())
+    healthy = PoolBreakdown(program_gpus=32, healthy_gpus=32, granted_gpus=16)
+    node_down = PoolBreakdown(program_gpus=32, healthy_gpus=24, granted_gpus=16)
+    ledger.book(spec, healthy, NOW)
+    created = ledger.book(spec, healthy, NOW + timedelta(seconds=60))
+    assert created is not None
+    created.result()
+    writer.fail = {WritePoolLedger: refusal}
+    refused = ledger.book(spec, node_down, NOW + timedelta(seconds=100))  # down from 100 s
+    assert refused is not None
+    refused.result()
+    assert ledger.failures_since_last_asked() == 1
+    writer.fail = {}
+    again = ledger.book(spec, node_down, NOW + timedelta(seconds=110))  # at once: the flush is overdue
+    assert again is not None
+    again.result()
+    (rewritten,) = writer.of(WritePoolLedger if refusal != 404 else CreatePoolUsage)[-1:]
+    record = rewritten.ledger if refusal != 404 else rewritten.record.ledger
+    assert record.booked_until == NOW + timedelta(seconds=110)
+    assert (record.program_gpu_seconds, record.down_gpu_seconds) == (32 * 110, 8 * 10)
+    assert record.identity_gap == 0
+    ledger.stop()
+
+
+def test_a_pool_record_another_replica_made_meanwhile_is_read_and_booked_on_from() -> None:
+    writer = RecordingWriter(fail={CreatePoolUsage: 409})
+    theirs: list[GpuPoolUsage] = []
+    ledger = PoolLedgerWriter(
+        POOL, "UTC", timedelta(seconds=60), writer, read_record=lambda name: theirs[0] if theirs else None
+    )
+    spec = GpuPoolSpec.model_validate(pool_spec())
+    healthy = PoolBreakdown(program_gpus=32, healthy_gpus=32, granted_gpus=16)
+    ledger.book(spec, healthy, NOW)
+    refused = ledger.book(spec, healthy, NOW + timedelta(seconds=60))
+    assert refused is not None
+    refused.result()
+    assert ledger.failures_since_last_asked() == 0  # not a failure: the record is there, and it is read
+    made = PoolLedger(
+        program_gpu_seconds=32 * 50, unallocated_gpu_seconds=32 * 50, booked_until=NOW + timedelta(seconds=50)
+    )
+    theirs.append(
+        GpuPoolUsage(
+            name=f"{POOL}-2026-11",
+            spec=GpuPoolUsageSpec(pool=POOL, gpu_model="H200", provider="nhn", month="2026-11", time_zone="UTC"),
+            ledger=made,
+        )
+    )
+    writer.fail = {}
+    ledger.book(spec, healthy, NOW + timedelta(seconds=70))  # read, and booked on from its 50 s
+    handed = ledger.book(spec, healthy, NOW + timedelta(seconds=130))
+    assert handed is not None
+    handed.result()
+    (written,) = writer.of(WritePoolLedger)
+    assert written.ledger.booked_until == NOW + timedelta(seconds=130)
+    assert written.ledger.program_gpu_seconds == 32 * 130  # its 50 s, then 80 s booked on: none twice
+    ledger.stop()
 
 
 @dataclass

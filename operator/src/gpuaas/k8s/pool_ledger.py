@@ -114,7 +114,7 @@ class PoolLedgerWriter:
             return self._writing
 
     def failures_since_last_asked(self) -> int:
-        """Writes that failed (not refused) since the last call."""
+        """Writes that failed since the last call (but a create that found the record made: that one is read)."""
         return self._thread.failures_since_last_asked()
 
     def stop(self) -> None:
@@ -122,6 +122,7 @@ class PoolLedgerWriter:
         self._thread.stop()
 
     def _write(self, writes: list[tuple[str, GpuPoolUsage, bool]], now: datetime) -> None:
+        month = ""
         try:
             for month, record, stored in writes:
                 if stored:
@@ -132,21 +133,24 @@ class PoolLedgerWriter:
                     self.stored.add(month)
                     if self.records.get(month) is record:  # else booked on since: written by a later flush
                         self.unwritten.discard(month)
-        except ApiException as error:
-            # Someone else wrote the record (a replica that led before): book on from what it holds.
-            logger.warning(
-                "pool %s: month record write failed (%s %s); reading it again", self.pool, error.status, error.reason
-            )
+        except Exception as error:
+            if isinstance(error, ApiException) and error.status == 409:
+                # Someone else made the record (a replica that led before): book on from what it holds.
+                logger.warning("pool %s: month record exists already (%s); reading it again", self.pool, error.reason)
+                with self._lock:
+                    self.records.clear()
+                    self.stored.clear()
+                    self.unwritten.clear()
+                    self.since = None
+                    self._writing = None
+                return
+            # Refused (an admission policy, the record deleted under gpuaas) or not answered: memory holds the only
+            # account of the split since the last write, so it is kept, whole, and written again by the next pass.
+            logger.warning("pool %s: month record write failed (written again by the next pass): %s", self.pool, error)
             with self._lock:
-                self.records.clear()
-                self.stored.clear()
-                self.unwritten.clear()
-                self.since = None
-                self._writing = None
-            return
-        except Exception as error:  # the connection, not the API server: the next due flush writes it again
-            logger.warning("pool %s: month record write failed (written again at the next flush): %s", self.pool, error)
-            with self._lock:
+                if isinstance(error, ApiException) and error.status == 404:
+                    self.stored.discard(month)  # created again, from memory
+                self.last_write = None  # due at once
                 self._writing = None
             self._thread.count_failure()
             return
