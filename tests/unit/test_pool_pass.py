@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
@@ -629,3 +630,29 @@ def test_an_unchanged_allocations_usage_counters_move_every_refresh_and_nothing_
     assert replace(after, used_gpu_seconds=0, granted_gpu_seconds=0) == replace(
         before, used_gpu_seconds=0, granted_gpu_seconds=0
     )
+
+
+def test_a_pass_waits_for_the_usage_refreshes_it_handed_out_however_many() -> None:
+    """Refreshes are quick: a pass that left them running would be woken again as soon as they end, pass after pass,
+    in a pool with nothing else to do. Only decisions make a backlog that a pass does not wait for."""
+    writer = RecordingWriter()
+    run = reconciler(writer)
+    builder = SnapshotBuilder(nodes=[gpu_node(f"node-{i}") for i in range(8)])
+    for index in range(WORKERS + 4):
+        builder.with_allocation(allocation(f"a{index}", 1), gpu_pod(f"p{index}", f"a{index}"))
+    snap = builder.build()
+    run.run_pass(snap, NOW)
+    settled = replace(snap, observed={observed_key(a.manifest): a.manifest for a in writer.of(ApplyObject)})
+    run.run_pass(settled, NOW + timedelta(seconds=1))
+    slow_to_start = threading.Event()
+    refresh = run._refresh_usage
+
+    def held_refresh(*args: Any) -> Any:
+        assert slow_to_start.wait(timeout=30)
+        return refresh(*args)
+
+    run._refresh_usage = held_refresh  # type: ignore[method-assign]
+    threading.Timer(0.2, slow_to_start.set).start()
+    result = run.run_pass(settled, NOW + timedelta(seconds=1) + METRICS_REFRESH, wait_seconds=30)
+    assert result.processed == WORKERS + 4  # all refreshes, more than the workers
+    assert result.in_flight == 0  # waited for: none left to wake the pool again

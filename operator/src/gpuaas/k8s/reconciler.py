@@ -235,10 +235,14 @@ class PoolReconciler:
 
     def end_pass(self, decided: DecidedPass, wait_seconds: float | None = None) -> PassResult:
         """Wait for the writes handed out at most `wait_seconds` (None: until all are done), then report the pool.
-        Under a backlog (more in flight than workers) a bounded pass waits for nothing: the writes queued behind the
-        running ones would not end within the bound, and the workers wake the pool when they run low."""
+        Under a backlog (more decisions in flight than workers) a bounded pass waits for nothing: the writes queued
+        behind the running ones would not end within the bound, and the workers wake the pool when they run low.
+        Usage refreshes do not count: they are quick, and a pass that left them running would be woken again at
+        once when they end, pass after pass, in a pool with nothing else to do."""
         snap, now = decided.snap, decided.now
-        if wait_seconds is not None and len(self.in_flight) > WORKERS:
+        with self._running_lock:
+            decisions_in_flight = len(self.in_flight) - self._refreshing
+        if wait_seconds is not None and decisions_in_flight > WORKERS:
             wait_seconds = 0.0
         waiting_started = monotonic()
         wait(list(self.in_flight.values()), timeout=wait_seconds)
