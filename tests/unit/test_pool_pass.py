@@ -644,15 +644,21 @@ def test_a_pass_waits_for_the_usage_refreshes_it_handed_out_however_many() -> No
     run.run_pass(snap, NOW)
     settled = replace(snap, observed={observed_key(a.manifest): a.manifest for a in writer.of(ApplyObject)})
     run.run_pass(settled, NOW + timedelta(seconds=1))
-    slow_to_start = threading.Event()
+    held = {"a0", "a1"}  # still running when the pass ends; the others have ended by then
+    released = threading.Event()
     refresh = run._refresh_usage
 
-    def held_refresh(*args: Any) -> Any:
-        assert slow_to_start.wait(timeout=30)
-        return refresh(*args)
+    def refresh_some_late(c: Any, *args: Any) -> Any:
+        if c.view.name in held:
+            assert released.wait(timeout=30)
+        return refresh(c, *args)
 
-    run._refresh_usage = held_refresh  # type: ignore[method-assign]
-    threading.Timer(0.2, slow_to_start.set).start()
-    result = run.run_pass(settled, NOW + timedelta(seconds=1) + METRICS_REFRESH, wait_seconds=30)
-    assert result.processed == WORKERS + 4  # all refreshes, more than the workers
+    run._refresh_usage = refresh_some_late  # type: ignore[method-assign]
+    with run.deciding_turn:
+        decided = run.decide(settled, NOW + timedelta(seconds=1) + METRICS_REFRESH)
+    assert decided.handed_out == WORKERS + 4  # all of them refreshes, more than the workers
+    held_uids = {view.uid for view in settled.allocations if view.name in held}
+    wait([future for uid, future in run.in_flight.items() if uid not in held_uids])
+    threading.Timer(0.2, released.set).start()
+    result = run.end_pass(decided, wait_seconds=30)
     assert result.in_flight == 0  # waited for: none left to wake the pool again

@@ -240,8 +240,9 @@ class PoolReconciler:
         Usage refreshes do not count: they are quick, and a pass that left them running would be woken again at
         once when they end, pass after pass, in a pool with nothing else to do."""
         snap, now = decided.snap, decided.now
+        pending = sum(1 for future in self.in_flight.values() if not future.done())
         with self._running_lock:
-            decisions_in_flight = len(self.in_flight) - self._refreshing
+            decisions_in_flight = pending - self._refreshing  # the refreshes ended are done, or about to be
         if wait_seconds is not None and decisions_in_flight > WORKERS:
             wait_seconds = 0.0
         waiting_started = monotonic()
