@@ -27,7 +27,7 @@ from gpuaas.domain.actions import (
 from gpuaas.domain.booking import QUIET_FLUSH_FACTOR
 from gpuaas.domain.ledger import GrantState
 from gpuaas.domain.planner import APPLY_SETTLE, METRICS_REFRESH
-from gpuaas.domain.snapshot import observed_key
+from gpuaas.domain.snapshot import PoolSnapshot, observed_key
 from gpuaas.k8s.ledger import LedgerWriter
 from gpuaas.k8s.pool_ledger import PoolLedgerWriter
 from gpuaas.k8s.reconciler import REFRESH_BACKLOG, WORKERS, PoolReconciler
@@ -587,16 +587,23 @@ def test_a_running_pods_time_is_written_ten_flushes_apart_and_a_pod_that_starts_
     assert news.ledger.used_gpu_seconds == 8 * (3600 + 12 * 60) + 2 * 55
 
 
-def test_usage_refreshes_queue_behind_new_work_and_at_most_a_backlog_of_them_at_once() -> None:
-    writer = RecordingWriter()
-    run = reconciler(writer)
+def settled_pool(run: PoolReconciler, writer: RecordingWriter, count: int) -> tuple[SnapshotBuilder, PoolSnapshot]:
+    """`count` 1-GPU allocations with a running pod each, decided, applied and shown by the watch at NOW + 1 s: from
+    then on only their usage refreshes come due."""
     builder = SnapshotBuilder(nodes=[gpu_node(f"node-{i}") for i in range(8)])  # room for every one
-    for index in range(REFRESH_BACKLOG + 8):
+    for index in range(count):
         builder.with_allocation(allocation(f"a{index}", 1), gpu_pod(f"p{index}", f"a{index}"))
     snap = builder.build()
     run.run_pass(snap, NOW)
     settled = replace(snap, observed={observed_key(a.manifest): a.manifest for a in writer.of(ApplyObject)})
     run.run_pass(settled, NOW + timedelta(seconds=1))
+    return builder, settled
+
+
+def test_usage_refreshes_queue_behind_new_work_and_at_most_a_backlog_of_them_at_once() -> None:
+    writer = RecordingWriter()
+    run = reconciler(writer)
+    builder, settled = settled_pool(run, writer, REFRESH_BACKLOG + 8)
     due = NOW + timedelta(seconds=1) + METRICS_REFRESH
     newcomer = allocation("new", 1)
     with_newcomer = replace(builder.with_allocation(newcomer).build(), observed=settled.observed)
@@ -637,13 +644,7 @@ def test_a_pass_waits_for_the_usage_refreshes_it_handed_out_however_many() -> No
     in a pool with nothing else to do. Only decisions make a backlog that a pass does not wait for."""
     writer = RecordingWriter()
     run = reconciler(writer)
-    builder = SnapshotBuilder(nodes=[gpu_node(f"node-{i}") for i in range(8)])
-    for index in range(WORKERS + 4):
-        builder.with_allocation(allocation(f"a{index}", 1), gpu_pod(f"p{index}", f"a{index}"))
-    snap = builder.build()
-    run.run_pass(snap, NOW)
-    settled = replace(snap, observed={observed_key(a.manifest): a.manifest for a in writer.of(ApplyObject)})
-    run.run_pass(settled, NOW + timedelta(seconds=1))
+    _, settled = settled_pool(run, writer, WORKERS + 4)
     held = {"a0", "a1"}  # still running when the pass ends; the others have ended by then
     released = threading.Event()
     refresh = run._refresh_usage
