@@ -9,7 +9,8 @@ import inspect
 import kopf
 from prometheus_client import REGISTRY
 
-from gpuaas.api.pool import GpuPoolStatus
+from gpuaas.api.common import GROUP, VERSION
+from gpuaas.api.pool import POOL_KIND, POOL_PLURAL, GpuPoolStatus
 from gpuaas.handlers import allocations, fence, indexes, operator_settings, pools, replica  # noqa: F401
 from gpuaas.k8s.reconciler import PassResult
 
@@ -56,3 +57,17 @@ def test_a_pass_is_split_into_its_parts_and_the_hand_offs_to_and_from_its_thread
         "ending": 0.25,
         "handoff": 1.5,
     }
+
+
+def test_only_kinds_with_change_or_daemon_handlers_are_diffed_on_every_event() -> None:
+    registry = kopf.get_default_registry()
+    handled = registry._changing.get_all_handlers() + registry._spawning.get_all_handlers()
+    # A handler added for another kind must add its kind to DIFFED_KINDS, or it would never see a change.
+    assert {str(handler.selector.any_name) for handler in handled} == {POOL_PLURAL}
+    assert {POOL_KIND} == operator_settings.DIFFED_KINDS
+    storage = operator_settings.DiffedKindsStorage(prefix="gpuaas.io", key="last-handled-configuration")
+    spec = {"gpuModel": "H200", "nodeSelector": {"pool": "a"}}
+    pool = kopf.Body({"apiVersion": f"{GROUP}/{VERSION}", "kind": POOL_KIND, "metadata": {"name": "a"}, "spec": spec})
+    assert storage.build(body=pool) == {"spec": spec}
+    pod = kopf.Body({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": []}})
+    assert storage.build(body=pod) == {}
