@@ -134,3 +134,18 @@ def test_a_token_asked_again_gets_the_operators_new_answer_not_the_old_one() -> 
         threading.Thread(target=operator, daemon=True).start()
         assert link.review("token") == MetricsAccess(200, "may")
         assert link.review("token") == MetricsAccess(403, "may no longer")
+
+
+def test_readiness_goes_every_second_and_the_exposition_only_every_few_unless_a_scrape_asks() -> None:
+    publisher = metrics.MetricsServer(0, None)  # never started: its frames are recorded here
+    sent: list[bytes] = []
+    publisher._send = lambda kind, payload: sent.append(kind)  # type: ignore[method-assign]
+    thread = threading.Thread(target=publisher._publish_forever, daemon=True)
+    thread.start()
+    wait_for(lambda: sent.count(b"R") >= 3, timeout=30)  # two seconds or more since the first
+    assert sent.count(b"M") == 1  # the first, unasked; the next is seconds away
+    publisher._wanted.set()  # a scrape asks
+    wait_for(lambda: sent.count(b"M") == 2, timeout=30)
+    publisher._stopping = True
+    thread.join(timeout=30)
+    assert sent[:2] == [b"R", b"M"]

@@ -2,7 +2,7 @@
 
 In the operator's process a scrape waits for the GIL and for the garbage collector, whose pauses under churn last up
 to most of a second (bench/results/usage-gc-thresholds.json), while this process holds little and does nothing else.
-The operator sends it the rendered exposition and its readiness every second and whenever a scrape asks, and a
+The operator sends it its readiness every second, and the rendered exposition every 5 s and whenever a scrape asks; a
 scrape waits at most FRESH_WAIT_SECONDS for that fresh copy before it is answered from the last one. Bearer tokens
 are reviewed by the operator (TokenReview and SubjectAccessReview, with its own credentials) and the answers cached
 here, so scrapes cost no API calls.
