@@ -51,3 +51,18 @@ def test_the_report_loads_neither_the_local_cluster_nor_the_spreadsheet_writer_u
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["[]", "True"]
+
+
+def test_rich_loads_at_the_first_message_not_with_the_command() -> None:
+    """A report written to stdout prints no message: its start-up does not pay for rich."""
+    code = (
+        "import sys\n"
+        "from gpuaas import cli\n"
+        "print('rich' in sys.modules)\n"
+        "cli.console.print('report 2026-11: [bold]1[/] bytes written to x.csv')\n"
+        "print('rich' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]
+    assert result.stderr.strip() == "report 2026-11: 1 bytes written to x.csv"  # markup rendered, on stderr

@@ -6,11 +6,10 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import typer
-from rich.console import Console
 
 from gpuaas.api.usage import DEFAULT_TIME_ZONE
 from gpuaas.domain.ledger import month_bounds, month_of, parse_month
@@ -22,10 +21,33 @@ from gpuaas.k8s.ledger_reader import LedgerSource, LedgerUnreadableError, read_l
 from gpuaas.options import OperatorOptions
 from gpuaas.reporting.formats import FORMATS, render
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 app = typer.Typer(help="gpuaas: GPU-as-a-Service control plane for Kubernetes.", no_args_is_help=True)
 cluster_app = typer.Typer(help="The local control plane: real Kubernetes binaries plus KWOK GPU nodes.")
 app.add_typer(cluster_app, name="cluster")
-console = Console(stderr=True, soft_wrap=True)  # paths and commands stay on one line
+
+
+class _Console:
+    """rich's console on stderr, loaded at the first message: a report written to stdout prints none, and loading
+    rich was about a tenth of its start-up."""
+
+    def __init__(self) -> None:
+        self._console: Console | None = None
+
+    def rich(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=True, soft_wrap=True)  # paths and commands stay on one line
+        return self._console
+
+    def print(self, text: str, *, markup: bool | None = None, highlight: bool | None = None) -> None:
+        self.rich().print(text, markup=markup, highlight=highlight)
+
+
+console = _Console()
 
 ClusterName = Annotated[str, typer.Option("--name", help="kwokctl cluster name.")]
 KubeconfigOption = Annotated[
@@ -137,7 +159,7 @@ def cluster_up(
     version = localcluster.wait_for_apiserver(kubeconfig)
     console.print(f"kube-apiserver {version} is up after {time.monotonic() - started:.1f}s")
     with Progress(
-        TextColumn("creating nodes"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        TextColumn("creating nodes"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console.rich()
     ) as progress:
         task = progress.add_task("nodes", total=chosen.node_count)
         created = localcluster.create_nodes(kubeconfig, chosen, lambda n: progress.advance(task, n))
