@@ -30,8 +30,8 @@ app.add_typer(cluster_app, name="cluster")
 
 
 class _Console:
-    """rich's console on stderr, loaded at the first message: a report written to stdout prints none, and loading
-    rich was about a tenth of its start-up."""
+    """rich's console on stderr for `gpuaas cluster`, loaded at its first message: `gpuaas report` prints plain lines
+    and never loads rich, which was about a tenth of its start-up."""
 
     def __init__(self) -> None:
         self._console: Console | None = None
@@ -381,7 +381,7 @@ def report(
     try:
         ledgers = read_ledgers(sources, chosen)
     except LedgerUnreadableError as error:
-        console.print(f"error: cannot read the ledger of {error}; no report was written", markup=False, highlight=False)
+        typer.echo(f"error: cannot read the ledger of {error}; no report was written", err=True)
         raise typer.Exit(1) from None
     if len(sources) == 1:
         built = build_report(ledgers[sources[0].name], chosen)
@@ -391,13 +391,13 @@ def report(
         try:
             built = add_busy(built, prometheus, busy_step, now())
         except BusyUnreadableError as error:
-            console.print(f"error: cannot read busy GPU-hours: {error}; no report was written", markup=False)
+            typer.echo(f"error: cannot read busy GPU-hours: {error}; no report was written", err=True)
             raise typer.Exit(1) from None
     unbalanced = built.unbalanced_pools()
     if unbalanced:
         for line in unbalanced:
-            console.print(f"error: {line}", markup=False, highlight=False)
-        console.print("error: a pool's month record does not add up; no report was written", markup=False)
+            typer.echo(f"error: {line}", err=True)
+        typer.echo("error: a pool's month record does not add up; no report was written", err=True)
         raise typer.Exit(1)
     data = render(built, format_name)
     if out is None:
@@ -407,7 +407,7 @@ def report(
     path = report_path(out, chosen, format_name)
     path.write_bytes(data)
     covered = f" ({len(sources)} clusters: {', '.join(built.clusters)})" if built.clusters else ""
-    console.print(f"report {chosen}{covered}: {len(data):,} bytes written to {path}")
+    typer.echo(f"report {chosen}{covered}: {len(data):,} bytes written to {path}", err=True)
 
 
 def main() -> None:
