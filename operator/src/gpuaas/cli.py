@@ -43,8 +43,8 @@ class _Console:
             self._console = Console(stderr=True, soft_wrap=True)  # paths and commands stay on one line
         return self._console
 
-    def print(self, text: str, *, markup: bool | None = None, highlight: bool | None = None) -> None:
-        self.rich().print(text, markup=markup, highlight=highlight)
+    def print(self, text: str) -> None:
+        self.rich().print(text)
 
 
 console = _Console()
