@@ -9,6 +9,11 @@ import sys
 import pytest
 
 
+def in_fresh_process(code: str) -> subprocess.CompletedProcess[str]:
+    """Runs `code` in a new interpreter, so that what it imports is its own."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+
+
 @pytest.mark.parametrize(
     "command", [["report", "--help"], ["cluster", "status", "--help"], ["cluster", "up", "--help"]]
 )
@@ -21,7 +26,7 @@ def test_commands_other_than_run_do_not_load_kopf(command: list[str]) -> None:
         "assert result.exit_code == 0, result.output\n"
         "print(sorted(m for m in sys.modules if m == 'kopf' or m.startswith(('kopf.', 'gpuaas.handlers'))))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    result = in_fresh_process(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", f"{' '.join(command)} loaded {result.stdout.strip()}"
 
@@ -29,7 +34,7 @@ def test_commands_other_than_run_do_not_load_kopf(command: list[str]) -> None:
 def test_run_loads_the_handlers() -> None:
     """The check above can fail: `gpuaas run` does load kopf (imported lazily in the command)."""
     code = "import sys\nimport gpuaas.handlers.runner\nprint('kopf' in sys.modules)\n"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    result = in_fresh_process(code)
     assert result.stdout.strip() == "True", result.stderr
 
 
@@ -48,7 +53,7 @@ def test_the_report_loads_neither_the_local_cluster_nor_the_spreadsheet_writer_u
         "render(Report(month='2026-11', time_zone='UTC', rows=(), totals=()), 'xlsx')\n"
         "print('openpyxl' in sys.modules)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    result = in_fresh_process(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["[]", "True"]
 
@@ -65,7 +70,7 @@ def test_a_report_prints_its_messages_without_loading_rich() -> None:
         "cli.console.print('cluster [bold]x[/] exists; reusing it')\n"
         "print('rich' in sys.modules)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    result = in_fresh_process(code)
     assert result.returncode == 0, result.stderr
     report, message, loaded_after = result.stdout.splitlines()
     assert report == "1 False"  # refused, with its message, and rich not loaded
