@@ -287,3 +287,30 @@ def test_the_pool_record_is_written_off_the_pass_and_what_is_booked_meanwhile_is
     assert written.ledger.booked_until == NOW + timedelta(seconds=120)
     assert written.ledger.granted_gpu_seconds == 16 * 120
     ledger.stop()
+
+
+def test_a_hardware_change_seen_while_a_write_runs_or_within_the_second_is_written_by_the_first_pass_after() -> None:
+    """Not at the flush, a minute on: a restart books the seconds since the last write with what it finds."""
+    writer = _GatedWriter()
+    ledger = PoolLedgerWriter(POOL, "UTC", timedelta(seconds=60), writer, read_record=lambda name: None)
+    spec = GpuPoolSpec.model_validate(pool_spec())
+    healthy = PoolBreakdown(program_gpus=32, healthy_gpus=32, granted_gpus=16)
+    node_down = PoolBreakdown(program_gpus=32, healthy_gpus=24, granted_gpus=16)
+    ledger.book(spec, healthy, NOW)
+    first = ledger.book(spec, healthy, NOW + timedelta(seconds=60))
+    assert first is not None
+    assert ledger.book(spec, node_down, NOW + timedelta(seconds=61)) is None  # the first write still runs
+    writer.release.set()
+    first.result()
+    after_the_write = ledger.book(spec, node_down, NOW + timedelta(seconds=62))
+    assert after_the_write is not None
+    after_the_write.result()
+    assert writer.of(WritePoolLedger)[-1].ledger.booked_until == NOW + timedelta(seconds=62)
+    assert ledger.book(spec, healthy, NOW + timedelta(seconds=62.5)) is None  # back within the second
+    after_the_second = ledger.book(spec, healthy, NOW + timedelta(seconds=63.5))
+    assert after_the_second is not None
+    after_the_second.result()
+    written = writer.of(WritePoolLedger)[-1].ledger
+    assert written.booked_until == NOW + timedelta(seconds=63)
+    assert (written.program_gpu_seconds, written.down_gpu_seconds) == (32 * 63, 8 * 1)  # its half second floors away
+    ledger.stop()

@@ -57,6 +57,7 @@ class PoolLedgerWriter:
     since: datetime | None = None
     held: PoolBreakdown | None = None
     last_write: datetime | None = None
+    hardware_unwritten: bool = False  # a change of the hardware booked, and no write handed out since
     # Guards the fields above between the pass that books and the thread that writes.
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _writing: Future[None] | None = None
@@ -100,14 +101,16 @@ class PoolLedgerWriter:
             self.since, self.held = now, breakdown
             # A change of the hardware (a node down or back, GPUs credited) is written at once, so the record's
             # bookedUntil marks it, but at most once a second: a pool of 510 nodes coming up changes it at every
-            # pass. Grants come and go far more often and wait for the flush interval.
+            # pass. One seen while a write runs, or within the second, is written by the first pass that may: not
+            # at the flush, up to a minute on, which a restart would book with the breakdown it finds. Grants come
+            # and go far more often and wait for the flush interval.
+            self.hardware_unwritten = self.hardware_unwritten or _health(breakdown) != _health(held)
             last = self.last_write
             due = last is None or now - last >= self.flush_interval
-            hardware_changed = _health(breakdown) != _health(held) and (
-                last is None or now - last >= HEALTH_WRITE_INTERVAL
-            )
-            if not self.unwritten or not (due or hardware_changed) or self._writing is not None:
+            hardware_due = self.hardware_unwritten and (last is None or now - last >= HEALTH_WRITE_INTERVAL)
+            if not self.unwritten or not (due or hardware_due) or self._writing is not None:
                 return None
+            self.hardware_unwritten = False
             # What to write is taken now: a pass that books meanwhile changes the records, not this write.
             writes = [(month, self.records[month], month in self.stored) for month in sorted(self.unwritten)]
             self._writing = self._thread.submit(self._write, writes, now)
