@@ -245,39 +245,48 @@ def test_pool_writes_the_api_server_refuses_are_counted_and_written_later_and_th
             found = records.get_cluster_custom_object(GROUP, VERSION, POOL_USAGE_PLURAL, f"{B200.name}-{month}")
         except ApiException as error:
             if error.status == 404:
-                return PoolLedger()  # not written yet: the first flush comes within a minute of the start
+                return PoolLedger()  # not written yet
             raise
         return GpuPoolUsage.from_object(found).ledger
 
     def record_refusals() -> int:
         return operator.log_path.read_text().count(f"pool {B200.name}: month record write failed")
 
-    wait_for(lambda: record().booked_until is not None, timeout=90, message="the pool's record")
-    errors = f'gpuaas_reconcile_errors_total{{pool="{B200.name}"}}'
-    counted, refusals = operator.series(errors), record_refusals()
-    name = unique("refuse")
     core = client.CoreV1Api(cluster.api)
     node = node_name(B200, 1)
-    refuse_pool_writes(cluster, name)
-    try:
-        before = record()  # nothing is written from here until the policy goes
-        started = before.booked_until
-        assert started is not None
-        time.sleep(3)  # healthy for a while before the node goes
-        cordoned_at = datetime.now(UTC)
-        core.patch_node(node, {"spec": {"unschedulable": True}})  # a new status and a record write due at once
-        wait_for(lambda: record_refusals() > refusals, message="the record's write refused")
-        wait_for(lambda: operator.series(errors) >= counted + 2, message="refused writes counted")
-        assert pool_status(cluster, B200.name)["capacityGPUs"] == B200.gpus  # nothing written meanwhile
-        assert record() == before
-    finally:
-        cluster.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", name)
+    # Earlier tests' nodes (a NotReady one leaves capacity but stays a member, its GPUs in the nominal program)
+    # must be out of the pool, and the record written since, or their last second is booked in this test's stretch.
+    wait_for(lambda: pool_status(cluster, B200.name).get("nodes") == B200.nodes, message="the pool's own nodes only")
+    settled = datetime.now(UTC)
+    time.sleep(1)  # the cordon's pass books from a whole second past `settled`
+    cordoned_at = datetime.now(UTC)
+    core.patch_node(node, {"spec": {"unschedulable": True}})  # a change of the hardware: the record is written at once
     try:
         wait_for_capacity(cluster, B200.name, B200.gpus - 8)
-        after = wait_for(
-            lambda: (r := record()) != before and r,
-            message="the record written again",
+        wait_for(
+            lambda: (written := record().booked_until) is not None and written > settled,
+            timeout=90,
+            message="the pool's record written since its own nodes only",
         )
+        errors = f'gpuaas_reconcile_errors_total{{pool="{B200.name}"}}'
+        counted, refusals = operator.series(errors), record_refusals()
+        name = unique("refuse")
+        refuse_pool_writes(cluster, name)
+        try:
+            before = record()  # nothing is written from here until the policy goes
+            started = before.booked_until
+            assert started is not None
+            time.sleep(3)  # down for a while before the node comes back
+            uncordoned_at = datetime.now(UTC)
+            core.patch_node(node, {"spec": {"unschedulable": False}})  # a new status and a record write due at once
+            wait_for(lambda: record_refusals() > refusals, message="the record's write refused")
+            wait_for(lambda: operator.series(errors) >= counted + 2, message="refused writes counted")
+            assert pool_status(cluster, B200.name)["capacityGPUs"] == B200.gpus - 8  # nothing written meanwhile
+            assert record() == before
+        finally:
+            cluster.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", name)
+        wait_for_capacity(cluster, B200.name, B200.gpus)
+        after = wait_for(lambda: (r := record()) != before and r, message="the record written again")
     finally:
         core.patch_node(node, {"spec": {"unschedulable": False}})
     ended = after.booked_until
@@ -287,9 +296,9 @@ def test_pool_writes_the_api_server_refuses_are_counted_and_written_later_and_th
     # pool's nominal GPUs stay its program while a node is cordoned).
     assert after.program_gpu_seconds - before.program_gpu_seconds == B200.gpus * booked
     assert after.identity_gap == 0
-    # The cordoned node's GPUs are down from the pass that saw the cordon (within about a second of it), not from
-    # the last write before the refusals, 3 s earlier or more.
-    cordoned = (ended - cordoned_at).total_seconds()
+    # The node's GPUs are down until the pass that saw it back (within about a second of it): not none of the
+    # stretch (booked with the breakdown at its end), nor all of it.
+    down_for = (uncordoned_at - max(started, cordoned_at)).total_seconds()
     down = after.down_gpu_seconds - before.down_gpu_seconds
-    assert 8 * (cordoned - 3) <= down <= 8 * (cordoned + 1)
+    assert 8 * (down_for - 2) <= down <= 8 * (down_for + 1)
     wait_for_capacity(cluster, B200.name, B200.gpus)
