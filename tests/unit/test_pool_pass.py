@@ -30,7 +30,7 @@ from gpuaas.domain.planner import APPLY_SETTLE, METRICS_REFRESH
 from gpuaas.domain.snapshot import PoolSnapshot, observed_key
 from gpuaas.k8s.ledger import LedgerWriter
 from gpuaas.k8s.pool_ledger import PoolLedgerWriter
-from gpuaas.k8s.reconciler import REFRESH_BACKLOG, WORKERS, PoolReconciler
+from gpuaas.k8s.reconciler import WORKERS, PoolReconciler
 from tests.builders import (
     NOW,
     POOL,
@@ -600,21 +600,22 @@ def settled_pool(run: PoolReconciler, writer: RecordingWriter, count: int) -> tu
     return builder, settled
 
 
-def test_usage_refreshes_queue_behind_new_work_and_at_most_a_backlog_of_them_at_once() -> None:
+def test_usage_refreshes_go_out_as_one_batch_behind_new_work_and_the_rest_with_a_later_pass() -> None:
     writer = RecordingWriter()
     run = reconciler(writer)
-    builder, settled = settled_pool(run, writer, REFRESH_BACKLOG + 8)
+    run.refresh_batch = 8
+    builder, settled = settled_pool(run, writer, 12)
     due = NOW + timedelta(seconds=1) + METRICS_REFRESH
     newcomer = allocation("new", 1)
     with_newcomer = replace(builder.with_allocation(newcomer).build(), observed=settled.observed)
     writer.actions.clear()
     result = run.run_pass(with_newcomer, due)
-    assert result.processed == REFRESH_BACKLOG + 1  # the new allocation, and a backlog of refreshes
+    assert result.processed == 1 + 8  # the new allocation, and one batch of refreshes
     assert [p.name for p in status_patches(writer, ALLOCATION_PLURAL)] == ["new"]  # decided
-    assert len(result.samples) == REFRESH_BACKLOG + 9  # those not refreshed keep their last sample
+    assert len(result.samples) == 13  # those not refreshed keep their last sample
     shown = {**settled.observed, **{observed_key(a.manifest): a.manifest for a in writer.of(ApplyObject)}}
     rest = run.run_pass(replace(with_newcomer, observed=shown), due + timedelta(seconds=1))
-    assert rest.processed == 1 + 8  # the newcomer, which sees its objects now, and the remaining refreshes
+    assert rest.processed == 1 + 4  # the newcomer, which sees its objects now, and the remaining refreshes
 
 
 def test_an_unchanged_allocations_usage_counters_move_every_refresh_and_nothing_is_written() -> None:
@@ -639,13 +640,15 @@ def test_an_unchanged_allocations_usage_counters_move_every_refresh_and_nothing_
     )
 
 
-def test_a_pass_waits_for_the_usage_refreshes_it_handed_out_however_many() -> None:
-    """Refreshes are quick: a pass that left them running would be woken again as soon as they end, pass after pass,
-    in a pool with nothing else to do. Only decisions make a backlog that a pass does not wait for."""
+def test_a_batch_of_refreshes_is_not_waited_for_nor_wakes_the_pool_and_the_next_pass_takes_in_its_counters() -> None:
+    """Refreshes only move counters. A pass that waited for them, or was woken when they ended, would come again as
+    soon as they had (about three full passes a second in a steady pool of 1,500 allocations)."""
     writer = RecordingWriter()
     run = reconciler(writer)
     _, settled = settled_pool(run, writer, WORKERS + 4)
-    held = {"a0", "a1"}  # still running when the pass ends; the others have ended by then
+    woken: list[str] = []
+    run.on_work_done = lambda: woken.append("woken")
+    held = {"a0", "a1"}  # the batch refreshes these last, once released
     released = threading.Event()
     refresh = run._refresh_usage
 
@@ -655,11 +658,43 @@ def test_a_pass_waits_for_the_usage_refreshes_it_handed_out_however_many() -> No
         return refresh(c, *args)
 
     run._refresh_usage = refresh_some_late  # type: ignore[method-assign]
-    with run.deciding_turn:
-        decided = run.decide(settled, NOW + timedelta(seconds=1) + METRICS_REFRESH)
-    assert decided.handed_out == WORKERS + 4  # all of them refreshes, more than the workers
-    held_uids = {view.uid for view in settled.allocations if view.name in held}
-    wait([future for uid, future in run.in_flight.items() if uid not in held_uids])
+    run.refresh_batch = WORKERS
+    due = NOW + timedelta(seconds=1) + METRICS_REFRESH
+    result = run.run_pass(settled, due, wait_seconds=30)
+    assert result.processed == WORKERS  # one batch of refreshes, a0 and a1 among them
+    assert result.waiting_seconds < 30  # not waited for
+    assert result.in_flight == 0  # not writes in flight: the pool sleeps until something happens
+    assert {view.name for view in settled.allocations if view.uid in run.in_flight} >= held  # no decision meanwhile
+    again = run.run_pass(settled, due + timedelta(seconds=1), wait_seconds=30)
+    assert again.processed == 0  # the other 4 due wait: one batch at a time
+    released.set()
+    run._refreshes.result(timeout=30)  # type: ignore[union-attr]
+    assert woken == []
+    later = run.run_pass(settled, due + timedelta(seconds=2))  # unbounded: waits for its refreshes too
+    assert later.processed == 4
+    assert run.in_flight == {}
+    used = sorted(sample.used_gpu_seconds for sample in later.samples)
+    assert used == [8 * (3600 + 16)] * WORKERS + [8 * (3600 + 18)] * 4  # the batch's counters taken in, and the rest
+
+
+def test_stopping_leaves_the_rest_of_a_batch_of_refreshes() -> None:
+    """Another replica may lead once `stop` returns: it does not wait for hundreds of counters to move."""
+    writer = RecordingWriter()
+    run = reconciler(writer)
+    _, settled = settled_pool(run, writer, 4)
+    started, released = threading.Event(), threading.Event()
+    refresh = run._refresh_usage
+
+    def refresh_held(c: Any, *args: Any) -> Any:
+        started.set()
+        assert released.wait(timeout=30)
+        return refresh(c, *args)
+
+    run._refresh_usage = refresh_held  # type: ignore[method-assign]
+    run.run_pass(settled, NOW + timedelta(seconds=1) + METRICS_REFRESH, wait_seconds=0)
+    assert started.wait(timeout=30)
     threading.Timer(0.2, released.set).start()
-    result = run.end_pass(decided, wait_seconds=30)
-    assert result.in_flight == 0  # waited for: none left to wake the pool again
+    run.stop()
+    ended = [future for future in run.in_flight.values() if not future.cancelled()]
+    assert len(ended) == 1  # the refresh running when it stopped; the other three never ran
+    assert ended[0].result().used_gpu_seconds == 8 * (3600 + 16)

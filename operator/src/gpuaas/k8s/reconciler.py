@@ -59,11 +59,13 @@ FANOUT_WORKERS = 2
 # own writes (intake), the pool's status thread and its month-record thread all at once, and no pool waits for
 # another's.
 POOL_CONNECTIONS = WORKERS + FANOUT_WORKERS + 3
-# The most usage refreshes (`planner.METRICS_REFRESH`) a pool's workers have queued or running. Every allocation's
-# counters are due every 15 s: at 10,000 allocations, more refreshes than the interpreter could do, handed out with
-# no bound, queued before the writes of allocations still waiting for their first decision (800-1,900 in flight
-# per pool). Past the bound a refresh waits for a later pass, and the counters are older.
-REFRESH_BACKLOG = 4 * WORKERS
+# The most usage refreshes (`planner.METRICS_REFRESH`) one pass hands out. They go to one worker as one batch, at
+# most one batch a pool at a time, queued behind the pass's decisions: handed out one by one, every allocation's
+# counters due every 15 s came to 800-1,900 queued refreshes per pool at 10,000 allocations, before the writes of
+# allocations still waiting for their first decision; handed out 32 at a time, each 32 that ended woke another full
+# pass (about 3 passes a second per pool of 1,500 allocations, most of a steady operator's CPU). Past the bound a
+# refresh waits for a later pass, and the counters are older.
+REFRESH_BATCH = 512
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,11 @@ class DecidedPass:
     deciding_seconds: float
 
 
+class _RefreshFuture(Future[AllocationSample | None]):
+    """An allocation's usage refresh in a batch (`REFRESH_BATCH`): in flight like its writes (no decision of it starts
+    meanwhile), but not a write a pass waits for, wakes for, or reports in flight."""
+
+
 @dataclass
 class PoolReconciler:
     pool: str
@@ -163,8 +170,10 @@ class PoolReconciler:
     on_work_done: Callable[[], None] = lambda: None
     on_stop: Callable[[], None] = lambda: None  # after the last write ended (closes the pool's own client)
     low_water: int = WORKERS
+    refresh_batch: int = REFRESH_BATCH
+    _refreshes: Future[None] | None = None  # the pool's batch of usage refreshes, while it is queued or running
+    _stopping: threading.Event = field(default_factory=threading.Event)
     _running: int = 0
-    _refreshing: int = 0  # usage refreshes handed out and not ended (at most REFRESH_BACKLOG)
     _running_lock: threading.Lock = field(default_factory=threading.Lock)
     _shown_after: list[tuple[str, float]] = field(default_factory=list)  # PassResult.shown_after, from the workers
     _shown_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -234,19 +243,17 @@ class PoolReconciler:
         )
 
     def end_pass(self, decided: DecidedPass, wait_seconds: float | None = None) -> PassResult:
-        """Wait for the writes handed out at most `wait_seconds` (None: until all are done), then report the pool.
-        Under a backlog (more decisions in flight than workers) a bounded pass waits for nothing: the writes queued
-        behind the running ones would not end within the bound, and the workers wake the pool when they run low.
-        Usage refreshes do not count: they are quick, and a pass that left them running would be woken again at
-        once when they end, pass after pass, in a pool with nothing else to do."""
+        """Wait for the writes handed out at most `wait_seconds` (None: until all are done, usage refreshes too),
+        then report the pool. Under a backlog (more decisions in flight than workers) a bounded pass waits for
+        nothing: the writes queued behind the running ones would not end within the bound, and the workers wake the
+        pool when they run low. A bounded pass never waits for usage refreshes: the next pass takes in their
+        counters."""
         snap, now = decided.snap, decided.now
-        pending = sum(1 for future in self.in_flight.values() if not future.done())
-        with self._running_lock:
-            decisions_in_flight = pending - self._refreshing  # the refreshes ended are done, or about to be
-        if wait_seconds is not None and decisions_in_flight > WORKERS:
+        decisions = [future for future in self.in_flight.values() if not isinstance(future, _RefreshFuture)]
+        if wait_seconds is not None and sum(1 for future in decisions if not future.done()) > WORKERS:
             wait_seconds = 0.0
         waiting_started = monotonic()
-        wait(list(self.in_flight.values()), timeout=wait_seconds)
+        wait(list(self.in_flight.values()) if wait_seconds is None else decisions, timeout=wait_seconds)
         waiting_seconds = monotonic() - waiting_started
         failed = decided.failed + self._collect_finished()
         samples = [self.last_samples[c.view.uid] for c in decided.candidates if c.view.uid in self.last_samples]
@@ -287,7 +294,7 @@ class PoolReconciler:
             samples=samples,
             processed=decided.handed_out,
             terminating_namespaces=terminating,
-            in_flight=len(self.in_flight),
+            in_flight=sum(1 for future in self.in_flight.values() if not isinstance(future, _RefreshFuture)),
             failed=failed,
             deciding_seconds=decided.deciding_seconds,
             waiting_seconds=waiting_seconds,
@@ -323,8 +330,8 @@ class PoolReconciler:
         now: datetime,
         clock_started: float,
     ) -> list[str]:
-        """Hand a worker each allocation whose inputs changed or whose time came, then as many due usage refreshes
-        as leave the workers' queue short; the uids handed work."""
+        """Hand a worker each allocation whose inputs changed or whose time came, then, unless the last batch is
+        still queued or running, a batch of due usage refreshes; the uids handed work."""
         handed_out: list[str] = []
         refreshes: list[tuple[Candidate, _Cached]] = []
         for c in candidates:
@@ -346,19 +353,16 @@ class PoolReconciler:
             args = (c, decision, down_gpus, fingerprint, snap, members, pool_spec, now, clock_started)
             self._hand_out(uid, self._process, *args)
             handed_out.append(uid)
-        # Refreshes only move counters: they queue behind no decision's writes, and at most REFRESH_BACKLOG of them
-        # wait at once, the longest due first; the rest keep their last sample until a later pass.
-        refreshes.sort(key=lambda due: due[1].refresh_at)
-        with self._running_lock:
-            room = max(0, REFRESH_BACKLOG - self._refreshing)
-            self._refreshing += min(room, len(refreshes))
-        for c, cached in refreshes[:room]:
-            self._hand_out(c.view.uid, self._refresh_counted, c, cached, snap, pool_spec, now)
-            handed_out.append(c.view.uid)
+        if refreshes and (self._refreshes is None or self._refreshes.done()):
+            refreshes.sort(key=lambda due: due[1].refresh_at)  # the longest due first
+            batch = refreshes[: self.refresh_batch]
+            self._hand_out_refreshes(batch, snap, pool_spec, now)
+            handed_out.extend(c.view.uid for c, _ in batch)
         return handed_out
 
     def stop(self) -> None:
         """Drop the writes not started and wait for those running: after this, another replica may lead."""
+        self._stopping.set()
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.fanout.shutdown(wait=True)
         self.pool_status.stop()
@@ -387,6 +391,8 @@ class PoolReconciler:
             if not future.done():
                 continue
             del self.in_flight[uid]
+            if future.cancelled():  # dropped by `stop`
+                continue
             error = future.exception()
             if error is not None:
                 failed += 1
@@ -509,14 +515,32 @@ class PoolReconciler:
             self.cache[view.uid] = _Cached(fingerprint, due, sample, now + planner.METRICS_REFRESH)
         return sample
 
-    def _refresh_counted(
-        self, c: Candidate, cached: _Cached, snap: PoolSnapshot, pool_spec: GpuPoolSpec, now: datetime
-    ) -> AllocationSample:
-        try:
-            return self._refresh_usage(c, cached, snap, pool_spec, now)
-        finally:
-            with self._running_lock:
-                self._refreshing -= 1
+    def _hand_out_refreshes(
+        self, batch: list[tuple[Candidate, _Cached]], snap: PoolSnapshot, pool_spec: GpuPoolSpec, now: datetime
+    ) -> None:
+        """One worker refreshes the batch in order; each allocation's future ends with its own refresh."""
+        refreshes = [(c, cached, _RefreshFuture()) for c, cached in batch]
+        for c, _, future in refreshes:
+            self.in_flight[c.view.uid] = future
+
+        def refresh_all() -> None:
+            for c, cached, future in refreshes:
+                if self._stopping.is_set():  # another replica may lead soon: leave the rest
+                    future.cancel()
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    future.set_result(self._refresh_usage(c, cached, snap, pool_spec, now))
+                except Exception as error:  # that allocation's failure, logged and counted when collected
+                    future.set_exception(error)
+
+        def cancel_if_dropped(whole: Future[None]) -> None:
+            if whole.cancelled():  # dropped by `stop` before it ran
+                for _, _, future in refreshes:
+                    future.cancel()
+
+        self._refreshes = self.executor.submit(refresh_all)
+        self._refreshes.add_done_callback(cancel_if_dropped)
 
     def _refresh_usage(
         self, c: Candidate, cached: _Cached, snap: PoolSnapshot, pool_spec: GpuPoolSpec, now: datetime
