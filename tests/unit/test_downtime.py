@@ -32,6 +32,15 @@ def breakdown(nodes: list, grants: list[GrantInForce], holders: dict[str, str] |
     return pool_breakdown(SPEC, nodes, healthy, grants, holders or {})
 
 
+HEALTHY = PoolBreakdown(program_gpus=32, healthy_gpus=32, granted_gpus=16)
+NODE_DOWN = PoolBreakdown(program_gpus=32, healthy_gpus=24, granted_gpus=16)
+
+
+def new_pool_ledger(writer: RecordingWriter) -> PoolLedgerWriter:
+    """The month records of a pool that has none yet, flushed every minute."""
+    return PoolLedgerWriter(POOL, "UTC", timedelta(seconds=60), writer, read_record=lambda name: None)
+
+
 def test_a_healthy_pool_credits_nothing() -> None:
     nodes = [gpu_node(f"n{i}") for i in range(4)]
     split = breakdown(nodes, [GrantInForce("a", 16), GrantInForce("b", 8)])
@@ -166,20 +175,18 @@ def test_busy_range_queries_cover_the_month_once_within_prometheus_point_limit()
 
 def test_the_pool_record_is_written_when_the_hardware_changes_at_most_once_a_second() -> None:
     writer = RecordingWriter()
-    ledger = PoolLedgerWriter(POOL, "UTC", timedelta(seconds=60), writer, read_record=lambda name: None)
-    spec = GpuPoolSpec.model_validate(pool_spec())
-    healthy = PoolBreakdown(program_gpus=32, healthy_gpus=32, granted_gpus=16)
-    assert ledger.book(spec, healthy, NOW) is None
-    assert ledger.book(spec, replace(healthy, granted_gpus=24), NOW + timedelta(seconds=5)) is None  # a grant: waits
+    ledger = new_pool_ledger(writer)
+    assert ledger.book(SPEC, HEALTHY, NOW) is None
+    assert ledger.book(SPEC, replace(HEALTHY, granted_gpus=24), NOW + timedelta(seconds=5)) is None  # a grant: waits
     node_down = PoolBreakdown(program_gpus=32, healthy_gpus=24, granted_gpus=24)
-    handed = ledger.book(spec, node_down, NOW + timedelta(seconds=7))  # the hardware: written at once, up to it
+    handed = ledger.book(SPEC, node_down, NOW + timedelta(seconds=7))  # the hardware: written at once, up to it
     assert handed is not None
     handed.result()
     (created,) = writer.of(CreatePoolUsage)
     assert created.record.ledger.booked_until == NOW + timedelta(seconds=7)
     assert created.record.ledger.granted_gpu_seconds == 16 * 5 + 24 * 2
-    assert ledger.book(spec, healthy, NOW + timedelta(seconds=7.5)) is None  # back within the second: waits
-    handed = ledger.book(spec, node_down, NOW + timedelta(seconds=9))
+    assert ledger.book(SPEC, HEALTHY, NOW + timedelta(seconds=7.5)) is None  # back within the second: waits
+    handed = ledger.book(SPEC, node_down, NOW + timedelta(seconds=9))
     assert handed is not None
     handed.result()
     (written,) = writer.of(WritePoolLedger)
@@ -195,21 +202,18 @@ def test_a_refused_pool_record_write_keeps_what_memory_booked_and_the_next_pass_
     """Memory holds the only account of the split since the last write: a refusal (an admission policy, the record
     deleted) must not drop it for a re-read that would book the whole gap with the breakdown of its end."""
     writer = RecordingWriter()
-    ledger = PoolLedgerWriter(POOL, "UTC", timedelta(seconds=60), writer, read_record=lambda name: None)
-    spec = GpuPoolSpec.model_validate(pool_spec())
-    healthy = PoolBreakdown(program_gpus=32, healthy_gpus=32, granted_gpus=16)
-    node_down = PoolBreakdown(program_gpus=32, healthy_gpus=24, granted_gpus=16)
-    ledger.book(spec, healthy, NOW)
-    created = ledger.book(spec, healthy, NOW + timedelta(seconds=60))
+    ledger = new_pool_ledger(writer)
+    ledger.book(SPEC, HEALTHY, NOW)
+    created = ledger.book(SPEC, HEALTHY, NOW + timedelta(seconds=60))
     assert created is not None
     created.result()
     writer.fail = {WritePoolLedger: refusal}
-    refused = ledger.book(spec, node_down, NOW + timedelta(seconds=100))  # down from 100 s
+    refused = ledger.book(SPEC, NODE_DOWN, NOW + timedelta(seconds=100))  # down from 100 s
     assert refused is not None
     refused.result()
     assert ledger.failures_since_last_asked() == 1
     writer.fail = {}
-    again = ledger.book(spec, node_down, NOW + timedelta(seconds=110))  # at once: the flush is overdue
+    again = ledger.book(SPEC, NODE_DOWN, NOW + timedelta(seconds=110))  # at once: the flush is overdue
     assert again is not None
     again.result()
     (rewritten,) = writer.of(WritePoolLedger if refusal != 404 else CreatePoolUsage)[-1:]
@@ -226,10 +230,8 @@ def test_a_pool_record_another_replica_made_meanwhile_is_read_and_booked_on_from
     ledger = PoolLedgerWriter(
         POOL, "UTC", timedelta(seconds=60), writer, read_record=lambda name: theirs[0] if theirs else None
     )
-    spec = GpuPoolSpec.model_validate(pool_spec())
-    healthy = PoolBreakdown(program_gpus=32, healthy_gpus=32, granted_gpus=16)
-    ledger.book(spec, healthy, NOW)
-    refused = ledger.book(spec, healthy, NOW + timedelta(seconds=60))
+    ledger.book(SPEC, HEALTHY, NOW)
+    refused = ledger.book(SPEC, HEALTHY, NOW + timedelta(seconds=60))
     assert refused is not None
     refused.result()
     assert ledger.failures_since_last_asked() == 0  # not a failure: the record is there, and it is read
@@ -244,8 +246,8 @@ def test_a_pool_record_another_replica_made_meanwhile_is_read_and_booked_on_from
         )
     )
     writer.fail = {}
-    ledger.book(spec, healthy, NOW + timedelta(seconds=70))  # read, and booked on from its 50 s
-    handed = ledger.book(spec, healthy, NOW + timedelta(seconds=130))
+    ledger.book(SPEC, HEALTHY, NOW + timedelta(seconds=70))  # read, and booked on from its 50 s
+    handed = ledger.book(SPEC, HEALTHY, NOW + timedelta(seconds=130))
     assert handed is not None
     handed.result()
     (written,) = writer.of(WritePoolLedger)
@@ -267,20 +269,18 @@ class _GatedWriter(RecordingWriter):
 
 def test_the_pool_record_is_written_off_the_pass_and_what_is_booked_meanwhile_is_written_by_the_next_flush() -> None:
     writer = _GatedWriter()
-    ledger = PoolLedgerWriter(POOL, "UTC", timedelta(seconds=60), writer, read_record=lambda name: None)
-    spec = GpuPoolSpec.model_validate(pool_spec())
-    healthy = PoolBreakdown(program_gpus=32, healthy_gpus=32, granted_gpus=16)
-    ledger.book(spec, healthy, NOW)
-    first = ledger.book(spec, healthy, NOW + timedelta(seconds=60))
+    ledger = new_pool_ledger(writer)
+    ledger.book(SPEC, HEALTHY, NOW)
+    first = ledger.book(SPEC, HEALTHY, NOW + timedelta(seconds=60))
     assert first is not None
     assert not first.done()  # the write is held; booking went on without it
     # Booked while the first write runs: no second write at once, and nothing of it is lost.
-    assert ledger.book(spec, healthy, NOW + timedelta(seconds=90)) is None
+    assert ledger.book(SPEC, HEALTHY, NOW + timedelta(seconds=90)) is None
     writer.release.set()
     first.result()
     (created,) = writer.of(CreatePoolUsage)
     assert created.record.ledger.booked_until == NOW + timedelta(seconds=60)
-    second = ledger.book(spec, healthy, NOW + timedelta(seconds=120))
+    second = ledger.book(SPEC, HEALTHY, NOW + timedelta(seconds=120))
     assert second is not None
     second.result()
     (written,) = writer.of(WritePoolLedger)
@@ -292,22 +292,19 @@ def test_the_pool_record_is_written_off_the_pass_and_what_is_booked_meanwhile_is
 def test_a_hardware_change_seen_while_a_write_runs_or_within_the_second_is_written_by_the_first_pass_after() -> None:
     """Not at the flush, a minute on: a restart books the seconds since the last write with what it finds."""
     writer = _GatedWriter()
-    ledger = PoolLedgerWriter(POOL, "UTC", timedelta(seconds=60), writer, read_record=lambda name: None)
-    spec = GpuPoolSpec.model_validate(pool_spec())
-    healthy = PoolBreakdown(program_gpus=32, healthy_gpus=32, granted_gpus=16)
-    node_down = PoolBreakdown(program_gpus=32, healthy_gpus=24, granted_gpus=16)
-    ledger.book(spec, healthy, NOW)
-    first = ledger.book(spec, healthy, NOW + timedelta(seconds=60))
+    ledger = new_pool_ledger(writer)
+    ledger.book(SPEC, HEALTHY, NOW)
+    first = ledger.book(SPEC, HEALTHY, NOW + timedelta(seconds=60))
     assert first is not None
-    assert ledger.book(spec, node_down, NOW + timedelta(seconds=61)) is None  # the first write still runs
+    assert ledger.book(SPEC, NODE_DOWN, NOW + timedelta(seconds=61)) is None  # the first write still runs
     writer.release.set()
     first.result()
-    after_the_write = ledger.book(spec, node_down, NOW + timedelta(seconds=62))
+    after_the_write = ledger.book(SPEC, NODE_DOWN, NOW + timedelta(seconds=62))
     assert after_the_write is not None
     after_the_write.result()
     assert writer.of(WritePoolLedger)[-1].ledger.booked_until == NOW + timedelta(seconds=62)
-    assert ledger.book(spec, healthy, NOW + timedelta(seconds=62.5)) is None  # back within the second
-    after_the_second = ledger.book(spec, healthy, NOW + timedelta(seconds=63.5))
+    assert ledger.book(SPEC, HEALTHY, NOW + timedelta(seconds=62.5)) is None  # back within the second
+    after_the_second = ledger.book(SPEC, HEALTHY, NOW + timedelta(seconds=63.5))
     assert after_the_second is not None
     after_the_second.result()
     written = writer.of(WritePoolLedger)[-1].ledger
