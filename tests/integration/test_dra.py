@@ -181,8 +181,8 @@ def test_a_pod_of_a_dra_pool_runs_on_its_claim_and_is_billed_for_its_devices(
         assert "only gpuaas writes it" in result.stderr
 
         time.sleep(3)  # GPU-seconds to book
+        ended = datetime.now(UTC)  # before the call, which the server stamps truncated to its second
         core.delete_namespaced_pod("train", name, grace_period_seconds=0)
-        ended = datetime.now(UTC)
         wait_for(lambda: pod_phase(cluster, "train", name) is None, timeout=60, message="claim pod booked and released")
         expected = 2 * (ended - started).total_seconds()
         booked = wait_for(lambda: used_gpu_seconds(cluster, name), timeout=30, message="usage booked")
@@ -201,8 +201,8 @@ def test_two_pods_sharing_a_claim_are_billed_once_for_its_devices(cluster: Local
         core.delete_namespaced_pod("first", name, grace_period_seconds=0)
         wait_for(lambda: pod_phase(cluster, "first", name) is None, timeout=60, message="first booked and released")
         time.sleep(2)  # the second pod holds the claim on alone
+        ended = datetime.now(UTC)  # before the call, which the server stamps truncated to its second
         core.delete_namespaced_pod("second", name, grace_period_seconds=0)
-        ended = datetime.now(UTC)
         wait_for(lambda: pod_phase(cluster, "second", name) is None, timeout=60, message="second booked and released")
         # The claim held its 4 devices from the first pod's start to the second pod's end, once: not 4 x each life.
         expected = 4 * (ended - starts["first"]).total_seconds()
