@@ -1,9 +1,11 @@
-"""The garbage collector's pauses are exported without taking a lock in its callback."""
+"""The garbage collector: its pauses are exported without taking a lock in its callback, and what survives a full
+collection is frozen."""
 
 from __future__ import annotations
 
 import gc
 
+from gpuaas.handlers.runner import freeze_survivors
 from gpuaas.metrics import GcPauses, gc_pauses
 
 
@@ -23,3 +25,16 @@ def test_the_operators_collector_sees_real_collections() -> None:
     before = gc_pauses.count[2]
     gc.collect()
     assert gc_pauses.count[2] == before + 1
+
+
+def test_a_full_collection_freezes_its_survivors_and_a_young_one_does_not() -> None:
+    survivor: list[object] = [[]]
+    gc.callbacks.append(freeze_survivors)
+    try:
+        gc.collect(0)
+        assert any(tracked is survivor for tracked in gc.get_objects()), "a young collection froze its survivors"
+        gc.collect()
+        assert not any(tracked is survivor for tracked in gc.get_objects()), "the next full collection walks it"
+    finally:
+        gc.callbacks.remove(freeze_survivors)
+        gc.unfreeze()

@@ -49,7 +49,18 @@ def elect(options: OperatorOptions, pool_wakeups: dict[str, asyncio.Event]) -> L
 # count of newcomers then triggers a full collection every few seconds under churn: each walks every index entry
 # and stalls every thread for most of a second (bench/results/usage-scrape-apart.json: 156 full collections,
 # 103 s). With young collections every 50,000, such objects die by their reference counts first.
-GC_THRESHOLDS = (50_000, 20, 10)
+# The third threshold of 0 leaves full collections to the collector's own rule (one runs once the objects promoted
+# since the last are a quarter of those it kept), and `freeze_survivors` keeps each small.
+GC_THRESHOLDS = (50_000, 20, 0)
+
+
+def freeze_survivors(phase: str, info: dict[str, int]) -> None:
+    """A full collection walks every tracked object that is not frozen: at 10,000 allocations one took 3.5-3.8 s
+    and stalled every pass (bench/results/allocations-10000-session2{0,1}.json). Right after one, every tracked
+    object is reachable; frozen, it is never walked again, so the next walks only what survived since. The price: a
+    frozen object that later dies in a reference cycle is not reclaimed (measured in docs/benchmarks.md)."""
+    if phase == "stop" and info["generation"] == 2:
+        gc.freeze()
 
 
 # glibc gives every thread that allocates an arena of its own (up to 8 per core), and keeps what is freed in each
@@ -79,6 +90,7 @@ def limit_heap_growth() -> None:
 def run_operator(options: OperatorOptions) -> None:
     limit_heap_growth()
     gc.set_threshold(*GC_THRESHOLDS)
+    gc.callbacks.append(freeze_survivors)
     if options.kubeconfig:
         os.environ["KUBECONFIG"] = options.kubeconfig
     load_config(options.kubeconfig)
